@@ -1,0 +1,92 @@
+"""Admin: Data Sources (target side), Targets and outbox events (source side).
+
+Secrets are write-only: the form takes a new value and never renders the
+stored one; leaving the field empty keeps it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import django
+from django import forms
+from django.contrib import admin
+from django.http import HttpRequest
+
+from .models import DataSource, Event, Target
+
+
+class _SecretForm(forms.ModelForm):  # type: ignore[type-arg]
+    new_secrets = forms.CharField(
+        label="Secret",
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only: never shown again. Leave empty to keep the current secret. "
+        "To rotate, enter old and new separated by a space; the last one signs.",
+    )
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        new = cleaned.get("new_secrets")
+        if not new and not (self.instance.pk and self.instance.secrets):
+            self.add_error("new_secrets", "A secret is required.")
+        return cleaned
+
+    def save(self, commit: bool = True) -> Any:
+        new = self.cleaned_data.get("new_secrets")
+        if new:
+            self.instance.secrets = "\n".join(new.split())
+        return super().save(commit)
+
+
+class DataSourceForm(_SecretForm):
+    if django.VERSION >= (5, 0):
+        url = forms.URLField(max_length=500, assume_scheme="https")
+
+    class Meta:
+        model = DataSource
+        fields = ["name", "url", "client_name"]
+
+
+class TargetForm(_SecretForm):
+    class Meta:
+        model = Target
+        fields = ["name", "active"]
+
+
+@admin.register(DataSource)
+class DataSourceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    form = DataSourceForm
+    list_display = ["name", "url", "checkpoint", "last_sync_at", "last_error_short"]
+    search_fields = ["name", "url"]
+    readonly_fields = ["checkpoint", "last_sync_at", "last_error", "last_error_at"]
+
+    @admin.display(description="last error")
+    def last_error_short(self, obj: DataSource) -> str:
+        return (obj.last_error[:80] + "…") if len(obj.last_error) > 80 else obj.last_error
+
+
+@admin.register(Target)
+class TargetAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    form = TargetForm
+    list_display = ["name", "active", "last_seen_seq", "last_seen_at"]
+    list_filter = ["active"]
+    search_fields = ["name"]
+    readonly_fields = ["created_at", "last_seen_at", "last_seen_seq"]
+
+
+@admin.register(Event)
+class EventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["id", "created_at", "model", "op", "key"]
+    list_filter = ["op", "model"]
+    search_fields = ["key", "model"]
+    readonly_fields = ["id", "created_at", "model", "op", "key", "old_key", "data", "changed"]
+    ordering = ["-id"]
+
+    # The outbox is a log: editing or adding would lie to every target.
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

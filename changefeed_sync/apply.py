@@ -1,0 +1,462 @@
+"""Replaying feed events on the target: idempotent, batched, all or nothing.
+
+A page of events is applied in one transaction together with the Data
+Source's checkpoint, so a crash anywhere leaves either the whole page and
+the new checkpoint, or neither. Every write is an upsert or a delete by
+natural key, so applying a page twice changes nothing.
+
+Inside a page, consecutive events of the same kind (upserts, or deletes)
+form a run. A run is coalesced (the last event of a key wins) and written
+with bulk statements: upserts parents first, deletes children first. An
+event that renames a row (it carries ``old_key``) is applied on its own, in
+place, so the row keeps its primary key and nothing cascades.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.core.serializers import sort_dependencies
+from django.db import connections, models, transaction
+from django.utils import timezone
+
+from . import outbox, registry
+from .context import applying
+from .exceptions import ApplyError
+from .models import DataSource, Event, Target
+from .registry import Key, ModelOptions
+from .serialization import chunked, decode_value, key_of_row, normalize_key
+
+
+@dataclass
+class ApplyStats:
+    events: int = 0
+    upserted: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    deleted: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, other: ApplyStats) -> None:
+        self.events += other.events
+        for label, n in other.upserted.items():
+            self.upserted[label] += n
+        for label, n in other.deleted.items():
+            self.deleted[label] += n
+
+
+@dataclass
+class _Change:
+    seq: int
+    options: ModelOptions
+    op: str
+    key: Key
+    old_key: Key | None
+    data: dict[str, Any]
+    raw: dict[str, Any]
+
+
+# ------------------------------------------------------------ key lookup
+
+
+def _max_params(using: str) -> int:
+    limit = connections[using].features.max_query_params
+    return min(limit or 2000, 2000)
+
+
+def resolve_keys(options: ModelOptions, keys: Iterable[Key], using: str) -> dict[Key, Any]:
+    """Natural key -> primary key on ``using`` for the keys that exist there.
+
+    One query per chunk: each key part is filtered with ``IN`` and the exact
+    combinations are matched here, so no statement grows with the table and
+    none goes past the database's bind-parameter limit.
+    """
+    wanted = {tuple(k) for k in keys}
+    found: dict[Key, Any] = {}
+    if not wanted:
+        return found
+    parts = len(options.lookups)
+    per_chunk = max(1, _max_params(using) // max(parts, 1))
+    manager = options.model._base_manager.using(using)
+    for chunk in chunked(sorted(wanted, key=repr), per_chunk):
+        filters: dict[str, Any] = {}
+        for index, (lookup, f) in enumerate(zip(options.lookups, options.key_fields, strict=True)):
+            filters[f"{lookup}__in"] = {decode_value(f, k[index]) for k in chunk}
+        chunk_set = set(chunk)
+        for row in manager.filter(**filters).values_list("pk", *options.lookups):
+            key = key_of_row(options, row[1:])
+            if key in chunk_set:
+                found[key] = row[0]
+    return found
+
+
+# ------------------------------------------------------------ parsing
+
+
+def _parse(raw: dict[str, Any]) -> _Change:
+    seq = raw.get("seq")
+    label = raw.get("model")
+    options = registry.options_for_label(str(label))
+    if options is None:
+        raise ApplyError(
+            "model is not registered with changefeed_sync on this site",
+            model=str(label), key=raw.get("key"), seq=seq,
+        )
+    op = raw.get("op")
+    try:
+        key = normalize_key(options, raw.get("key") or [])
+        old_key = normalize_key(options, raw["old_key"]) if raw.get("old_key") else None
+    except (ValueError, TypeError, Exception) as exc:
+        raise ApplyError(f"bad natural key ({exc})", model=options.label, key=raw.get("key"),
+                         seq=seq) from exc
+    if op == Event.DELETE:
+        return _Change(int(seq or 0), options, Event.DELETE, key, None, {}, raw)
+    if op != Event.UPSERT:
+        raise ApplyError(f"unknown operation {op!r}", model=options.label, key=key, seq=seq)
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        raise ApplyError("upsert carries no data", model=options.label, key=key, seq=seq)
+    unknown = set(data) - options.field_names
+    if unknown:
+        raise ApplyError(
+            "event has a field this site's model does not sync",
+            model=options.label, key=key, field=sorted(unknown)[0], seq=seq,
+        )
+    missing = options.field_names - set(data)
+    if missing:
+        raise ApplyError(
+            "event lacks a field this site's model syncs",
+            model=options.label, key=key, field=sorted(missing)[0], seq=seq,
+        )
+    return _Change(int(seq or 0), options, Event.UPSERT, key, old_key, data, raw)
+
+
+# ------------------------------------------------------------ applying
+
+
+def _model_order(models_: Iterable[type[models.Model]]) -> list[type[models.Model]]:
+    """Parents before children, as Django's serializer orders them."""
+    wanted = set(models_)
+    by_app: dict[Any, list[type[models.Model]]] = defaultdict(list)
+    for m in wanted:
+        by_app[m._meta.app_config].append(m)
+    try:
+        ordered = sort_dependencies(list(by_app.items()))
+    except RuntimeError:  # a cycle: fall back to a stable order, rounds sort it out
+        ordered = sorted(wanted, key=lambda m: m._meta.label)
+    return [m for m in ordered if m in wanted]
+
+
+class _Pending(Exception):
+    """A row points at a row written later in the same run."""
+
+
+def _build_values(
+    change: _Change, using: str, fk_maps: dict[Any, dict[Key, Any]], pending: set[tuple[str, Key]]
+) -> dict[str, Any]:
+    options = change.options
+    values: dict[str, Any] = {}
+    for f in options.plain_fields:
+        raw = change.data[f.name]
+        try:
+            values[f.attname] = decode_value(f, raw)
+        except Exception as exc:
+            raise ApplyError(
+                f"bad value {raw!r} ({exc})", model=options.label, key=change.key,
+                field=f.name, seq=change.seq,
+            ) from exc
+    for fk in options.fk_fields:
+        raw = change.data[fk.name]
+        if raw is None:
+            values[fk.attname] = None
+            continue
+        rel_options = registry.get_options(fk.related_model)
+        if rel_options is None:
+            try:
+                related = fk.related_model._default_manager.db_manager(using).get_by_natural_key(*raw)
+            except Exception as exc:
+                raise ApplyError(
+                    "foreign natural key resolves to nothing", model=options.label,
+                    key=change.key, field=fk.name, seq=change.seq,
+                ) from exc
+            values[fk.attname] = getattr(related, fk.target_field.attname)
+            continue
+        rel_key = normalize_key(rel_options, raw)
+        pk = fk_maps[fk].get(rel_key)
+        if pk is None:
+            if (rel_options.label, rel_key) in pending:
+                raise _Pending
+            raise ApplyError(
+                f"foreign natural key {list(rel_key)!r} of {rel_options.label} resolves to nothing",
+                model=options.label, key=change.key, field=fk.name, seq=change.seq,
+            )
+        values[fk.attname] = pk
+    return values
+
+
+def _fk_maps(changes: Sequence[_Change], using: str) -> dict[Any, dict[Key, Any]]:
+    options = changes[0].options
+    maps: dict[Any, dict[Key, Any]] = {}
+    for fk in options.fk_fields:
+        rel_options = registry.get_options(fk.related_model)
+        if rel_options is None:
+            continue
+        keys = set()
+        for change in changes:
+            raw = change.data[fk.name]
+            if raw is not None:
+                try:
+                    keys.add(normalize_key(rel_options, raw))
+                except Exception as exc:
+                    raise ApplyError(
+                        f"bad foreign natural key {raw!r} ({exc})", model=options.label,
+                        key=change.key, field=fk.name, seq=change.seq,
+                    ) from exc
+        # Targets of a foreign key need not be the related model's primary key.
+        mapped = resolve_keys(rel_options, keys, using)
+        if fk.target_field.attname != rel_options.model._meta.pk.attname:
+            to_attr = dict(
+                rel_options.model._base_manager.using(using)
+                .filter(pk__in=list(mapped.values()))
+                .values_list("pk", fk.target_field.attname)
+            )
+            mapped = {k: to_attr[pk] for k, pk in mapped.items()}
+        maps[fk] = mapped
+    return maps
+
+
+def _write_rows(options: ModelOptions, rows: list[tuple[_Change, dict[str, Any]]], using: str) -> None:
+    model = options.model
+    unique = options.upsert_unique_fields
+    update_fields = [
+        f.name for f in options.concrete_fields if f.name not in (unique or ())
+    ]
+    objs = [model(**values) for _, values in rows]
+    if unique is not None and connections[using].features.supports_update_conflicts_with_target:
+        if update_fields:
+            model._base_manager.using(using).bulk_create(
+                objs, update_conflicts=True, unique_fields=list(unique),
+                update_fields=update_fields, batch_size=500,
+            )
+        else:
+            model._base_manager.using(using).bulk_create(objs, ignore_conflicts=True, batch_size=500)
+        return
+    if unique is not None and connections[using].features.supports_update_conflicts:
+        # MySQL/MariaDB: ON DUPLICATE KEY UPDATE, matched by any unique key.
+        if update_fields:
+            model._base_manager.using(using).bulk_create(
+                objs, update_conflicts=True, update_fields=update_fields, batch_size=500,
+            )
+        else:
+            model._base_manager.using(using).bulk_create(objs, ignore_conflicts=True, batch_size=500)
+        return
+    existing = resolve_keys(options, [c.key for c, _ in rows], using)
+    new, old = [], []
+    for (change, _), obj in zip(rows, objs, strict=True):
+        pk = existing.get(change.key)
+        if pk is None:
+            new.append(obj)
+        else:
+            obj.pk = pk
+            old.append(obj)
+    if new:
+        model._base_manager.using(using).bulk_create(new, batch_size=500)
+    if old and update_fields:
+        model._base_manager.using(using).bulk_update(old, update_fields, batch_size=500)
+
+
+def _write_m2m(options: ModelOptions, changes: Sequence[_Change], using: str) -> None:
+    if not options.m2m_fields or not changes:
+        return
+    own = resolve_keys(options, [c.key for c in changes], using)
+    for m2m in options.m2m_fields:
+        rel_options = registry.get_options(m2m.related_model)
+        through = m2m.remote_field.through
+        src, dst = m2m.m2m_field_name(), m2m.m2m_reverse_field_name()
+        links: list[Any] = []
+        wanted: dict[Any, list[Any]] = {}
+        all_keys: set[Key] = set()
+        for change in changes:
+            raw_keys = change.data[m2m.name] or []
+            if rel_options is not None:
+                keys = [normalize_key(rel_options, k) for k in raw_keys]
+                all_keys.update(keys)
+                wanted[own[change.key]] = keys
+            else:
+                wanted[own[change.key]] = [tuple(k) for k in raw_keys]
+        if rel_options is not None:
+            mapped = resolve_keys(rel_options, all_keys, using)
+        else:
+            manager = m2m.related_model._default_manager.db_manager(using)
+            mapped = {}
+            for keys in wanted.values():
+                for k in keys:
+                    try:
+                        mapped[k] = manager.get_by_natural_key(*k).pk
+                    except Exception:
+                        pass
+        for change in changes:
+            for k in wanted[own[change.key]]:
+                if k not in mapped:
+                    raise ApplyError(
+                        f"many-to-many natural key {list(k)!r} resolves to nothing",
+                        model=options.label, key=change.key, field=m2m.name, seq=change.seq,
+                    )
+        owners = list(wanted)
+        for chunk in chunked(owners, 500):
+            through._base_manager.using(using).filter(**{f"{src}__in": chunk}).delete()
+        for owner, keys in wanted.items():
+            for k in dict.fromkeys(keys):
+                links.append(through(**{f"{src}_id": owner, f"{dst}_id": mapped[k]}))
+        through._base_manager.using(using).bulk_create(links, batch_size=500)
+
+
+def _apply_upserts(changes: list[_Change], using: str, stats: ApplyStats) -> None:
+    """Write a coalesced run of upserts, parents first, in rounds for self-references."""
+    by_model: dict[type[models.Model], list[_Change]] = defaultdict(list)
+    for change in changes:
+        by_model[change.options.model].append(change)
+    order = _model_order(by_model)
+    pending = {(c.options.label, c.key) for c in changes}
+    while True:
+        progress = False
+        blocked: dict[type[models.Model], list[_Change]] = {}
+        for model in order:
+            todo = by_model.get(model) or []
+            if not todo:
+                continue
+            options = todo[0].options
+            fk_maps = _fk_maps(todo, using)
+            ready: list[tuple[_Change, dict[str, Any]]] = []
+            wait: list[_Change] = []
+            for change in todo:
+                try:
+                    ready.append((change, _build_values(change, using, fk_maps, pending)))
+                except _Pending:
+                    wait.append(change)
+            if ready:
+                _write_rows(options, ready, using)
+                _write_m2m(options, [c for c, _ in ready], using)
+                stats.upserted[options.label] += len(ready)
+                for change, _ in ready:
+                    pending.discard((options.label, change.key))
+                progress = True
+            if wait:
+                blocked[model] = wait
+        if not blocked:
+            return
+        if not progress:
+            change = next(iter(blocked.values()))[0]
+            raise ApplyError(
+                "rows point at each other in a cycle that cannot be written",
+                model=change.options.label, key=change.key, seq=change.seq,
+            )
+        by_model = defaultdict(list, blocked)
+
+
+def _apply_deletes(changes: list[_Change], using: str, stats: ApplyStats) -> None:
+    by_model: dict[type[models.Model], list[_Change]] = defaultdict(list)
+    for change in changes:
+        by_model[change.options.model].append(change)
+    for model in reversed(_model_order(by_model)):
+        options = by_model[model][0].options
+        pks = list(resolve_keys(options, [c.key for c in by_model[model]], using).values())
+        for chunk in chunked(pks, 500):
+            model._base_manager.using(using).filter(pk__in=chunk).delete()
+        stats.deleted[options.label] += len(pks)
+
+
+def _apply_rename(change: _Change, using: str, stats: ApplyStats) -> None:
+    """Rename a row in place: same primary key, so nothing that points at it cascades."""
+    options = change.options
+    assert change.old_key is not None
+    found = resolve_keys(options, [change.old_key, change.key], using)
+    old_pk, new_pk = found.get(change.old_key), found.get(change.key)
+    if old_pk is None or new_pk is not None:
+        # Nothing to rename (never had it, or already renamed): a plain upsert.
+        _apply_upserts([change], using, stats)
+        return
+    fk_maps = _fk_maps([change], using)
+    values = _build_values(change, using, fk_maps, set())
+    options.model._base_manager.using(using).filter(pk=old_pk).update(**values)
+    _write_m2m(options, [change], using)
+    stats.upserted[options.label] += 1
+
+
+def _flush(run: list[_Change], using: str, stats: ApplyStats) -> None:
+    if not run:
+        return
+    last: dict[tuple[str, Key], _Change] = {}
+    for change in run:
+        last.pop((change.options.label, change.key), None)
+        last[(change.options.label, change.key)] = change
+    coalesced = list(last.values())
+    if run[0].op == Event.UPSERT:
+        _apply_upserts(coalesced, using, stats)
+    else:
+        _apply_deletes(coalesced, using, stats)
+    run.clear()
+
+
+def apply_events(events: Sequence[dict[str, Any]], *, using: str, relay: bool = False) -> ApplyStats:
+    """Apply feed events on ``using``; the caller owns the transaction."""
+    changes = [_parse(raw) for raw in events]
+    stats = ApplyStats(events=len(changes))
+    with applying():
+        run: list[_Change] = []
+        for change in changes:
+            if change.old_key is not None and change.old_key != change.key:
+                _flush(run, using, stats)
+                _apply_rename(change, using, stats)
+                continue
+            if run and run[0].op != change.op:
+                _flush(run, using, stats)
+            run.append(change)
+        _flush(run, using, stats)
+    if relay and changes:
+        # This site is a source for others too: pass the changes on (chained replication).
+        outbox.write(
+            using,
+            [
+                outbox.make_event(
+                    c.options.label, c.op, c.raw.get("key"), old_key=c.raw.get("old_key"),
+                    data=c.raw.get("data"), changed=c.raw.get("changed"),
+                )
+                for c in changes
+            ],
+        )
+    return stats
+
+
+def is_relay(using: str) -> bool:
+    """A site that serves its own feed to targets re-publishes what it applies."""
+    return Target.objects.using(using).filter(active=True).exists()
+
+
+def apply_page(
+    source: DataSource,
+    events: Sequence[dict[str, Any]],
+    *,
+    since: int,
+    last_seq: int,
+    using: str | None = None,
+) -> ApplyStats | None:
+    """Apply one feed page and move the checkpoint from ``since`` to ``last_seq``, atomically.
+
+    Returns None, writing nothing, when the checkpoint is no longer ``since``
+    (another process applied this page first).
+    """
+    using = using or source._state.db or "default"
+    with transaction.atomic(using=using):
+        locked = DataSource.objects.using(using).select_for_update().get(pk=source.pk)
+        if locked.checkpoint != since:
+            return None
+        stats = apply_events(events, using=using, relay=is_relay(using))
+        now = timezone.now()
+        DataSource.objects.using(using).filter(pk=source.pk).update(
+            checkpoint=last_seq, last_sync_at=now, last_error="", last_error_at=None
+        )
+    source.checkpoint = last_seq
+    source.last_sync_at = now
+    source.last_error = ""
+    return stats

@@ -1,0 +1,367 @@
+"""Changes of registered models -> outbox events, in the writer's transaction.
+
+Three ways a row changes, three hooks:
+
+- ``save()`` / ``delete()`` and many-to-many edits send signals; the
+  receivers below turn them into events. ``save_base`` of a registered model
+  is wrapped in ``atomic`` because Django sends ``post_save`` after its own
+  write has committed in autocommit mode, and an event written then could be
+  lost to a crash in between.
+- ``QuerySet.bulk_create``, ``bulk_update`` and ``update`` send no signals;
+  they are wrapped once, for every queryset, and capture only when the model
+  is registered. ``QuerySet.delete`` does send signals for models with
+  receivers, so it needs nothing extra.
+- Rows written by ``apply`` (changes coming from a source) are not captured
+  again: ``applying()`` marks them, like Django's ``raw=True``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from django.db import models, router, transaction
+from django.db.models import QuerySet, signals
+from model_utils import FieldTracker
+
+from . import outbox, registry
+from .context import _applying
+from .models import Event
+from .registry import ModelOptions
+from .serialization import key_of_instance, payload_from_instance, payloads_from_db
+
+# Set while one of our queryset wrappers runs, so the queryset calls it makes
+# internally (bulk_update calls update) are not captured a second time.
+_inner: contextvars.ContextVar[bool] = contextvars.ContextVar("changefeed_inner", default=False)
+
+TRACKER_ATTR = "_changefeed_tracker"
+
+
+@contextmanager
+def _no_capture() -> Iterator[None]:
+    token = _inner.set(True)
+    try:
+        yield
+    finally:
+        _inner.reset(token)
+
+
+def _capturing(model: type[models.Model]) -> ModelOptions | None:
+    if _applying.get() or _inner.get():
+        return None
+    return registry.get_options(model)
+
+
+# ------------------------------------------------------------ registration
+
+
+def connect(options: ModelOptions) -> None:
+    """Hook a newly registered model: tracker, atomic save, signal receivers."""
+    model = options.model
+    if not hasattr(model, TRACKER_ATTR):
+        tracker = FieldTracker(fields=[f.attname for f in options.concrete_fields])
+        tracker.contribute_to_class(model, TRACKER_ATTR)
+        # The class is already prepared (we run from a decorator or from ready()),
+        # so class_prepared will not fire again: finish the tracker by hand.
+        tracker.finalize_class(model)
+        _wrap_save_base(model)
+    uid = f"changefeed_sync:{model._meta.label}"
+    signals.pre_save.connect(_pre_write, sender=model, dispatch_uid=uid)
+    signals.post_save.connect(_post_save, sender=model, dispatch_uid=uid)
+    signals.pre_delete.connect(_pre_delete, sender=model, dispatch_uid=uid)
+    signals.post_delete.connect(_post_delete, sender=model, dispatch_uid=uid)
+    for m2m in options.m2m_fields:
+        signals.m2m_changed.connect(
+            _m2m_changed, sender=m2m.remote_field.through, dispatch_uid=f"{uid}:{m2m.name}"
+        )
+
+
+def disconnect(options: ModelOptions) -> None:
+    model = options.model
+    uid = f"changefeed_sync:{model._meta.label}"
+    for signal in (signals.pre_save, signals.post_save, signals.pre_delete, signals.post_delete):
+        signal.disconnect(sender=model, dispatch_uid=uid)
+    for m2m in options.m2m_fields:
+        signals.m2m_changed.disconnect(
+            sender=m2m.remote_field.through, dispatch_uid=f"{uid}:{m2m.name}"
+        )
+
+
+def _wrap_save_base(model: type[models.Model]) -> None:
+    original = model.save_base
+
+    @functools.wraps(original)
+    def save_base(self: models.Model, *args: Any, **kwargs: Any) -> Any:
+        if not registry.is_registered(type(self)) and not registry.is_registered(model):
+            return original(self, *args, **kwargs)
+        using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
+        # savepoint=False: free inside an existing transaction, a real one in autocommit.
+        with transaction.atomic(using=using, savepoint=False):
+            return original(self, *args, **kwargs)
+
+    model.save_base = save_base  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------ signals
+
+
+def _pre_write(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
+    if _capturing(sender) is None:
+        return
+    # Lock before the row is written: every writer then takes the outbox lock
+    # before its row locks, which keeps lock order consistent (no deadlock with
+    # another writer that holds the outbox lock and waits for our row).
+    outbox.lock(kwargs.get("using") or instance._state.db or "default")
+
+
+def _post_save(
+    sender: type[models.Model],
+    instance: models.Model,
+    created: bool,
+    raw: bool = False,
+    using: str = "default",
+    update_fields: Any = None,
+    **kwargs: Any,
+) -> None:
+    options = _capturing(sender)
+    if options is None:
+        return
+    tracker = getattr(instance, TRACKER_ATTR)
+    if created:
+        changed = sorted(options.field_names - {m.name for m in options.m2m_fields})
+        old_key = None
+    else:
+        changed_attnames = tracker.changed()
+        changed = sorted(f.name for f in options.concrete_fields if f.attname in changed_attnames)
+        old_key = _old_key(options, instance, changed_attnames, using)
+    if update_fields is not None or raw:
+        # Fields not saved may be stale in memory: read the row as stored.
+        payload = payloads_from_db(options, [instance.pk], using)[instance.pk]
+    else:
+        payload = payload_from_instance(options, instance)
+    if old_key == payload["key"]:
+        old_key = None
+    outbox.write(
+        using,
+        [
+            outbox.make_event(
+                options.label,
+                Event.UPSERT,
+                payload["key"],
+                old_key=old_key,
+                data=payload["data"],
+                changed=changed,
+            )
+        ],
+    )
+
+
+def _old_key(
+    options: ModelOptions, instance: models.Model, changed_attnames: dict[str, Any], using: str
+) -> list[Any] | None:
+    """The natural key before this save, when a field it depends on changed."""
+    heads = {options.model._meta.get_field(h).attname for h in options.key_heads}
+    if not heads & set(changed_attnames):
+        return None
+    # Rebuild the instance as it was stored and read its key from there.
+    before = options.model(**{
+        f.attname: changed_attnames.get(f.attname, getattr(instance, f.attname))
+        for f in options.model._meta.concrete_fields
+    })
+    before._state.db = using
+    return list(key_of_instance(options, before))
+
+
+def _pre_delete(
+    sender: type[models.Model], instance: models.Model, using: str = "default", **kwargs: Any
+) -> None:
+    options = _capturing(sender)
+    if options is None:
+        return
+    outbox.lock(using)
+    # Read the key now: in a cascade, rows it goes through may be gone by post_delete.
+    instance._changefeed_deleted_key = list(key_of_instance(options, instance))  # type: ignore[attr-defined]
+
+
+def _post_delete(
+    sender: type[models.Model], instance: models.Model, using: str = "default", **kwargs: Any
+) -> None:
+    options = _capturing(sender)
+    if options is None:
+        return
+    key = getattr(instance, "_changefeed_deleted_key", None)
+    if key is None:
+        key = list(key_of_instance(options, instance))
+    outbox.write(using, [outbox.make_event(options.label, Event.DELETE, key)])
+
+
+def _m2m_changed(
+    sender: Any,
+    instance: models.Model,
+    action: str,
+    reverse: bool,
+    model: type[models.Model],
+    pk_set: set[Any] | None,
+    using: str,
+    **kwargs: Any,
+) -> None:
+    if _applying.get() or _inner.get():
+        return
+    # Which registered model owns the field, and which of its rows changed.
+    if not reverse:
+        owner: type[models.Model] = type(instance)
+    else:
+        owner = model
+    options = registry.get_options(owner)
+    if options is None or not any(m.remote_field.through is sender for m in options.m2m_fields):
+        return
+    if action.startswith("pre_"):
+        outbox.lock(using)
+        if action == "pre_clear" and reverse:
+            # post_clear gets no pk_set: remember whose links are about to go.
+            field = next(m for m in options.m2m_fields if m.remote_field.through is sender)
+            through = field.remote_field.through
+            instance._changefeed_cleared = list(  # type: ignore[attr-defined]
+                through._base_manager.using(using)
+                .filter(**{field.m2m_reverse_field_name(): instance.pk})
+                .values_list(f"{field.m2m_field_name()}_id", flat=True)
+            )
+        return
+    if not reverse:
+        pks = [instance.pk]
+    elif action == "post_clear":
+        pks = getattr(instance, "_changefeed_cleared", [])
+    else:
+        pks = list(pk_set or ())
+    _write_upserts(options, pks, using, changed=None)
+
+
+def _write_upserts(
+    options: ModelOptions,
+    pks: list[Any],
+    using: str,
+    *,
+    changed: list[str] | None,
+    old_keys: dict[Any, list[Any]] | None = None,
+) -> None:
+    if not pks:
+        return
+    payloads = payloads_from_db(options, pks, using)
+    events = []
+    for pk in pks:
+        payload = payloads.get(pk)
+        if payload is None:
+            continue
+        old = (old_keys or {}).get(pk)
+        events.append(
+            outbox.make_event(
+                options.label,
+                Event.UPSERT,
+                payload["key"],
+                old_key=old if old is not None and old != payload["key"] else None,
+                data=payload["data"],
+                changed=changed,
+            )
+        )
+    outbox.write(using, events)
+
+
+# ------------------------------------------------------------ querysets
+
+
+def _write_db(qs: QuerySet[Any]) -> str:
+    return qs._db or router.db_for_write(qs.model)
+
+
+def _keys_by_pk(options: ModelOptions, qs: QuerySet[Any]) -> dict[Any, list[Any]]:
+    from .serialization import key_of_row
+
+    return {
+        row[0]: list(key_of_row(options, row[1:]))
+        for row in qs.values_list("pk", *options.lookups)
+    }
+
+
+def _bulk_create(original: Any) -> Any:
+    @functools.wraps(original)
+    def bulk_create(self: QuerySet[Any], objs: Any, *args: Any, **kwargs: Any) -> Any:
+        options = _capturing(self.model)
+        if options is None:
+            return original(self, objs, *args, **kwargs)
+        objs = list(objs)
+        using = _write_db(self)
+        with transaction.atomic(using=using, savepoint=False):
+            outbox.lock(using)
+            with _no_capture():
+                result = original(self, objs, *args, **kwargs)
+            pks = [obj.pk for obj in result]
+            if any(pk is None for pk in pks):
+                # ignore_conflicts / update_conflicts on some databases: no ids
+                # come back, so find the rows by natural key.
+                from .apply import resolve_keys
+
+                keys = [key_of_instance(options, obj) for obj in objs]
+                pks = list(resolve_keys(options, keys, using).values())
+            _write_upserts(options, pks, using, changed=None)
+        return result
+
+    return bulk_create
+
+
+def _bulk_update(original: Any) -> Any:
+    @functools.wraps(original)
+    def bulk_update(self: QuerySet[Any], objs: Any, fields: Any, *args: Any, **kwargs: Any) -> Any:
+        options = _capturing(self.model)
+        if options is None:
+            return original(self, objs, fields, *args, **kwargs)
+        objs = list(objs)
+        using = _write_db(self)
+        with transaction.atomic(using=using, savepoint=False):
+            outbox.lock(using)
+            pks = [obj.pk for obj in objs]
+            old_keys = _keys_by_pk(options, self.model._base_manager.using(using).filter(pk__in=pks))
+            with _no_capture():
+                result = original(self, objs, fields, *args, **kwargs)
+            changed = sorted(set(fields) & options.field_names)
+            _write_upserts(options, pks, using, changed=changed, old_keys=old_keys)
+        return result
+
+    return bulk_update
+
+
+def _update(original: Any) -> Any:
+    @functools.wraps(original)
+    def update(self: QuerySet[Any], **kwargs: Any) -> Any:
+        options = _capturing(self.model)
+        if options is None:
+            return original(self, **kwargs)
+        using = _write_db(self)
+        with transaction.atomic(using=using, savepoint=False):
+            outbox.lock(using)
+            # Every captured writer holds the outbox lock, so the set of rows
+            # read here is the set the update below changes.
+            old_keys = _keys_by_pk(options, self)
+            with _no_capture():
+                result = original(self, **kwargs)
+            changed = sorted(set(kwargs) & options.field_names)
+            _write_upserts(options, list(old_keys), using, changed=changed, old_keys=old_keys)
+        return result
+
+    return update
+
+
+_installed = False
+
+
+def install_queryset_capture() -> None:
+    """Wrap the QuerySet methods that bypass model signals (once per process)."""
+    global _installed
+    if _installed:
+        return
+    QuerySet.bulk_create = _bulk_create(QuerySet.bulk_create)  # type: ignore[method-assign]
+    QuerySet.bulk_update = _bulk_update(QuerySet.bulk_update)  # type: ignore[method-assign]
+    QuerySet.update = _update(QuerySet.update)  # type: ignore[method-assign]
+    _installed = True

@@ -1,0 +1,88 @@
+"""The target's side of the HTTP protocol: signed requests to a source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import requests
+
+from . import conf
+from .exceptions import AuthenticationFailed, CursorExpired, ProtocolError, SourceUnavailable
+from .models import DataSource
+from .serialization import PROTOCOL_VERSION
+from .signing import sign_request
+
+
+@dataclass
+class FetchedPage:
+    events: list[dict[str, Any]]
+    since: int
+    last_seq: int
+    more: bool
+    pending: int
+
+
+class SourceClient:
+    def __init__(self, source: DataSource, session: requests.Session | None = None) -> None:
+        self.source = source
+        self.session = session or requests.Session()
+
+    def _url(self, endpoint: str, params: dict[str, Any]) -> str:
+        base = self.source.url if self.source.url.endswith("/") else self.source.url + "/"
+        return urljoin(base, endpoint) + ("?" + urlencode(params) if params else "")
+
+    def get_json(self, endpoint: str, params: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        url = self._url(endpoint, params)
+        parts = urlsplit(url)
+        path = parts.path + ("?" + parts.query if parts.query else "")
+        header = sign_request(self.source.client_name, self.source.secret_list(), "GET", path)
+        try:
+            response = self.session.get(url, headers={"Authorization": header}, timeout=timeout)
+        except requests.RequestException as exc:
+            raise SourceUnavailable(f"source {self.source.name} at {url}: {exc}") from exc
+        if response.status_code in (401, 403):
+            raise AuthenticationFailed(
+                f"source {self.source.name} refused our credentials (HTTP {response.status_code}): "
+                f"check that it has a Target named {self.source.client_name!r} with the same secret"
+            )
+        if response.status_code >= 500 or response.status_code in (408, 429):
+            raise SourceUnavailable(f"source {self.source.name} answered HTTP {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise ProtocolError(
+                f"source {self.source.name} answered HTTP {response.status_code} with no JSON"
+            ) from None
+        if response.status_code == 410 and body.get("code") == "cursor_expired":
+            raise CursorExpired(f"source {self.source.name}: {body.get('error')}")
+        if response.status_code != 200:
+            raise ProtocolError(
+                f"source {self.source.name} answered HTTP {response.status_code}: {body.get('error')}"
+            )
+        if body.get("protocol") != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"source {self.source.name} speaks protocol {body.get('protocol')!r}, "
+                f"this site speaks {PROTOCOL_VERSION}"
+            )
+        return body  # type: ignore[no-any-return]
+
+    def fetch_feed(self, since: int, limit: int, wait: float = 0.0) -> FetchedPage:
+        params: dict[str, Any] = {"since": since, "limit": limit}
+        if wait:
+            params["wait"] = wait
+        body = self.get_json("feed/", params, timeout=wait + conf.request_timeout())
+        try:
+            page = FetchedPage(
+                events=list(body["events"]),
+                since=int(body["since"]),
+                last_seq=int(body["last_seq"]),
+                more=bool(body["more"]),
+                pending=int(body.get("pending", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"source {self.source.name}: malformed feed page ({exc})") from exc
+        if page.since != since or page.last_seq < since:
+            raise ProtocolError(f"source {self.source.name}: feed page does not follow cursor {since}")
+        return page

@@ -1,0 +1,85 @@
+"""Every error changefeed_sync raises, in one place.
+
+Errors about data carry the model label, the natural key and the field that
+failed, so that a log line alone tells an operator what to fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ChangefeedError(Exception):
+    """Base class of all changefeed_sync errors."""
+
+
+class RegistrationError(ChangefeedError):
+    """A model was registered wrongly (registered twice, not a model, ...)."""
+
+
+class ConfigurationError(ChangefeedError):
+    """A setting or a Data Source is unusable."""
+
+
+class ApplyError(ChangefeedError):
+    """An event could not be applied on the target.
+
+    Nothing of the batch that contained it was written and the checkpoint
+    stays before it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        key: Any = None,
+        field: str | None = None,
+        seq: int | None = None,
+    ) -> None:
+        self.model = model
+        self.key = key
+        self.field = field
+        self.seq = seq
+        parts = [message]
+        if model is not None:
+            parts.append(f"model={model}")
+        if key is not None:
+            parts.append(f"natural key={list(key)!r}")
+        if field is not None:
+            parts.append(f"field={field}")
+        if seq is not None:
+            parts.append(f"event seq={seq}")
+        super().__init__(" ".join([parts[0] + ":", *parts[1:]]) if len(parts) > 1 else message)
+
+
+class SourceError(ChangefeedError):
+    """Talking to a source failed."""
+
+
+class SourceUnavailable(SourceError):
+    """The source could not be reached or answered 5xx; worth retrying."""
+
+
+class AuthenticationFailed(SourceError):
+    """The source refused our credentials (401/403); retrying will not help."""
+
+
+class ProtocolError(SourceError):
+    """The source answered something this version cannot understand."""
+
+
+class CursorExpired(SourceError):
+    """The checkpoint is older than the oldest event the source still keeps."""
+
+
+class SignatureError(ChangefeedError):
+    """A request's credential is missing, malformed, wrong, expired or replayed.
+
+    ``reason`` is for the server's log only; responses never reveal it.
+    """
+
+    def __init__(self, reason: str, *, missing: bool = False) -> None:
+        self.reason = reason
+        self.missing = missing
+        super().__init__(reason)

@@ -1,0 +1,112 @@
+"""Pulling a source's feed into this site: catch up once, or follow it.
+
+Each page is applied with its checkpoint in one transaction (apply.py), so
+stopping anywhere (SIGTERM, a crash, the source going away) loses nothing
+and applies nothing twice: the next run starts from the stored checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from django.db import close_old_connections
+from django.utils import timezone
+
+from . import conf
+from .apply import ApplyStats, apply_page
+from .client import SourceClient
+from .exceptions import SourceUnavailable
+from .models import DataSource
+
+logger = logging.getLogger("changefeed_sync.follow")
+
+
+@dataclass
+class SyncResult:
+    pages: int = 0
+    stats: ApplyStats = field(default_factory=ApplyStats)
+    checkpoint: int = 0
+
+
+def _record_error(source: DataSource, using: str, message: str) -> None:
+    DataSource.objects.using(using).filter(pk=source.pk).update(
+        last_error=message[:2000], last_error_at=timezone.now()
+    )
+
+
+def sync_page(
+    source: DataSource,
+    client: SourceClient,
+    *,
+    using: str,
+    limit: int | None = None,
+    wait: float = 0.0,
+) -> tuple[ApplyStats | None, bool]:
+    """Fetch and apply one page. Returns (stats, more waiting)."""
+    since = source.checkpoint
+    page = client.fetch_feed(since, limit or conf.batch_size(), wait)
+    if not page.events and page.last_seq == since:
+        return ApplyStats(), page.more
+    stats = apply_page(source, page.events, since=since, last_seq=page.last_seq, using=using)
+    if stats is None:
+        # Someone else moved the checkpoint: reload it and carry on from there.
+        source.refresh_from_db(using=using, fields=["checkpoint"])
+    return stats, page.more
+
+
+def sync(
+    source: DataSource,
+    *,
+    using: str | None = None,
+    follow: bool = False,
+    stop: threading.Event | None = None,
+    limit: int | None = None,
+    wait: float | None = None,
+    client: SourceClient | None = None,
+    on_page: Callable[[ApplyStats, DataSource], None] | None = None,
+) -> SyncResult:
+    """Apply the source's feed from the checkpoint until caught up (or, with
+    ``follow``, until ``stop`` is set), retrying an unreachable source with backoff."""
+    using = using or source._state.db or "default"
+    stop = stop or threading.Event()
+    client = client or SourceClient(source)
+    result = SyncResult(checkpoint=source.checkpoint)
+    delay = conf.retry_min_delay()
+    long_poll = conf.follow_wait() if wait is None else wait
+    more = True
+    while not stop.is_set():
+        try:
+            stats, more = sync_page(
+                source, client, using=using, limit=limit, wait=0.0 if more else long_poll
+            )
+        except SourceUnavailable as exc:
+            _record_error(source, using, str(exc))
+            if not follow:
+                raise
+            logger.warning("%s; retrying in %.1f s", exc, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, conf.retry_max_delay())
+            close_old_connections()
+            continue
+        except Exception as exc:
+            _record_error(source, using, str(exc))
+            raise
+        if delay != conf.retry_min_delay():
+            logger.info("source %s reachable again", source.name)
+            delay = conf.retry_min_delay()
+        result.checkpoint = source.checkpoint
+        if stats is not None and stats.events:
+            result.pages += 1
+            result.stats.add(stats)
+            logger.info(
+                "source %s: applied %d events, checkpoint %d",
+                source.name, stats.events, source.checkpoint,
+            )
+            if on_page is not None:
+                on_page(stats, source)
+        if not more and not follow:
+            break
+    return result

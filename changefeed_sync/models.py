@@ -1,0 +1,142 @@
+"""Tables: the source's outbox and targets, the target's data sources."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.validators import RegexValidator
+from django.db import models
+from django.utils import timezone
+
+_name_validator = RegexValidator(
+    r"^[A-Za-z0-9_.-]+$", "Use letters, digits, '.', '_' or '-' (it travels in a header)."
+)
+
+
+def split_secrets(text: str) -> list[str]:
+    """One secret per line; the last is current, the others stay valid during a rotation."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- source side
+
+
+class Event(models.Model):
+    """One change of one row, written in the transaction that made the change.
+
+    Its id is the feed position. Writers are serialized (``outbox.lock``), so
+    ids become visible in commit order and a cursor never skips a late commit.
+    """
+
+    UPSERT = "upsert"
+    DELETE = "delete"
+    OPS = [(UPSERT, "upsert"), (DELETE, "delete")]
+
+    id = models.BigAutoField(primary_key=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    model = models.CharField(max_length=200, help_text="app_label.model_name")
+    op = models.CharField(max_length=10, choices=OPS)
+    key = models.JSONField(help_text="Natural key after the change.")
+    old_key = models.JSONField(
+        null=True, blank=True, help_text="Natural key before the change, when the change renamed it."
+    )
+    data = models.JSONField(null=True, blank=True)
+    changed = models.JSONField(null=True, blank=True, help_text="Names of the fields that changed.")
+
+    class Meta:
+        ordering = ["id"]
+        verbose_name = "outbox event"
+
+    def __str__(self) -> str:
+        return f"#{self.id} {self.op} {self.model} {self.key}"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "seq": self.id,
+            "ts": self.created_at.isoformat(),
+            "model": self.model,
+            "op": self.op,
+            "key": self.key,
+            "old_key": self.old_key,
+            "data": self.data,
+            "changed": self.changed,
+        }
+
+
+class OutboxState(models.Model):
+    """A single row: the lock that serializes outbox writers where advisory locks
+    are not available, and how far the outbox was pruned."""
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    pruned_through = models.BigIntegerField(default=0)
+
+
+class Target(models.Model):
+    """A site allowed to read this site's feed, with the secret it signs requests with."""
+
+    name = models.CharField(max_length=100, unique=True, validators=[_name_validator])
+    secrets = models.TextField(
+        help_text="Shared secret, one per line. During a rotation keep the old one on a line "
+        "above the new one; any listed secret is accepted."
+    )
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    last_seen_seq = models.BigIntegerField(
+        null=True, blank=True, help_text="Cursor of the target's latest feed request."
+    )
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def secret_list(self) -> list[str]:
+        return split_secrets(self.secrets)
+
+
+class Nonce(models.Model):
+    """Nonces of accepted signed requests, kept until their signature expires (replay guard)."""
+
+    value = models.CharField(max_length=64, unique=True)
+    expires_at = models.DateTimeField(db_index=True)
+
+
+# ---------------------------------------------------------------- target side
+
+
+class DataSource(models.Model):
+    """A site this one pulls from (django-data-sync's "Data Source")."""
+
+    name = models.CharField(
+        max_length=100, unique=True, validators=[_name_validator],
+        help_text="How this site names the source, e.g. 'production'.",
+    )
+    url = models.URLField(
+        max_length=500,
+        help_text="Base URL of the source's changefeed_sync urls, e.g. https://example.com/sync/",
+    )
+    client_name = models.CharField(
+        max_length=100, validators=[_name_validator],
+        help_text="The name of this site in the source's Targets.",
+    )
+    secrets = models.TextField(
+        help_text="Shared secret agreed with the source, one per line; the last one signs."
+    )
+    checkpoint = models.BigIntegerField(
+        default=0, help_text="Feed position of the last applied event."
+    )
+    last_sync_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    last_error_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "data source"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def secret_list(self) -> list[str]:
+        return split_secrets(self.secrets)
