@@ -16,7 +16,7 @@ from django.http import HttpRequest
 from .models import DataSource, Event, Target
 
 
-class _SecretForm(forms.ModelForm):  # type: ignore[type-arg]
+class _SecretForm(forms.ModelForm):
     new_secrets = forms.CharField(
         label="Secret",
         required=False,
@@ -56,7 +56,7 @@ class TargetForm(_SecretForm):
 
 
 @admin.register(DataSource)
-class DataSourceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class DataSourceAdmin(admin.ModelAdmin):
     form = DataSourceForm
     list_display = ["name", "url", "checkpoint", "last_sync_at", "last_error_short"]
     search_fields = ["name", "url"]
@@ -68,7 +68,7 @@ class DataSourceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 
 @admin.register(Target)
-class TargetAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class TargetAdmin(admin.ModelAdmin):
     form = TargetForm
     list_display = ["name", "active", "last_seen_seq", "last_seen_at"]
     list_filter = ["active"]
@@ -77,7 +77,7 @@ class TargetAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 
 @admin.register(Event)
-class EventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class EventAdmin(admin.ModelAdmin):
     list_display = ["id", "created_at", "model", "op", "key"]
     list_filter = ["op", "model"]
     search_fields = ["key", "model"]

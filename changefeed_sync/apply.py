@@ -271,7 +271,7 @@ def _write_m2m(options: ModelOptions, changes: Sequence[_Change], using: str) ->
     own = resolve_keys(options, [c.key for c in changes], using)
     for m2m in options.m2m_fields:
         rel_options = registry.get_options(m2m.related_model)
-        through = m2m.remote_field.through
+        through: Any = m2m.remote_field.through
         src, dst = m2m.m2m_field_name(), m2m.m2m_reverse_field_name()
         links: list[Any] = []
         wanted: dict[Any, list[Any]] = {}
@@ -430,7 +430,7 @@ def apply_events(events: Sequence[dict[str, Any]], *, using: str, relay: bool = 
 
 def is_relay(using: str) -> bool:
     """A site that serves its own feed to targets re-publishes what it applies."""
-    return Target.objects.using(using).filter(active=True).exists()
+    return bool(Target.objects.using(using).filter(active=True).exists())
 
 
 def apply_page(

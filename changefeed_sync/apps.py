@@ -9,8 +9,11 @@ class ChangefeedSyncConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers the system checks)
-        from . import capture, registry
+        from . import (
+            capture,
+            checks,  # noqa: F401  (registers the system checks)
+            registry,
+        )
 
         # Models registered before ready() (decorators at import) are hooked
         # now; later registrations are hooked as they happen.

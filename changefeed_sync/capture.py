@@ -163,7 +163,7 @@ def _old_key(
     options: ModelOptions, instance: models.Model, changed_attnames: dict[str, Any], using: str
 ) -> list[Any] | None:
     """The natural key before this save, when a field it depends on changed."""
-    heads = {options.model._meta.get_field(h).attname for h in options.key_heads}
+    heads = {getattr(options.model._meta.get_field(h), "attname", h) for h in options.key_heads}
     if not heads & set(changed_attnames):
         return None
     # Rebuild the instance as it was stored and read its key from there.
@@ -223,7 +223,7 @@ def _m2m_changed(
         if action == "pre_clear" and reverse:
             # post_clear gets no pk_set: remember whose links are about to go.
             field = next(m for m in options.m2m_fields if m.remote_field.through is sender)
-            through = field.remote_field.through
+            through: Any = field.remote_field.through
             instance._changefeed_cleared = list(  # type: ignore[attr-defined]
                 through._base_manager.using(using)
                 .filter(**{field.m2m_reverse_field_name(): instance.pk})
@@ -273,7 +273,8 @@ def _write_upserts(
 
 
 def _write_db(qs: QuerySet[Any]) -> str:
-    return qs._db or router.db_for_write(qs.model)
+    # The alias given with using(), else what the router says for writes.
+    return getattr(qs, "_db", None) or router.db_for_write(qs.model)
 
 
 def _keys_by_pk(options: ModelOptions, qs: QuerySet[Any]) -> dict[Any, list[Any]]:

@@ -64,7 +64,7 @@ def read(since: int, limit: int, *, using: str | None = None) -> FeedPage:
 
 
 def has_events_after(since: int, using: str) -> bool:
-    return Event.objects.using(using).filter(id__gt=since).exists()
+    return bool(Event.objects.using(using).filter(id__gt=since).exists())
 
 
 def read_or_wait(since: int, limit: int, wait: float, *, using: str | None = None) -> FeedPage:

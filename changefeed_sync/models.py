@@ -70,6 +70,9 @@ class OutboxState(models.Model):
     id = models.PositiveSmallIntegerField(primary_key=True, default=1)
     pruned_through = models.BigIntegerField(default=0)
 
+    def __str__(self) -> str:
+        return f"outbox pruned through {self.pruned_through}"
+
 
 class Target(models.Model):
     """A site allowed to read this site's feed, with the secret it signs requests with."""
@@ -101,6 +104,9 @@ class Nonce(models.Model):
 
     value = models.CharField(max_length=64, unique=True)
     expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 # ---------------------------------------------------------------- target side

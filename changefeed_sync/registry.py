@@ -87,7 +87,7 @@ class ModelOptions:
     @cached_property
     def m2m_fields(self) -> tuple[ManyToManyField[Any, Any], ...]:
         return tuple(
-            f  # type: ignore[misc]
+            f
             for f in self.model._meta.local_many_to_many
             if self._wanted(f.name)
         )
@@ -259,6 +259,6 @@ def identifies_rows(model: type[models.Model], paths: Sequence[str]) -> bool:
             return False
         if not rests:
             identified.add(head)
-        elif f.related_model is not None and identifies_rows(f.related_model, rests):  # type: ignore[arg-type]
+        elif f.related_model is not None and identifies_rows(f.related_model, rests):
             identified.add(head)
     return any(set(group) <= identified for group in unique_groups(model))

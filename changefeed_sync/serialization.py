@@ -147,6 +147,7 @@ def payloads_from_db(
     model = options.model
     plain = [(f, f.attname) for f in options.plain_fields]
     fks: list[tuple[Any, list[str] | None]] = []
+    names: list[str] | None
     columns: list[str] = ["pk", *options.lookups, *(name for _, name in plain)]
     for fk in options.fk_fields:
         rel = related_key_lookups(fk)

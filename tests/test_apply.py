@@ -158,7 +158,7 @@ def test_self_reference_and_coalescing_in_one_page(backend_pair: tuple[str, str]
     root = Category.objects.using(src).create(slug="root")
     kid = Category.objects.using(src).create(slug="kid", parent=root)
     Category.objects.using(src).create(slug="grandkid", parent=kid)
-    for i in range(5):
+    for _ in range(5):
         root.slug = "root"  # same key, several updates: coalesced to one write
         root.save()
     Category.objects.using(src).create(slug="tmp").delete()

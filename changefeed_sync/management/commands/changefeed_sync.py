@@ -75,7 +75,7 @@ class Command(BaseCommand):
     def _configure_logging(self, verbosity: int) -> None:
         logger = logging.getLogger("changefeed_sync")
         if not logger.handlers and not logging.getLogger().handlers:
-            handler = logging.StreamHandler(self.stderr._out)
+            handler = logging.StreamHandler(self.stderr._out)  # type: ignore[call-overload]
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
