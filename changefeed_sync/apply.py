@@ -100,15 +100,18 @@ def _parse(raw: dict[str, Any]) -> _Change:
     if options is None:
         raise ApplyError(
             "model is not registered with changefeed_sync on this site",
-            model=str(label), key=raw.get("key"), seq=seq,
+            model=str(label),
+            key=raw.get("key"),
+            seq=seq,
         )
     op = raw.get("op")
     try:
         key = normalize_key(options, raw.get("key") or [])
         old_key = normalize_key(options, raw["old_key"]) if raw.get("old_key") else None
     except (ValueError, TypeError, Exception) as exc:
-        raise ApplyError(f"bad natural key ({exc})", model=options.label, key=raw.get("key"),
-                         seq=seq) from exc
+        raise ApplyError(
+            f"bad natural key ({exc})", model=options.label, key=raw.get("key"), seq=seq
+        ) from exc
     if op == Event.DELETE:
         return _Change(int(seq or 0), options, Event.DELETE, key, None, {}, raw)
     if op != Event.UPSERT:
@@ -120,13 +123,19 @@ def _parse(raw: dict[str, Any]) -> _Change:
     if unknown:
         raise ApplyError(
             "event has a field this site's model does not sync",
-            model=options.label, key=key, field=sorted(unknown)[0], seq=seq,
+            model=options.label,
+            key=key,
+            field=sorted(unknown)[0],
+            seq=seq,
         )
     missing = options.field_names - set(data)
     if missing:
         raise ApplyError(
             "event lacks a field this site's model syncs",
-            model=options.label, key=key, field=sorted(missing)[0], seq=seq,
+            model=options.label,
+            key=key,
+            field=sorted(missing)[0],
+            seq=seq,
         )
     return _Change(int(seq or 0), options, Event.UPSERT, key, old_key, data, raw)
 
@@ -162,8 +171,11 @@ def _build_values(
             values[f.attname] = decode_value(f, raw)
         except Exception as exc:
             raise ApplyError(
-                f"bad value {raw!r} ({exc})", model=options.label, key=change.key,
-                field=f.name, seq=change.seq,
+                f"bad value {raw!r} ({exc})",
+                model=options.label,
+                key=change.key,
+                field=f.name,
+                seq=change.seq,
             ) from exc
     for fk in options.fk_fields:
         raw = change.data[fk.name]
@@ -173,11 +185,16 @@ def _build_values(
         rel_options = registry.get_options(fk.related_model)
         if rel_options is None:
             try:
-                related = fk.related_model._default_manager.db_manager(using).get_by_natural_key(*raw)
+                related = fk.related_model._default_manager.db_manager(using).get_by_natural_key(
+                    *raw
+                )
             except Exception as exc:
                 raise ApplyError(
-                    "foreign natural key resolves to nothing", model=options.label,
-                    key=change.key, field=fk.name, seq=change.seq,
+                    "foreign natural key resolves to nothing",
+                    model=options.label,
+                    key=change.key,
+                    field=fk.name,
+                    seq=change.seq,
                 ) from exc
             values[fk.attname] = getattr(related, fk.target_field.attname)
             continue
@@ -188,7 +205,10 @@ def _build_values(
                 raise _Pending
             raise ApplyError(
                 f"foreign natural key {list(rel_key)!r} of {rel_options.label} resolves to nothing",
-                model=options.label, key=change.key, field=fk.name, seq=change.seq,
+                model=options.label,
+                key=change.key,
+                field=fk.name,
+                seq=change.seq,
             )
         values[fk.attname] = pk
     return values
@@ -209,8 +229,11 @@ def _fk_maps(changes: Sequence[_Change], using: str) -> dict[Any, dict[Key, Any]
                     keys.add(normalize_key(rel_options, raw))
                 except Exception as exc:
                     raise ApplyError(
-                        f"bad foreign natural key {raw!r} ({exc})", model=options.label,
-                        key=change.key, field=fk.name, seq=change.seq,
+                        f"bad foreign natural key {raw!r} ({exc})",
+                        model=options.label,
+                        key=change.key,
+                        field=fk.name,
+                        seq=change.seq,
                     ) from exc
         # Targets of a foreign key need not be the related model's primary key.
         mapped = resolve_keys(rel_options, keys, using)
@@ -225,30 +248,40 @@ def _fk_maps(changes: Sequence[_Change], using: str) -> dict[Any, dict[Key, Any]
     return maps
 
 
-def _write_rows(options: ModelOptions, rows: list[tuple[_Change, dict[str, Any]]], using: str) -> None:
+def _write_rows(
+    options: ModelOptions, rows: list[tuple[_Change, dict[str, Any]]], using: str
+) -> None:
     model = options.model
     unique = options.upsert_unique_fields
-    update_fields = [
-        f.name for f in options.concrete_fields if f.name not in (unique or ())
-    ]
+    update_fields = [f.name for f in options.concrete_fields if f.name not in (unique or ())]
     objs = [model(**values) for _, values in rows]
     if unique is not None and connections[using].features.supports_update_conflicts_with_target:
         if update_fields:
             model._base_manager.using(using).bulk_create(
-                objs, update_conflicts=True, unique_fields=list(unique),
-                update_fields=update_fields, batch_size=500,
+                objs,
+                update_conflicts=True,
+                unique_fields=list(unique),
+                update_fields=update_fields,
+                batch_size=500,
             )
         else:
-            model._base_manager.using(using).bulk_create(objs, ignore_conflicts=True, batch_size=500)
+            model._base_manager.using(using).bulk_create(
+                objs, ignore_conflicts=True, batch_size=500
+            )
         return
     if unique is not None and connections[using].features.supports_update_conflicts:
         # MySQL/MariaDB: ON DUPLICATE KEY UPDATE, matched by any unique key.
         if update_fields:
             model._base_manager.using(using).bulk_create(
-                objs, update_conflicts=True, update_fields=update_fields, batch_size=500,
+                objs,
+                update_conflicts=True,
+                update_fields=update_fields,
+                batch_size=500,
             )
         else:
-            model._base_manager.using(using).bulk_create(objs, ignore_conflicts=True, batch_size=500)
+            model._base_manager.using(using).bulk_create(
+                objs, ignore_conflicts=True, batch_size=500
+            )
         return
     existing = resolve_keys(options, [c.key for c, _ in rows], using)
     new, old = [], []
@@ -300,7 +333,10 @@ def _write_m2m(options: ModelOptions, changes: Sequence[_Change], using: str) ->
                 if k not in mapped:
                     raise ApplyError(
                         f"many-to-many natural key {list(k)!r} resolves to nothing",
-                        model=options.label, key=change.key, field=m2m.name, seq=change.seq,
+                        model=options.label,
+                        key=change.key,
+                        field=m2m.name,
+                        seq=change.seq,
                     )
         owners = list(wanted)
         for chunk in chunked(owners, 500):
@@ -349,7 +385,9 @@ def _apply_upserts(changes: list[_Change], using: str, stats: ApplyStats) -> Non
             change = next(iter(blocked.values()))[0]
             raise ApplyError(
                 "rows point at each other in a cycle that cannot be written",
-                model=change.options.label, key=change.key, seq=change.seq,
+                model=change.options.label,
+                key=change.key,
+                seq=change.seq,
             )
         by_model = defaultdict(list, blocked)
 
@@ -398,7 +436,9 @@ def _flush(run: list[_Change], using: str, stats: ApplyStats) -> None:
     run.clear()
 
 
-def apply_events(events: Sequence[dict[str, Any]], *, using: str, relay: bool = False) -> ApplyStats:
+def apply_events(
+    events: Sequence[dict[str, Any]], *, using: str, relay: bool = False
+) -> ApplyStats:
     """Apply feed events on ``using``; the caller owns the transaction."""
     changes = [_parse(raw) for raw in events]
     stats = ApplyStats(events=len(changes))
@@ -419,8 +459,12 @@ def apply_events(events: Sequence[dict[str, Any]], *, using: str, relay: bool = 
             using,
             [
                 outbox.make_event(
-                    c.options.label, c.op, c.raw.get("key"), old_key=c.raw.get("old_key"),
-                    data=c.raw.get("data"), changed=c.raw.get("changed"),
+                    c.options.label,
+                    c.op,
+                    c.raw.get("key"),
+                    old_key=c.raw.get("old_key"),
+                    data=c.raw.get("data"),
+                    changed=c.raw.get("changed"),
                 )
                 for c in changes
             ],

@@ -167,10 +167,12 @@ def _old_key(
     if not heads & set(changed_attnames):
         return None
     # Rebuild the instance as it was stored and read its key from there.
-    before = options.model(**{
-        f.attname: changed_attnames.get(f.attname, getattr(instance, f.attname))
-        for f in options.model._meta.concrete_fields
-    })
+    before = options.model(
+        **{
+            f.attname: changed_attnames.get(f.attname, getattr(instance, f.attname))
+            for f in options.model._meta.concrete_fields
+        }
+    )
     before._state.db = using
     return list(key_of_instance(options, before))
 
@@ -281,8 +283,7 @@ def _keys_by_pk(options: ModelOptions, qs: QuerySet[Any]) -> dict[Any, list[Any]
     from .serialization import key_of_row
 
     return {
-        row[0]: list(key_of_row(options, row[1:]))
-        for row in qs.values_list("pk", *options.lookups)
+        row[0]: list(key_of_row(options, row[1:])) for row in qs.values_list("pk", *options.lookups)
     }
 
 
@@ -323,7 +324,9 @@ def _bulk_update(original: Any) -> Any:
         with transaction.atomic(using=using, savepoint=False):
             outbox.lock(using)
             pks = [obj.pk for obj in objs]
-            old_keys = _keys_by_pk(options, self.model._base_manager.using(using).filter(pk__in=pks))
+            old_keys = _keys_by_pk(
+                options, self.model._base_manager.using(using).filter(pk__in=pks)
+            )
             with _no_capture():
                 result = original(self, objs, fields, *args, **kwargs)
             changed = sorted(set(fields) & options.field_names)

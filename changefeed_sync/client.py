@@ -48,7 +48,9 @@ class SourceClient:
                 f"check that it has a Target named {self.source.client_name!r} with the same secret"
             )
         if response.status_code >= 500 or response.status_code in (408, 429):
-            raise SourceUnavailable(f"source {self.source.name} answered HTTP {response.status_code}")
+            raise SourceUnavailable(
+                f"source {self.source.name} answered HTTP {response.status_code}"
+            )
         try:
             body = response.json()
         except ValueError:
@@ -84,5 +86,7 @@ class SourceClient:
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"source {self.source.name}: malformed feed page ({exc})") from exc
         if page.since != since or page.last_seq < since:
-            raise ProtocolError(f"source {self.source.name}: feed page does not follow cursor {since}")
+            raise ProtocolError(
+                f"source {self.source.name}: feed page does not follow cursor {since}"
+            )
         return page

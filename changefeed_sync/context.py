@@ -10,7 +10,9 @@ import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_applying: contextvars.ContextVar[bool] = contextvars.ContextVar("changefeed_applying", default=False)
+_applying: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "changefeed_applying", default=False
+)
 
 
 @contextmanager

@@ -103,7 +103,9 @@ def sync(
             result.stats.add(stats)
             logger.info(
                 "source %s: applied %d events, checkpoint %d",
-                source.name, stats.events, source.checkpoint,
+                source.name,
+                stats.events,
+                source.checkpoint,
             )
             if on_page is not None:
                 on_page(stats, source)

@@ -19,5 +19,7 @@ class DataSyncEnhancedManager(models.Manager):
     def get_by_natural_key(self, *values: Any) -> Any:
         options = registry.get_options(self.model)
         if options is None:
-            raise RegistrationError(f"{self.model._meta.label} is not registered with changefeed_sync")
+            raise RegistrationError(
+                f"{self.model._meta.label} is not registered with changefeed_sync"
+            )
         return self.get(**dict(zip(options.lookups, values, strict=True)))

@@ -38,7 +38,9 @@ class Event(models.Model):
     op = models.CharField(max_length=10, choices=OPS)
     key = models.JSONField(help_text="Natural key after the change.")
     old_key = models.JSONField(
-        null=True, blank=True, help_text="Natural key before the change, when the change renamed it."
+        null=True,
+        blank=True,
+        help_text="Natural key before the change, when the change renamed it.",
     )
     data = models.JSONField(null=True, blank=True)
     changed = models.JSONField(null=True, blank=True, help_text="Names of the fields that changed.")
@@ -116,7 +118,9 @@ class DataSource(models.Model):
     """A site this one pulls from (django-data-sync's "Data Source")."""
 
     name = models.CharField(
-        max_length=100, unique=True, validators=[_name_validator],
+        max_length=100,
+        unique=True,
+        validators=[_name_validator],
         help_text="How this site names the source, e.g. 'production'.",
     )
     url = models.URLField(
@@ -124,7 +128,8 @@ class DataSource(models.Model):
         help_text="Base URL of the source's changefeed_sync urls, e.g. https://example.com/sync/",
     )
     client_name = models.CharField(
-        max_length=100, validators=[_name_validator],
+        max_length=100,
+        validators=[_name_validator],
         help_text="The name of this site in the source's Targets.",
     )
     secrets = models.TextField(

@@ -86,11 +86,7 @@ class ModelOptions:
 
     @cached_property
     def m2m_fields(self) -> tuple[ManyToManyField[Any, Any], ...]:
-        return tuple(
-            f
-            for f in self.model._meta.local_many_to_many
-            if self._wanted(f.name)
-        )
+        return tuple(f for f in self.model._meta.local_many_to_many if self._wanted(f.name))
 
     @cached_property
     def field_names(self) -> frozenset[str]:
@@ -119,7 +115,9 @@ def _as_tuple(value: Iterable[str] | str | None, name: str) -> tuple[str, ...] |
     if value is None:
         return None
     if isinstance(value, str):
-        raise RegistrationError(f"{name} must be a list or tuple of names, not the string {value!r}")
+        raise RegistrationError(
+            f"{name} must be a list or tuple of names, not the string {value!r}"
+        )
     return tuple(value)
 
 
@@ -172,7 +170,9 @@ def unregister(model: type[models.Model]) -> None:
     try:
         options = _registry.pop(model)
     except KeyError:
-        raise RegistrationError(f"{model._meta.label} is not registered with changefeed_sync") from None
+        raise RegistrationError(
+            f"{model._meta.label} is not registered with changefeed_sync"
+        ) from None
     for hook in _on_unregister:
         hook(options)
 

@@ -37,7 +37,9 @@ def body_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def sign_request(name: str, secret_keys: list[str], method: str, path: str, body: bytes = b"") -> str:
+def sign_request(
+    name: str, secret_keys: list[str], method: str, path: str, body: bytes = b""
+) -> str:
     """The Authorization header value for one request."""
     if not secret_keys:
         raise SignatureError("no secret configured")

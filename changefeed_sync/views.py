@@ -19,7 +19,9 @@ logger = logging.getLogger("changefeed_sync.views")
 
 
 def _error(status: int, message: str, **extra: Any) -> JsonResponse:
-    response = JsonResponse({"protocol": PROTOCOL_VERSION, "error": message, **extra}, status=status)
+    response = JsonResponse(
+        {"protocol": PROTOCOL_VERSION, "error": message, **extra}, status=status
+    )
     if status == 401:
         response["WWW-Authenticate"] = "Changefeed"
     return response

@@ -6,76 +6,177 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='DataSource',
+            name="DataSource",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(help_text="How this site names the source, e.g. 'production'.", max_length=100, unique=True, validators=[django.core.validators.RegexValidator('^[A-Za-z0-9_.-]+$', "Use letters, digits, '.', '_' or '-' (it travels in a header).")])),
-                ('url', models.URLField(help_text="Base URL of the source's changefeed_sync urls, e.g. https://example.com/sync/", max_length=500)),
-                ('client_name', models.CharField(help_text="The name of this site in the source's Targets.", max_length=100, validators=[django.core.validators.RegexValidator('^[A-Za-z0-9_.-]+$', "Use letters, digits, '.', '_' or '-' (it travels in a header).")])),
-                ('secrets', models.TextField(help_text='Shared secret agreed with the source, one per line; the last one signs.')),
-                ('checkpoint', models.BigIntegerField(default=0, help_text='Feed position of the last applied event.')),
-                ('last_sync_at', models.DateTimeField(blank=True, null=True)),
-                ('last_error', models.TextField(blank=True, default='')),
-                ('last_error_at', models.DateTimeField(blank=True, null=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        help_text="How this site names the source, e.g. 'production'.",
+                        max_length=100,
+                        unique=True,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[A-Za-z0-9_.-]+$",
+                                "Use letters, digits, '.', '_' or '-' (it travels in a header).",
+                            )
+                        ],
+                    ),
+                ),
+                (
+                    "url",
+                    models.URLField(
+                        help_text="Base URL of the source's changefeed_sync urls, e.g. https://example.com/sync/",
+                        max_length=500,
+                    ),
+                ),
+                (
+                    "client_name",
+                    models.CharField(
+                        help_text="The name of this site in the source's Targets.",
+                        max_length=100,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[A-Za-z0-9_.-]+$",
+                                "Use letters, digits, '.', '_' or '-' (it travels in a header).",
+                            )
+                        ],
+                    ),
+                ),
+                (
+                    "secrets",
+                    models.TextField(
+                        help_text="Shared secret agreed with the source, one per line; the last one signs."
+                    ),
+                ),
+                (
+                    "checkpoint",
+                    models.BigIntegerField(
+                        default=0, help_text="Feed position of the last applied event."
+                    ),
+                ),
+                ("last_sync_at", models.DateTimeField(blank=True, null=True)),
+                ("last_error", models.TextField(blank=True, default="")),
+                ("last_error_at", models.DateTimeField(blank=True, null=True)),
             ],
             options={
-                'verbose_name': 'data source',
-                'ordering': ['name'],
+                "verbose_name": "data source",
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='Event',
+            name="Event",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('model', models.CharField(help_text='app_label.model_name', max_length=200)),
-                ('op', models.CharField(choices=[('upsert', 'upsert'), ('delete', 'delete')], max_length=10)),
-                ('key', models.JSONField(help_text='Natural key after the change.')),
-                ('old_key', models.JSONField(blank=True, help_text='Natural key before the change, when the change renamed it.', null=True)),
-                ('data', models.JSONField(blank=True, null=True)),
-                ('changed', models.JSONField(blank=True, help_text='Names of the fields that changed.', null=True)),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                (
+                    "created_at",
+                    models.DateTimeField(db_index=True, default=django.utils.timezone.now),
+                ),
+                ("model", models.CharField(help_text="app_label.model_name", max_length=200)),
+                (
+                    "op",
+                    models.CharField(
+                        choices=[("upsert", "upsert"), ("delete", "delete")], max_length=10
+                    ),
+                ),
+                ("key", models.JSONField(help_text="Natural key after the change.")),
+                (
+                    "old_key",
+                    models.JSONField(
+                        blank=True,
+                        help_text="Natural key before the change, when the change renamed it.",
+                        null=True,
+                    ),
+                ),
+                ("data", models.JSONField(blank=True, null=True)),
+                (
+                    "changed",
+                    models.JSONField(
+                        blank=True, help_text="Names of the fields that changed.", null=True
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'outbox event',
-                'ordering': ['id'],
+                "verbose_name": "outbox event",
+                "ordering": ["id"],
             },
         ),
         migrations.CreateModel(
-            name='Nonce',
+            name="Nonce",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('value', models.CharField(max_length=64, unique=True)),
-                ('expires_at', models.DateTimeField(db_index=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("value", models.CharField(max_length=64, unique=True)),
+                ("expires_at", models.DateTimeField(db_index=True)),
             ],
         ),
         migrations.CreateModel(
-            name='OutboxState',
+            name="OutboxState",
             fields=[
-                ('id', models.PositiveSmallIntegerField(default=1, primary_key=True, serialize=False)),
-                ('pruned_through', models.BigIntegerField(default=0)),
+                (
+                    "id",
+                    models.PositiveSmallIntegerField(default=1, primary_key=True, serialize=False),
+                ),
+                ("pruned_through", models.BigIntegerField(default=0)),
             ],
         ),
         migrations.CreateModel(
-            name='Target',
+            name="Target",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True, validators=[django.core.validators.RegexValidator('^[A-Za-z0-9_.-]+$', "Use letters, digits, '.', '_' or '-' (it travels in a header).")])),
-                ('secrets', models.TextField(help_text='Shared secret, one per line. During a rotation keep the old one on a line above the new one; any listed secret is accepted.')),
-                ('active', models.BooleanField(default=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('last_seen_at', models.DateTimeField(blank=True, null=True)),
-                ('last_seen_seq', models.BigIntegerField(blank=True, help_text="Cursor of the target's latest feed request.", null=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        max_length=100,
+                        unique=True,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[A-Za-z0-9_.-]+$",
+                                "Use letters, digits, '.', '_' or '-' (it travels in a header).",
+                            )
+                        ],
+                    ),
+                ),
+                (
+                    "secrets",
+                    models.TextField(
+                        help_text="Shared secret, one per line. During a rotation keep the old one on a line above the new one; any listed secret is accepted."
+                    ),
+                ),
+                ("active", models.BooleanField(default=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("last_seen_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "last_seen_seq",
+                    models.BigIntegerField(
+                        blank=True,
+                        help_text="Cursor of the target's latest feed request.",
+                        null=True,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
     ]
@@ -88,6 +189,4 @@ def _create_outbox_state(apps, schema_editor):  # type: ignore[no-untyped-def]
     ).get_or_create(id=1)
 
 
-Migration.operations.append(
-    migrations.RunPython(_create_outbox_state, migrations.RunPython.noop)
-)
+Migration.operations.append(migrations.RunPython(_create_outbox_state, migrations.RunPython.noop))

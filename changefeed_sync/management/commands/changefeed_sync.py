@@ -24,12 +24,15 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("source", help="Name of the Data Source.")
         parser.add_argument(
-            "--follow", action="store_true",
+            "--follow",
+            action="store_true",
             help="Keep following with long-poll until SIGINT/SIGTERM; retry when the source is down.",
         )
         parser.add_argument("--database", default=None, help="Database alias to apply to.")
         parser.add_argument("--limit", type=int, default=None, help="Events per request.")
-        parser.add_argument("--wait", type=float, default=None, help="Long-poll seconds (--follow).")
+        parser.add_argument(
+            "--wait", type=float, default=None, help="Long-poll seconds (--follow)."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         using = options["database"] or "default"
@@ -49,14 +52,16 @@ class Command(BaseCommand):
             # transaction and simply rolls back, the checkpoint with it.
             raise _Stop
 
-        previous = {
-            sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.stdout.write(f"{source.name}: syncing from checkpoint {source.checkpoint}")
         try:
             result = sync(
-                source, using=using, follow=options["follow"], stop=stop,
-                limit=options["limit"], wait=options["wait"],
+                source,
+                using=using,
+                follow=options["follow"],
+                stop=stop,
+                limit=options["limit"],
+                wait=options["wait"],
             )
         except _Stop:
             source.refresh_from_db(using=using)
