@@ -11,9 +11,10 @@ from typing import Any
 import django
 from django import forms
 from django.contrib import admin
+from django.db import transaction
 from django.http import HttpRequest
 
-from .models import DataSource, Event, Target
+from .models import DataPull, DataSource, Event, Target
 
 
 class _SecretForm(forms.ModelForm):
@@ -90,3 +91,29 @@ class EventAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+_PULL_OPTIONS = ["source", "dry_run", "keep_missing", "allow_mass_delete"]
+_PULL_RESULTS = ["status", "counts", "progress", "position", "started_at", "finished_at", "error"]
+
+
+@admin.register(DataPull)
+class DataPullAdmin(admin.ModelAdmin):
+    list_display = ["id", "source", "status", "dry_run", "progress", "started_at", "finished_at"]
+    list_filter = ["status", "source", "dry_run"]
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        # Adding asks only for the options; an existing pull is a read-only record.
+        return _PULL_OPTIONS if obj is None else [*_PULL_OPTIONS, *_PULL_RESULTS]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return [] if obj is None else [*_PULL_OPTIONS, *_PULL_RESULTS]
+
+    def save_model(self, request: HttpRequest, obj: DataPull, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if not change:
+            from .pull import start_in_background
+
+            # After the admin's transaction commits: a failed pull must not
+            # roll back its own record (django-data-sync lost it that way).
+            transaction.on_commit(lambda: start_in_background(obj.pk))

@@ -19,7 +19,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.core.serializers import sort_dependencies
 from django.db import connections, models, transaction
 from django.utils import timezone
 
@@ -143,17 +142,33 @@ def _parse(raw: dict[str, Any]) -> _Change:
 # ------------------------------------------------------------ applying
 
 
-def _model_order(models_: Iterable[type[models.Model]]) -> list[type[models.Model]]:
-    """Parents before children, as Django's serializer orders them."""
-    wanted = set(models_)
-    by_app: dict[Any, list[type[models.Model]]] = defaultdict(list)
-    for m in wanted:
-        by_app[m._meta.app_config].append(m)
-    try:
-        ordered = sort_dependencies(list(by_app.items()))
-    except RuntimeError:  # a cycle: fall back to a stable order, rounds sort it out
-        ordered = sorted(wanted, key=lambda m: m._meta.label)
-    return [m for m in ordered if m in wanted]
+def model_order(models_: Iterable[type[models.Model]]) -> list[type[models.Model]]:
+    """Parents before children: a model comes after the models its foreign keys
+    and many-to-many fields point at. Self-references are ignored (rounds in
+    ``_apply_upserts`` order those rows); a cycle keeps the models in label order.
+
+    Django's ``sort_dependencies`` only follows models that define
+    ``natural_key()``, which registered models need not do.
+    """
+    wanted = sorted(set(models_), key=lambda m: m._meta.label_lower)
+    deps: dict[type[models.Model], set[type[models.Model]]] = {}
+    for model in wanted:
+        related = {
+            f.related_model
+            for f in model._meta.get_fields()
+            if (f.many_to_one or f.one_to_one or f.many_to_many) and f.concrete
+        }
+        deps[model] = {m for m in related if m in deps or m in wanted} - {model}
+    ordered: list[type[models.Model]] = []
+    remaining = list(wanted)
+    while remaining:
+        ready = [m for m in remaining if not (deps[m] - set(ordered))]
+        if not ready:  # a cycle: take the first and let rounds sort the rows out
+            ready = [remaining[0]]
+        for m in ready:
+            ordered.append(m)
+            remaining.remove(m)
+    return ordered
 
 
 class _Pending(Exception):
@@ -352,7 +367,7 @@ def _apply_upserts(changes: list[_Change], using: str, stats: ApplyStats) -> Non
     by_model: dict[type[models.Model], list[_Change]] = defaultdict(list)
     for change in changes:
         by_model[change.options.model].append(change)
-    order = _model_order(by_model)
+    order = model_order(by_model)
     pending = {(c.options.label, c.key) for c in changes}
     while True:
         progress = False
@@ -396,7 +411,7 @@ def _apply_deletes(changes: list[_Change], using: str, stats: ApplyStats) -> Non
     by_model: dict[type[models.Model], list[_Change]] = defaultdict(list)
     for change in changes:
         by_model[change.options.model].append(change)
-    for model in reversed(_model_order(by_model)):
+    for model in reversed(model_order(by_model)):
         options = by_model[model][0].options
         pks = list(resolve_keys(options, [c.key for c in by_model[model]], using).values())
         for chunk in chunked(pks, 500):

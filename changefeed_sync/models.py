@@ -151,3 +151,55 @@ class DataSource(models.Model):
 
     def secret_list(self) -> list[str]:
         return split_secrets(self.secrets)
+
+
+class DataPull(models.Model):
+    """One full copy of a source's registered data (django-data-sync's "Data Pull")."""
+
+    PENDING, RUNNING, SUCCEEDED, FAILED = "pending", "running", "succeeded", "failed"
+    STATUSES = [
+        (PENDING, "pending"),
+        (RUNNING, "running"),
+        (SUCCEEDED, "succeeded"),
+        (FAILED, "failed"),
+    ]
+
+    source = models.ForeignKey(DataSource, on_delete=models.CASCADE, related_name="pulls")
+    status = models.CharField(max_length=10, choices=STATUSES, default=PENDING, db_index=True)
+    dry_run = models.BooleanField(
+        default=False, help_text="Preview: report what would change, write nothing."
+    )
+    keep_missing = models.BooleanField(
+        default=False, help_text="Keep rows that the source does not have."
+    )
+    allow_mass_delete = models.BooleanField(
+        default=False,
+        help_text="Allow deleting more than half of a model's rows (e.g. the source is empty).",
+    )
+    counts = models.JSONField(
+        default=dict, blank=True, help_text="Per model: created, updated, deleted, unchanged."
+    )
+    progress = models.CharField(max_length=200, blank=True, default="")
+    position = models.BigIntegerField(
+        null=True, blank=True, help_text="Feed position of the snapshot."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last sign of life of the process running it."
+    )
+    error = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "data pull"
+
+    def __str__(self) -> str:
+        return f"{self.source} pull #{self.pk} ({self.status})"
+
+    @property
+    def duration(self) -> Any:
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        return None

@@ -8,4 +8,5 @@ app_name = "changefeed_sync"
 
 urlpatterns = [
     path("feed/", views.feed_view, name="feed"),
+    path("snapshot/", views.snapshot_view, name="snapshot"),
 ]

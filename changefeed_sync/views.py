@@ -10,7 +10,7 @@ from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from . import conf, feed
+from . import conf, feed, snapshot
 from .exceptions import CursorExpired, SignatureError
 from .models import Target
 from .serialization import PROTOCOL_VERSION
@@ -60,19 +60,48 @@ def _int_param(request: HttpRequest, name: str, default: int) -> int:
         raise ValueError(f"query parameter {name!r} must be an integer, got {raw!r}") from None
 
 
+def _authenticated(request: HttpRequest, using: str) -> str | JsonResponse:
+    try:
+        return authenticate(request, using)
+    except SignatureError as exc:
+        logger.warning("%s request refused: %s", request.path, exc.reason)
+        if exc.missing:
+            return _error(401, "authentication required")
+        return _error(403, "authentication failed")
+
+
+@transaction.non_atomic_requests
+@require_GET
+def snapshot_view(request: HttpRequest) -> JsonResponse:
+    """Without ``model``: the snapshot's feed position and model order; with it: one page."""
+    using = conf.feed_database()
+    name = _authenticated(request, using)
+    if isinstance(name, JsonResponse):
+        return name
+    label = request.GET.get("model")
+    if not label:
+        return JsonResponse(snapshot.start(using))
+    try:
+        limit = min(max(_int_param(request, "limit", 1000), 1), conf.feed_max_limit())
+    except ValueError as exc:
+        return _error(400, str(exc))
+    try:
+        return JsonResponse(snapshot.page(label, request.GET.get("after"), limit, using))
+    except LookupError as exc:
+        return _error(404, str(exc))
+    except (ValueError, TypeError) as exc:
+        return _error(400, f"bad 'after' cursor: {exc}")
+
+
 # Long-polls must not hold a transaction (ATOMIC_REQUESTS): on MySQL a
 # repeatable-read snapshot would hide the very events they wait for.
 @transaction.non_atomic_requests
 @require_GET
 def feed_view(request: HttpRequest) -> JsonResponse:
     using = conf.feed_database()
-    try:
-        name = authenticate(request, using)
-    except SignatureError as exc:
-        logger.warning("feed request refused: %s", exc.reason)
-        if exc.missing:
-            return _error(401, "authentication required")
-        return _error(403, "authentication failed")
+    name = _authenticated(request, using)
+    if isinstance(name, JsonResponse):
+        return name
     try:
         since = _int_param(request, "since", 0)
         limit = _int_param(request, "limit", conf.feed_default_limit())
