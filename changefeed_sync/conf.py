@@ -25,6 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "FEED_DATABASE": "default",
     # Seconds a signed request stays valid; also how long nonces are kept.
     "SIGNATURE_MAX_AGE": 60,
+    # Days of outbox kept by `changefeed_prune`; a target further behind needs a full pull.
+    "RETENTION_DAYS": 30.0,
     # Target side --------------------------------------------------------
     # Events asked for per feed request by `changefeed_sync SOURCE`.
     "BATCH_SIZE": 1000,
@@ -64,6 +66,10 @@ def feed_database() -> str:
 
 def signature_max_age() -> int:
     return int(get("SIGNATURE_MAX_AGE"))
+
+
+def retention_days() -> float:
+    return float(get("RETENTION_DAYS"))
 
 
 def batch_size() -> int:
