@@ -6,6 +6,7 @@ stored one; leaving the field empty keeps it.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import django
@@ -91,6 +92,21 @@ class EventAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    # Deleting an unread event would lose a change silently; changefeed_prune
+    # removes old ones and records it, so lagging targets get "cursor expired".
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_search_results(self, request: HttpRequest, queryset: Any, search_term: str) -> Any:
+        # JSON columns hold non-ASCII as \uXXXX on SQLite and MariaDB: search both forms.
+        results, distinct = super().get_search_results(request, queryset, search_term)
+        escaped = json.dumps(search_term)[1:-1]
+        if escaped != search_term:
+            more, more_distinct = super().get_search_results(request, queryset, escaped)
+            results = results | more
+            distinct = distinct or more_distinct
+        return results, distinct
 
 
 _PULL_OPTIONS = ["source", "dry_run", "keep_missing", "allow_mass_delete"]

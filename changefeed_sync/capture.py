@@ -62,7 +62,11 @@ def connect(options: ModelOptions) -> None:
     """Hook a newly registered model: tracker, atomic save, signal receivers."""
     model = options.model
     if not hasattr(model, TRACKER_ATTR):
-        tracker = FieldTracker(fields=[f.attname for f in options.concrete_fields])
+        # Every column, not only this registration's: a later register() may use
+        # another natural key, and the tracker cannot be rebuilt.
+        tracker = FieldTracker(
+            fields=[f.attname for f in model._meta.concrete_fields if not f.primary_key]
+        )
         tracker.contribute_to_class(model, TRACKER_ATTR)
         # The class is already prepared (we run from a decorator or from ready()),
         # so class_prepared will not fire again: finish the tracker by hand.
