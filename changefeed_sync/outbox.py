@@ -8,7 +8,8 @@ commit order equal id order:
 - PostgreSQL: a transaction-scoped advisory lock;
 - MySQL/MariaDB and others: ``SELECT ... FOR UPDATE`` on the single
   ``OutboxState`` row;
-- SQLite: nothing to do, the database itself admits one writer at a time.
+- SQLite: the database itself admits one writer at a time; the lock only
+  takes SQLite's write lock early (see ``lock``).
 
 The price is that transactions writing registered models are serialized
 with each other from their first synced write until commit.
@@ -20,7 +21,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from django.db import connections, transaction
+from django.db import IntegrityError, connections, transaction
 
 from .models import Event, OutboxState
 
@@ -36,18 +37,51 @@ def lock(using: str) -> None:
     if not connection.in_atomic_block:
         raise RuntimeError("changefeed_sync: the outbox lock needs a transaction (atomic block)")
     vendor = connection.vendor
-    if vendor == "sqlite":
-        return
     with connection.cursor() as cursor:
-        if vendor == "postgresql":
+        if vendor == "sqlite":
+            # SQLite already admits one writer at a time, but a transaction that
+            # reads first and writes later fails at once ("database is locked")
+            # if another writer got in between. Writing first takes the write
+            # lock up front, waiting for it like any plain write would.
+            table = connection.ops.quote_name(OutboxState._meta.db_table)
+            cursor.execute(f"UPDATE {table} SET id = id WHERE id = 1")
+        elif vendor == "postgresql":
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ADVISORY_KEY])
         else:
             table = connection.ops.quote_name(OutboxState._meta.db_table)
             cursor.execute(f"SELECT id FROM {table} WHERE id = 1 FOR UPDATE")
             if cursor.fetchone() is None:
-                # The migration creates the row; a flushed test database may not have it.
-                OutboxState.objects.using(using).get_or_create(id=1)
+                _create_state_row(using)
                 cursor.execute(f"SELECT id FROM {table} WHERE id = 1 FOR UPDATE")
+
+
+def _create_state_row(using: str) -> None:
+    """Create the lock row, which the migration made but a flushed database lacks.
+
+    On a connection of its own, in autocommit: created inside the writers'
+    transactions, two first writers would both hold shared locks on the new
+    row and deadlock upgrading them.
+    """
+    wrapper = connections.create_connection(using)
+    table = wrapper.ops.quote_name(OutboxState._meta.db_table)
+    try:
+        with wrapper.cursor() as cursor:
+            if wrapper.vendor == "mysql":
+                # One creator at a time: concurrent INSERTs of one key can deadlock.
+                cursor.execute("SELECT GET_LOCK('changefeed_sync.outbox_state', 60)")
+                try:
+                    cursor.execute(
+                        f"INSERT IGNORE INTO {table} (id, pruned_through) VALUES (1, 0)"
+                    )
+                finally:
+                    cursor.execute("SELECT RELEASE_LOCK('changefeed_sync.outbox_state')")
+            else:
+                try:
+                    cursor.execute(f"INSERT INTO {table} (id, pruned_through) VALUES (1, 0)")
+                except IntegrityError:
+                    pass
+    finally:
+        wrapper.close()
 
 
 def write(using: str, events: Iterable[Event]) -> None:
