@@ -90,6 +90,31 @@ class Target(models.Model):
     last_seen_seq = models.BigIntegerField(
         null=True, blank=True, help_text="Cursor of the target's latest feed request."
     )
+    # Push (webhooks) ------------------------------------------------------
+    webhook_url = models.URLField(
+        max_length=500,
+        blank=True,
+        default="",
+        help_text="The target's changefeed_sync webhook URL, e.g. "
+        "https://staging.example.com/sync/webhook/production/. Empty: the target only pulls.",
+    )
+    model_labels = models.JSONField(
+        "models",
+        default=list,
+        blank=True,
+        help_text='Model labels this target receives, e.g. ["shop.country"]. Empty: all.',
+    )
+    paused = models.BooleanField(
+        default=False, help_text="Deliveries paused (the feed still answers)."
+    )
+    delivered_seq = models.BigIntegerField(
+        default=0, help_text="Feed position up to which deliveries were accepted (or enqueued)."
+    )
+    last_delivery_at = models.DateTimeField(null=True, blank=True)
+    failures = models.PositiveIntegerField(default=0, help_text="Consecutive failed deliveries.")
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    last_error_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -141,6 +166,18 @@ class DataSource(models.Model):
     last_sync_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True, default="")
     last_error_at = models.DateTimeField(null=True, blank=True)
+    oidc_service_account = models.EmailField(
+        blank=True,
+        default="",
+        help_text="Set when the source delivers through Cloud Tasks: webhooks must then carry a "
+        "Google OIDC token of this service account.",
+    )
+    oidc_audience = models.CharField(
+        max_length=500,
+        blank=True,
+        default="",
+        help_text="Expected audience; empty: the webhook URL.",
+    )
 
     class Meta:
         ordering = ["name"]
@@ -186,6 +223,9 @@ class DataPull(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    runner = models.CharField(
+        max_length=200, blank=True, default="", help_text="host:pid of the process running it."
+    )
     heartbeat_at = models.DateTimeField(
         null=True, blank=True, help_text="Last sign of life of the process running it."
     )

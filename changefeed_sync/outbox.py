@@ -70,9 +70,7 @@ def _create_state_row(using: str) -> None:
                 # One creator at a time: concurrent INSERTs of one key can deadlock.
                 cursor.execute("SELECT GET_LOCK('changefeed_sync.outbox_state', 60)")
                 try:
-                    cursor.execute(
-                        f"INSERT IGNORE INTO {table} (id, pruned_through) VALUES (1, 0)"
-                    )
+                    cursor.execute(f"INSERT IGNORE INTO {table} (id, pruned_through) VALUES (1, 0)")
                 finally:
                     cursor.execute("SELECT RELEASE_LOCK('changefeed_sync.outbox_state')")
             else:
