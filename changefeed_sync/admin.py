@@ -43,18 +43,20 @@ class _SecretForm(forms.ModelForm):
 
 
 class DataSourceForm(_SecretForm):
+    """Target side: where to pull from; OIDC fields only when the source uses Cloud Tasks."""
+
     if django.VERSION >= (5, 0):
         url = forms.URLField(max_length=500, assume_scheme="https")
 
     class Meta:
         model = DataSource
-        fields = ["name", "url", "client_name"]
+        fields = ["name", "url", "client_name", "oidc_service_account", "oidc_audience"]
 
 
 class TargetForm(_SecretForm):
     class Meta:
         model = Target
-        fields = ["name", "active"]
+        fields = ["name", "active", "webhook_url", "model_labels", "paused"]
 
 
 @admin.register(DataSource)
@@ -72,10 +74,60 @@ class DataSourceAdmin(admin.ModelAdmin):
 @admin.register(Target)
 class TargetAdmin(admin.ModelAdmin):
     form = TargetForm
-    list_display = ["name", "active", "last_seen_seq", "last_seen_at"]
-    list_filter = ["active"]
-    search_fields = ["name"]
-    readonly_fields = ["created_at", "last_seen_at", "last_seen_seq"]
+    list_display = [
+        "name",
+        "active",
+        "paused",
+        "delivered_seq",
+        "last_seen_seq",
+        "lag",
+        "last_error_short",
+    ]
+    list_filter = ["active", "paused"]
+    search_fields = ["name", "webhook_url"]
+    readonly_fields = [
+        "created_at",
+        "last_seen_at",
+        "last_seen_seq",
+        "delivered_seq",
+        "last_delivery_at",
+        "failures",
+        "next_attempt_at",
+        "last_error",
+        "last_error_at",
+        "lag",
+    ]
+    actions = ["retry_now", "pause", "resume"]
+
+    @admin.display(description="lag")
+    def lag(self, obj: Target) -> str:
+        from .status import target_lag
+
+        lag = target_lag(obj, obj._state.db or "default")
+        return f"{lag.events} events, {lag.seconds:.0f} s"
+
+    @admin.display(description="last error")
+    def last_error_short(self, obj: Target) -> str:
+        return (obj.last_error[:80] + "…") if len(obj.last_error) > 80 else obj.last_error
+
+    @admin.action(description="Retry delivery now")
+    def retry_now(self, request: HttpRequest, queryset: Any) -> None:
+        from .push import retry_now
+
+        retry_now(list(queryset))
+        self.message_user(request, f"Deliveries scheduled for {queryset.count()} target(s).")
+
+    @admin.action(description="Pause deliveries")
+    def pause(self, request: HttpRequest, queryset: Any) -> None:
+        queryset.update(paused=True)
+
+    @admin.action(description="Resume deliveries")
+    def resume(self, request: HttpRequest, queryset: Any) -> None:
+        from .push import forget_targets, retry_now
+
+        queryset.update(paused=False)
+        forget_targets()
+        retry_now(list(queryset))
 
 
 @admin.register(Event)

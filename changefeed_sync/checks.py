@@ -149,6 +149,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     errors: list[checks.CheckMessage] = []
     for name, default in conf.DEFAULTS.items():
         value = conf.get(name)
+        if name == "DELIVERY_BACKEND" and value is None:
+            continue
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int | float):
@@ -177,3 +179,25 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             )
         )
     return errors
+
+
+@checks.register()
+def check_delivery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    from django.utils.module_loading import import_string
+
+    path = conf.delivery_backend()
+    if not path:
+        return []
+    try:
+        backend = import_string(path)
+    except ImportError as exc:
+        return [
+            _error(
+                f"CHANGEFEED_SYNC_DELIVERY_BACKEND {path!r} cannot be imported: {exc}.",
+                "Cloud Tasks needs `pip install changefeed-sync[cloudtasks]`.",
+                None,
+                "E103",
+            )
+        ]
+    problems = getattr(backend, "configuration_problems", None)
+    return [_error(p, None, None, "E104") for p in (problems() if problems else [])]

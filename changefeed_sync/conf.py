@@ -27,6 +27,26 @@ DEFAULTS: dict[str, Any] = {
     "SIGNATURE_MAX_AGE": 60,
     # Days of outbox kept by `changefeed_prune`; a target further behind needs a full pull.
     "RETENTION_DAYS": 30.0,
+    # Push: dotted path of the delivery backend; None disables pushing.
+    "DELIVERY_BACKEND": "changefeed_sync.delivery.inline.InlineBackend",
+    # Seconds after each consecutive failure before the next attempt (Svix's schedule).
+    "DELIVERY_RETRY_DELAYS": [0, 5, 300, 1800, 7200, 18000, 36000, 36000],
+    # Largest webhook body sent; a bigger batch is split (Cloud Tasks advises < 100 KB).
+    "DELIVERY_MAX_BYTES": 90_000,
+    "DELIVERY_TIMEOUT": 30.0,
+    # Cloud Tasks backend (django-data-sync's DATA_SYNC_* settings have equivalents here).
+    "CLOUD_TASKS_PROJECT": "",
+    "CLOUD_TASKS_LOCATION": "europe-west1",
+    "CLOUD_TASKS_QUEUE": "changefeed-sync",
+    "CLOUD_TASKS_SERVICE_ACCOUNT_EMAIL": "",
+    # host:port of gcloud-tasks-emulator, for development and tests.
+    "CLOUD_TASKS_EMULATOR_HOST": "",
+    # Target side: webhooks ----------------------------------------------
+    # Seconds a webhook signature stays valid (Standard Webhooks: 5 minutes).
+    "WEBHOOK_TOLERANCE": 300,
+    "WEBHOOK_MAX_BYTES": 1_000_000,
+    # Where Google's OIDC signing certificates are fetched (cached for an hour).
+    "OIDC_CERTS_URL": "https://www.googleapis.com/oauth2/v1/certs",
     # Target side --------------------------------------------------------
     # Events asked for per feed request by `changefeed_sync SOURCE`.
     "BATCH_SIZE": 1000,
@@ -70,6 +90,39 @@ def signature_max_age() -> int:
 
 def retention_days() -> float:
     return float(get("RETENTION_DAYS"))
+
+
+def delivery_backend() -> str | None:
+    value = get("DELIVERY_BACKEND")
+    return str(value) if value else None
+
+
+def delivery_retry_delays() -> list[float]:
+    return [float(d) for d in get("DELIVERY_RETRY_DELAYS")]
+
+
+def delivery_max_bytes() -> int:
+    return int(get("DELIVERY_MAX_BYTES"))
+
+
+def delivery_timeout() -> float:
+    return float(get("DELIVERY_TIMEOUT"))
+
+
+def cloud_tasks(name: str) -> str:
+    return str(get(f"CLOUD_TASKS_{name}"))
+
+
+def webhook_tolerance() -> int:
+    return int(get("WEBHOOK_TOLERANCE"))
+
+
+def webhook_max_bytes() -> int:
+    return int(get("WEBHOOK_MAX_BYTES"))
+
+
+def oidc_certs_url() -> str:
+    return str(get("OIDC_CERTS_URL"))
 
 
 def batch_size() -> int:

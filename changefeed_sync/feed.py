@@ -44,42 +44,61 @@ def pruned_through(using: str) -> int:
     return next(iter(state), 0)
 
 
-def read(since: int, limit: int, *, using: str | None = None) -> FeedPage:
-    """Events with position > ``since``, oldest first, at most ``limit``."""
+def read(
+    since: int, limit: int, *, using: str | None = None, models: list[str] | None = None
+) -> FeedPage:
+    """Events with position > ``since``, oldest first, at most ``limit``.
+
+    ``models`` limits the events to those labels (a Target's selection); the
+    cursor still moves past the others.
+    """
     using = using or conf.feed_database()
     if since < pruned_through(using):
         raise CursorExpired(
             f"cursor {since} is older than the oldest event kept "
             f"(pruned through {pruned_through(using)}): run a full Data Pull"
         )
-    rows = list(Event.objects.using(using).filter(id__gt=since).order_by("id")[: limit + 1])
+    events = Event.objects.using(using).filter(id__gt=since)
+    if models:
+        events = events.filter(model__in=models)
+    rows = list(events.order_by("id")[: limit + 1])
     more = len(rows) > limit
     rows = rows[:limit]
     last = rows[-1].id if rows else since
     if more:
-        pending = Event.objects.using(using).filter(id__gt=last)[:PENDING_CAP].count()
+        pending = events.filter(id__gt=last)[:PENDING_CAP].count()
     else:
         pending = 0
     return FeedPage([row.to_wire() for row in rows], since, last, more, pending)
 
 
-def has_events_after(since: int, using: str) -> bool:
-    return bool(Event.objects.using(using).filter(id__gt=since).exists())
+def has_events_after(since: int, using: str, models: list[str] | None = None) -> bool:
+    events = Event.objects.using(using).filter(id__gt=since)
+    if models:
+        events = events.filter(model__in=models)
+    return bool(events.exists())
 
 
-def read_or_wait(since: int, limit: int, wait: float, *, using: str | None = None) -> FeedPage:
+def read_or_wait(
+    since: int,
+    limit: int,
+    wait: float,
+    *,
+    using: str | None = None,
+    models: list[str] | None = None,
+) -> FeedPage:
     """Long-poll: return as soon as there is an event after ``since``, or after ``wait`` s."""
     using = using or conf.feed_database()
     deadline = time.monotonic() + max(0.0, wait)
     interval = conf.feed_poll_interval()
     while True:
-        page = read(since, limit, using=using)
+        page = read(since, limit, using=using, models=models)
         remaining = deadline - time.monotonic()
         if page.events or remaining <= 0:
             return page
         # Woken at once by commits in this process, otherwise re-checked every interval.
         while remaining > 0:
             outbox.wait(min(interval, remaining))
-            if has_events_after(since, using):
+            if has_events_after(since, using, models):
                 break
             remaining = deadline - time.monotonic()

@@ -17,6 +17,7 @@ with each other from their first synced write until commit.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -93,7 +94,7 @@ def write(using: str, events: Iterable[Event]) -> None:
             batch[0].save(using=using, force_insert=True)
         else:
             Event.objects.using(using).bulk_create(batch)
-        transaction.on_commit(notify, using=using)
+        transaction.on_commit(lambda: _after_commit(using), using=using)
 
 
 def make_event(
@@ -106,6 +107,16 @@ def make_event(
     changed: Any = None,
 ) -> Event:
     return Event(model=label, op=op, key=list(key), old_key=old_key, data=data, changed=changed)
+
+
+def _after_commit(using: str) -> None:
+    notify()
+    from . import push
+
+    try:
+        push.on_commit(using)
+    except Exception:  # the data is committed; a delivery problem must not fail the writer
+        logging.getLogger("changefeed_sync.push").exception("scheduling deliveries failed")
 
 
 def notify() -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets as _secrets
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -55,6 +57,8 @@ def verify_request(
     path: str,
     body: bytes,
     secrets_for: Callable[[str], list[str] | None],
+    *,
+    max_age: int | None = None,
 ) -> tuple[str, str]:
     """Check a request's Authorization header; return (name, nonce) or raise SignatureError.
 
@@ -75,7 +79,9 @@ def verify_request(
     else:
         known = True
     try:
-        claims: Any = _serializer(keys).loads(token, max_age=conf.signature_max_age())
+        claims: Any = _serializer(keys).loads(
+            token, max_age=conf.signature_max_age() if max_age is None else max_age
+        )
     except SignatureExpired:
         raise SignatureError(f"signature of {name!r} expired") from None
     except BadData:
@@ -94,7 +100,7 @@ def verify_request(
     return name, nonce
 
 
-def remember_nonce(nonce: str, using: str) -> None:
+def remember_nonce(nonce: str, using: str, max_age: int | None = None) -> None:
     """Record a nonce; raise SignatureError if it was seen before (a replay)."""
     from .models import Nonce
 
@@ -103,7 +109,56 @@ def remember_nonce(nonce: str, using: str) -> None:
     try:
         with transaction.atomic(using=using):
             Nonce.objects.using(using).create(
-                value=nonce, expires_at=now + timedelta(seconds=conf.signature_max_age() + 5)
+                value=nonce,
+                expires_at=now + timedelta(seconds=(max_age or conf.signature_max_age()) + 5),
             )
     except IntegrityError:
         raise SignatureError("replayed request (nonce already used)") from None
+
+
+# ---------------------------------------------------------------- OIDC (Cloud Tasks)
+
+_certs_lock = threading.Lock()
+_certs: dict[str, tuple[float, Any]] = {}
+_CERTS_SECONDS = 3600.0
+
+
+def _fetch_certs(url: str) -> Any:
+    """Google's signing certificates, cached: the original fetched them on every request."""
+    now = time.monotonic()
+    with _certs_lock:
+        hit = _certs.get(url)
+        if hit and now - hit[0] < _CERTS_SECONDS:
+            return hit[1]
+    import requests
+
+    response = requests.get(url, timeout=10)
+    response.raise_for_status()
+    certs = response.json()
+    with _certs_lock:
+        _certs[url] = (now, certs)
+    return certs
+
+
+def verify_oidc(header: str | None, *, audience: str, email: str) -> dict[str, Any]:
+    """Check a Cloud Tasks OIDC token with google-auth; return its claims.
+
+    Verifies the signature against Google's certificates (or those at
+    ``CHANGEFEED_SYNC_OIDC_CERTS_URL``), expiry, audience, and that the token
+    belongs to the expected service account with a verified email.
+    """
+    if not header or not header.startswith("Bearer "):
+        raise SignatureError("no OIDC bearer token", missing=True)
+    from google.auth import jwt
+
+    token = header[len("Bearer ") :]
+    url = conf.oidc_certs_url()
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token, certs=_fetch_certs(url), audience=audience, clock_skew_in_seconds=10
+        )
+    except Exception as exc:  # google-auth raises ValueError and its own errors
+        raise SignatureError(f"OIDC token rejected: {exc}") from None
+    if claims.get("email") != email or not claims.get("email_verified", False):
+        raise SignatureError(f"OIDC token of {claims.get('email')!r}, expected {email!r}")
+    return claims

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from django.db import transaction
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
-from django.views.decorators.http import require_GET
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
 
 from . import conf, feed, snapshot
 from .exceptions import CursorExpired, SignatureError
@@ -112,11 +114,76 @@ def feed_view(request: HttpRequest) -> JsonResponse:
         return _error(400, "'since' must be >= 0 and 'limit' >= 1")
     limit = min(limit, conf.feed_max_limit())
     wait = min(max(wait, 0.0), conf.feed_max_wait())
-    Target.objects.using(using).filter(name=name).update(
-        last_seen_at=timezone.now(), last_seen_seq=since
-    )
+    targets = Target.objects.using(using).filter(name=name)
+    targets.update(last_seen_at=timezone.now(), last_seen_seq=since)
+    models = next(iter(targets.values_list("model_labels", flat=True)), None) or None
     try:
-        page = feed.read_or_wait(since, limit, wait, using=using)
+        page = feed.read_or_wait(since, limit, wait, using=using, models=models)
     except CursorExpired as exc:
         return _error(410, str(exc), code="cursor_expired")
     return JsonResponse(page.to_wire())
+
+
+@csrf_exempt
+@transaction.non_atomic_requests
+@require_POST
+def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
+    """Receive a pushed batch from the Data Source ``source_name`` (target side)."""
+    from . import webhook
+    from .exceptions import ApplyError, ChangefeedError, SourceUnavailable
+    from .models import DataSource
+    from .push import SIGNATURE_HEADER
+    from .signing import remember_nonce, verify_oidc, verify_request
+
+    length = int(request.headers.get("Content-Length") or 0)
+    if length > conf.webhook_max_bytes():
+        return _error(413, f"body larger than {conf.webhook_max_bytes()} bytes")
+    source = DataSource.objects.filter(name=source_name).first()
+    if source is None:
+        return _error(404, f"unknown source {source_name!r}")
+    using = source._state.db or "default"
+    try:
+        if source.oidc_service_account:
+            verify_oidc(
+                request.headers.get("Authorization"),
+                audience=source.oidc_audience or request.build_absolute_uri(),
+                email=source.oidc_service_account,
+            )
+        _, nonce = verify_request(
+            request.headers.get(SIGNATURE_HEADER),
+            "POST",
+            request.get_full_path(),
+            request.body,
+            lambda name: source.secret_list() if name == source.client_name else None,
+            max_age=conf.webhook_tolerance(),
+        )
+    except SignatureError as exc:
+        logger.warning("webhook for %s refused: %s", source_name, exc.reason)
+        if exc.missing:
+            return _error(401, "authentication required")
+        return _error(403, "authentication failed")
+    try:
+        body = json.loads(request.body)
+        webhook.parse(body)
+    except (ValueError, ChangefeedError) as exc:
+        return _error(400, f"malformed webhook body: {exc}")
+    try:
+        remember_nonce(nonce, using, max_age=conf.webhook_tolerance())
+    except SignatureError:
+        return _error(409, "replayed delivery (this signature was used before)")
+    try:
+        outcome, stats = webhook.receive(source, body, using=using)
+    except SourceUnavailable as exc:
+        return _error(503, f"catching up from the feed failed: {exc}")
+    except ApplyError as exc:
+        return _error(422, str(exc))
+    except ChangefeedError as exc:
+        return _error(502, str(exc))
+    return JsonResponse(
+        {
+            "protocol": PROTOCOL_VERSION,
+            "status": outcome,
+            "checkpoint": source.checkpoint,
+            "applied": stats.events if stats else 0,
+        }
+    )

@@ -1,0 +1,260 @@
+"""Source side of push: after a commit that wrote events, deliver them to targets.
+
+The delivery backend (``CHANGEFEED_SYNC_DELIVERY_BACKEND``) decides where the
+work runs: inline (a thread of this process, right after commit), Cloud
+Tasks, or Django's task framework. What a delivery is lives here: the events
+after the target's ``delivered_seq`` (only the models it receives), split so
+that no body exceeds ``CHANGEFEED_SYNC_DELIVERY_MAX_BYTES``, each signed like
+a feed request and POSTed to the target's webhook URL. The target applies a
+batch only if it starts at its checkpoint, so duplicated, reordered or lost
+deliveries all converge; the feed stays the source of truth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from . import conf, feed
+from .models import Target
+from .serialization import PROTOCOL_VERSION
+from .signing import sign_request
+
+logger = logging.getLogger("changefeed_sync.push")
+
+SIGNATURE_HEADER = "X-Changefeed-Signature"
+ID_HEADER = "Webhook-Id"
+
+
+@dataclass
+class Batch:
+    target: Target
+    since: int
+    last_seq: int
+    body: bytes
+
+    @property
+    def id(self) -> str:
+        return f"{self.target.name}-{self.since}-{self.last_seq}"
+
+
+# ---------------------------------------------------------------- scheduling
+
+_cache_lock = threading.Lock()
+_cache: dict[str, tuple[float, list[int]]] = {}
+_CACHE_SECONDS = 1.0
+
+
+def push_target_ids(using: str) -> list[int]:
+    """Targets that take deliveries; cached for a second, so a busy source
+    does not query Targets after every commit."""
+    now = time.monotonic()
+    with _cache_lock:
+        hit = _cache.get(using)
+        if hit and now - hit[0] < _CACHE_SECONDS:
+            return hit[1]
+    ids = list(
+        Target.objects.using(using)
+        .filter(active=True, paused=False)
+        .exclude(webhook_url="")
+        .values_list("pk", flat=True)
+    )
+    with _cache_lock:
+        _cache[using] = (now, ids)
+    return ids
+
+
+def forget_targets() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+_backend: Any = None
+_backend_path: str | None = None
+
+
+def backend() -> Any:
+    global _backend, _backend_path
+    path = conf.delivery_backend()
+    if path is None:
+        return None
+    if _backend is None or _backend_path != path:
+        _backend = import_string(path)()
+        _backend_path = path
+    return _backend
+
+
+def on_commit(using: str) -> None:
+    """Called after a transaction that wrote events committed."""
+    chosen = backend()
+    if chosen is None:
+        return
+    ids = push_target_ids(using)
+    if ids:
+        chosen.schedule(ids, using)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def batches(target: Target, using: str, *, max_events: int = 1000) -> Iterator[Batch]:
+    """Undelivered events of ``target`` as signed-ready bodies under the size limit."""
+    since = target.delivered_seq
+    limit_bytes = conf.delivery_max_bytes()
+    while True:
+        page = feed.read(since, max_events, using=using, models=target.model_labels or None)
+        if not page.events:
+            return
+        events = page.events
+        while events:
+            body = _body(target, since, events)
+            count = len(events)
+            # Halve until it fits; one event that alone is too big still goes.
+            while len(body) > limit_bytes and count > 1:
+                count //= 2
+                body = _body(target, since, events[:count])
+            last = events[count - 1]["seq"]
+            yield Batch(target, since, last, body)
+            since = last
+            events = events[count:]
+        if not page.more:
+            return
+
+
+def _body(target: Target, since: int, events: list[dict[str, Any]]) -> bytes:
+    last = events[-1]["seq"]
+    payload = {
+        "protocol": PROTOCOL_VERSION,
+        "id": f"{target.name}-{since}-{last}",
+        "since": since,
+        "last_seq": last,
+        "events": events,
+    }
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def signed_headers(batch: Batch) -> dict[str, str]:
+    url = urlsplit(batch.target.webhook_url)
+    path = url.path + ("?" + url.query if url.query else "")
+    return {
+        "Content-Type": "application/json",
+        SIGNATURE_HEADER: sign_request(
+            batch.target.name, batch.target.secret_list(), "POST", path, batch.body
+        ),
+        ID_HEADER: batch.id,
+    }
+
+
+# ---------------------------------------------------------------- delivering
+
+
+def record_success(target: Target, last_seq: int, using: str) -> None:
+    Target.objects.using(using).filter(pk=target.pk, delivered_seq__lt=last_seq).update(
+        delivered_seq=last_seq
+    )
+    Target.objects.using(using).filter(pk=target.pk).update(
+        last_delivery_at=timezone.now(), failures=0, next_attempt_at=None, last_error=""
+    )
+    target.delivered_seq = max(target.delivered_seq, last_seq)
+    target.failures = 0
+
+
+def record_failure(target: Target, message: str, using: str) -> float:
+    """Note a failed delivery; return seconds until the next attempt."""
+    delays = conf.delivery_retry_delays()
+    failures = target.failures + 1
+    delay = delays[min(failures, len(delays) - 1)]
+    Target.objects.using(using).filter(pk=target.pk).update(
+        failures=failures,
+        last_error=message[:2000],
+        last_error_at=timezone.now(),
+        next_attempt_at=timezone.now() + timedelta(seconds=delay),
+    )
+    target.failures = failures
+    logger.warning(
+        "delivery to %s failed (%d in a row): %s; next attempt in %.0f s",
+        target.name,
+        failures,
+        message,
+        delay,
+    )
+    return delay
+
+
+def post(batch: Batch, session: requests.Session | None = None) -> None:
+    """POST one batch; raise DeliveryFailed unless the target answered 2xx."""
+    sender = session or requests
+    try:
+        response = sender.post(
+            batch.target.webhook_url,
+            data=batch.body,
+            headers=signed_headers(batch),
+            timeout=conf.delivery_timeout(),
+        )
+    except requests.RequestException as exc:
+        raise DeliveryFailed(f"{batch.target.webhook_url}: {exc}") from exc
+    if not 200 <= response.status_code < 300:
+        raise DeliveryFailed(
+            f"{batch.target.webhook_url} answered HTTP {response.status_code}: "
+            f"{response.text[:300]}"
+        )
+
+
+class DeliveryFailed(Exception):
+    pass
+
+
+def deliver_pending(
+    target_id: int, using: str = "default", session: requests.Session | None = None
+) -> float | None:
+    """Deliver everything pending for one target by HTTP, in order.
+
+    Returns None when all was delivered (or nothing is due), else the seconds
+    to wait before trying again.
+    """
+    target = Target.objects.using(using).filter(pk=target_id).first()
+    if target is None or not target.active or target.paused or not target.webhook_url:
+        return None
+    if target.next_attempt_at and target.next_attempt_at > timezone.now():
+        return float((target.next_attempt_at - timezone.now()).total_seconds())
+    for batch in batches(target, using):
+        try:
+            post(batch, session)
+        except DeliveryFailed as exc:
+            return record_failure(target, str(exc), using)
+        record_success(target, batch.last_seq, using)
+    return None
+
+
+def retry_now(targets: Any, using: str = "default") -> None:
+    """Clear the backoff of ``targets`` and schedule their deliveries."""
+    ids = [t.pk for t in targets]
+    Target.objects.using(using).filter(pk__in=ids).update(next_attempt_at=None)
+    chosen = backend()
+    if chosen is not None:
+        transaction.on_commit(lambda: chosen.schedule(ids, using), using=using)
+
+
+def due_targets(using: str) -> list[int]:
+    """Targets with something undelivered whose backoff has passed."""
+    now = timezone.now()
+    return list(
+        Target.objects.using(using)
+        .filter(active=True, paused=False)
+        .exclude(webhook_url="")
+        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+        .values_list("pk", flat=True)
+    )
