@@ -54,6 +54,9 @@ class DataSourceForm(_SecretForm):
 
 
 class TargetForm(_SecretForm):
+    if django.VERSION >= (5, 0):
+        webhook_url = forms.URLField(max_length=500, required=False, assume_scheme="https")
+
     class Meta:
         model = Target
         fields = ["name", "active", "webhook_url", "model_labels", "paused"]

@@ -42,6 +42,8 @@ DEFAULTS: dict[str, Any] = {
     # host:port of gcloud-tasks-emulator, for development and tests.
     "CLOUD_TASKS_EMULATOR_HOST": "",
     # Target side: webhooks ----------------------------------------------
+    # Database alias holding the Data Sources that webhooks are applied to.
+    "TARGET_DATABASE": "default",
     # Seconds a webhook signature stays valid (Standard Webhooks: 5 minutes).
     "WEBHOOK_TOLERANCE": 300,
     "WEBHOOK_MAX_BYTES": 1_000_000,
@@ -111,6 +113,10 @@ def delivery_timeout() -> float:
 
 def cloud_tasks(name: str) -> str:
     return str(get(f"CLOUD_TASKS_{name}"))
+
+
+def target_database() -> str:
+    return str(get("TARGET_DATABASE"))
 
 
 def webhook_tolerance() -> int:

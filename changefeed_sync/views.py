@@ -138,10 +138,10 @@ def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
     length = int(request.headers.get("Content-Length") or 0)
     if length > conf.webhook_max_bytes():
         return _error(413, f"body larger than {conf.webhook_max_bytes()} bytes")
-    source = DataSource.objects.filter(name=source_name).first()
+    using = conf.target_database()
+    source = DataSource.objects.using(using).filter(name=source_name).first()
     if source is None:
         return _error(404, f"unknown source {source_name!r}")
-    using = source._state.db or "default"
     try:
         if source.oidc_service_account:
             verify_oidc(

@@ -1,0 +1,151 @@
+"""Push: signed webhooks delivered inline after commit, applied if they continue the checkpoint.
+
+The live server thread plays both sites: its "default" database is the
+source (feed, deliveries) and the webhook applies into another alias
+(CHANGEFEED_SYNC_TARGET_DATABASE), a real PostgreSQL or MariaDB database.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+from django.test import override_settings
+
+from changefeed_sync import push
+from changefeed_sync.models import DataSource, Target
+from changefeed_sync.signing import sign_request
+from tests.dbs import require_alias
+from tests.helpers import state
+from tests.testapp.models import Copy, Country, Language
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+
+@pytest.fixture(params=["postgres", "mariadb"])
+def tgt(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    require_alias(request.param)
+    with override_settings(CHANGEFEED_SYNC_TARGET_DATABASE=request.param):
+        yield str(request.param)
+
+
+@pytest.fixture
+def sites(live_server, tgt: str) -> tuple[Target, DataSource]:  # type: ignore[no-untyped-def]
+    source = DataSource.objects.using(tgt).create(
+        name="hq", url=live_server.url + "/sync/", client_name="regional", secrets="pw"
+    )
+    target = Target.objects.create(
+        name="regional", secrets="pw", webhook_url=live_server.url + "/sync/webhook/hq/"
+    )
+    push.forget_targets()
+    return target, source
+
+
+def _wait_for(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    pytest.fail("condition not met in time")
+
+
+def test_changes_are_pushed_after_commit(sites: tuple[Target, DataSource], tgt: str) -> None:
+    target, source = sites
+    fr = Country.objects.create(code="fr")
+    lang = Language.objects.create(country=fr, code="fr")
+    Copy.objects.create(language=lang, key="hello", value="Bonjour")
+    _wait_for(lambda: Copy.objects.using(tgt).filter(key="hello").exists())
+    Copy.objects.filter(key="hello").update(value="Salut")
+    _wait_for(lambda: Copy.objects.using(tgt).filter(value="Salut").exists())
+    assert state(tgt) == state("default")
+    target.refresh_from_db()
+    assert target.delivered_seq == source.__class__.objects.using(tgt).get().checkpoint
+
+
+def test_duplicate_reordered_and_lost_deliveries_converge(
+    sites: tuple[Target, DataSource], tgt: str
+) -> None:
+    target, source = sites
+    Target.objects.filter(pk=target.pk).update(paused=True)  # deliver by hand below
+    push.forget_targets()
+    for code in ("aa", "bb", "cc", "dd"):
+        Country.objects.create(code=code)
+    target.refresh_from_db()
+    batches = list(push.batches(target, "default", max_events=1))
+    assert len(batches) == 4
+    url = target.webhook_url
+
+    def send(batch: push.Batch) -> requests.Response:
+        return requests.post(url, data=batch.body, headers=push.signed_headers(batch), timeout=10)
+
+    assert send(batches[1]).json()["status"] == "caught_up"  # gap: pulled the feed instead
+    assert Country.objects.using(tgt).count() == 4
+    assert send(batches[0]).json()["status"] == "duplicate"
+    assert send(batches[3]).json()["status"] == "duplicate"
+    assert state(tgt) == state("default")
+
+
+def test_bad_webhooks_get_4xx_and_write_nothing(sites: tuple[Target, DataSource], tgt: str) -> None:
+    target, source = sites
+    Target.objects.filter(pk=target.pk).update(paused=True)
+    push.forget_targets()
+    Country.objects.create(code="aa")
+    target.refresh_from_db()
+    batch = next(push.batches(target, "default"))
+    url = target.webhook_url
+    path = "/sync/webhook/hq/"
+    good = push.signed_headers(batch)
+
+    def post(body: bytes, headers: dict[str, str], to: str = url) -> requests.Response:
+        return requests.post(to, data=body, headers=headers, timeout=10)
+
+    assert post(batch.body, {}).status_code == 401
+    wrong = {push.SIGNATURE_HEADER: sign_request("regional", ["nope"], "POST", path, batch.body)}
+    assert post(batch.body, wrong).status_code == 403
+    assert post(batch.body + b" ", good).status_code == 403  # body changed after signing
+    other = {push.SIGNATURE_HEADER: sign_request("other", ["pw"], "POST", path, batch.body)}
+    assert post(batch.body, other).status_code == 403
+    assert post(batch.body, good, to=url.replace("/hq/", "/nosuch/")).status_code == 404
+    junk = b"{not json"
+    assert post(junk, {push.SIGNATURE_HEADER: sign_request("regional", ["pw"], "POST", path, junk)}).status_code == 400
+    big = json.dumps({"pad": "x" * 1_100_000}).encode()
+    assert post(big, {push.SIGNATURE_HEADER: sign_request("regional", ["pw"], "POST", path, big)}).status_code == 413
+    with override_settings(CHANGEFEED_SYNC_WEBHOOK_TOLERANCE=0):
+        time.sleep(1.1)
+        assert post(batch.body, good).status_code == 403  # expired
+    assert Country.objects.using(tgt).count() == 0
+    fresh = push.signed_headers(batch)
+    assert post(batch.body, fresh).status_code == 200
+    assert post(batch.body, fresh).status_code == 409  # replayed
+    assert Country.objects.using(tgt).count() == 1
+
+
+def test_target_down_then_back(sites: tuple[Target, DataSource], tgt: str, live_server) -> None:  # type: ignore[no-untyped-def]
+    target, source = sites
+    Target.objects.filter(pk=target.pk).update(webhook_url="http://127.0.0.1:9/sync/webhook/hq/")
+    push.forget_targets()
+    with override_settings(CHANGEFEED_SYNC_DELIVERY_RETRY_DELAYS=[0, 0.2, 0.2]):
+        Country.objects.create(code="zz")
+        _wait_for(lambda: Target.objects.get(pk=target.pk).failures >= 1)
+        target.refresh_from_db()
+        assert "127.0.0.1:9" in target.last_error
+        Target.objects.filter(pk=target.pk).update(webhook_url=live_server.url + "/sync/webhook/hq/")
+        _wait_for(lambda: Country.objects.using(tgt).filter(code="zz").exists())
+    target.refresh_from_db()
+    assert target.failures == 0 and target.last_error == ""
+
+
+def test_model_selection_limits_what_a_target_receives(
+    sites: tuple[Target, DataSource], tgt: str
+) -> None:
+    target, source = sites
+    Target.objects.filter(pk=target.pk).update(model_labels=["testapp.country"])
+    push.forget_targets()
+    fr = Country.objects.create(code="fr")
+    Language.objects.create(country=fr, code="fr")
+    Country.objects.create(code="de")
+    _wait_for(lambda: Country.objects.using(tgt).filter(code="de").exists())
+    assert Language.objects.using(tgt).count() == 0
