@@ -6,8 +6,9 @@ commit after B took 102, so a reader that saw 102 would never see 101 (the
 commit order equal id order:
 
 - PostgreSQL: a transaction-scoped advisory lock;
-- MySQL/MariaDB and others: ``SELECT ... FOR UPDATE`` on the single
-  ``OutboxState`` row;
+- MySQL/MariaDB: the row lock of the single ``OutboxState`` row, taken by
+  an ``INSERT ... ON DUPLICATE KEY UPDATE`` that also recreates a flushed row;
+- other databases: ``SELECT ... FOR UPDATE`` on that row;
 - SQLite: the database itself admits one writer at a time; the lock only
   takes SQLite's write lock early (see ``lock``).
 
@@ -48,6 +49,15 @@ def lock(using: str) -> None:
             cursor.execute(f"UPDATE {table} SET id = id WHERE id = 1")
         elif vendor == "postgresql":
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ADVISORY_KEY])
+        elif vendor == "mysql":
+            # Lock the row, creating it if a flush removed it, in one statement:
+            # no locking read of a missing row (a gap lock), no shared lock on a
+            # duplicate to upgrade later (a deadlock between first writers).
+            table = connection.ops.quote_name(OutboxState._meta.db_table)
+            cursor.execute(
+                f"INSERT INTO {table} (id, pruned_through) VALUES (1, 0) "
+                "ON DUPLICATE KEY UPDATE id = id"
+            )
         else:
             table = connection.ops.quote_name(OutboxState._meta.db_table)
             cursor.execute(f"SELECT id FROM {table} WHERE id = 1 FOR UPDATE")
@@ -67,18 +77,10 @@ def _create_state_row(using: str) -> None:
     table = wrapper.ops.quote_name(OutboxState._meta.db_table)
     try:
         with wrapper.cursor() as cursor:
-            if wrapper.vendor == "mysql":
-                # One creator at a time: concurrent INSERTs of one key can deadlock.
-                cursor.execute("SELECT GET_LOCK('changefeed_sync.outbox_state', 60)")
-                try:
-                    cursor.execute(f"INSERT IGNORE INTO {table} (id, pruned_through) VALUES (1, 0)")
-                finally:
-                    cursor.execute("SELECT RELEASE_LOCK('changefeed_sync.outbox_state')")
-            else:
-                try:
-                    cursor.execute(f"INSERT INTO {table} (id, pruned_through) VALUES (1, 0)")
-                except IntegrityError:
-                    pass
+            try:
+                cursor.execute(f"INSERT INTO {table} (id, pruned_through) VALUES (1, 0)")
+            except IntegrityError:
+                pass
     finally:
         wrapper.close()
 

@@ -12,7 +12,9 @@ transactions on separate connections (one per thread):
 * a control that writes events without the lock and shows the same reader
   really does lose A's event, so the method above can detect a gap;
 * a randomized stress run: overlapping writers and a reader following the
-  feed with small pages must see every event exactly once, in id order.
+  feed with small pages must see every event exactly once, in id order;
+* on MySQL/MariaDB, writers that find the lock row missing (after a flush)
+  must neither deadlock nor wait on their own locks.
 
 SQLite admits one writer at a time by itself, so it takes part in the
 deterministic and the stress tests but cannot produce the control's gap.
@@ -119,7 +121,7 @@ def follow(alias: str, cursor: int, limit: int) -> list[dict[str, Any]]:
 
 
 def ensure_lock_row(alias: str) -> None:
-    """The row ``outbox.lock`` locks on MariaDB; the migration creates it, a flush removes it."""
+    """The row ``outbox.lock`` locks on MySQL/MariaDB; the migration creates it, a flush removes it."""
     OutboxState.objects.using(alias).get_or_create(id=1)
 
 
@@ -383,61 +385,94 @@ def test_stress_overlapping_writers_reader_sees_every_event_once_in_order(db_ali
 # ---------------------------------------------------------------- the lock row after a flush
 
 
+FIRST_WRITERS = 4
+FIRST_WRITER_ROUNDS = 6
+
+
 @pytest.mark.parametrize("db_alias", ["mariadb"], indirect=True)
 def test_writers_that_find_the_lock_row_missing_neither_deadlock_nor_leave_a_gap(
     db_alias: str,
 ) -> None:
     """``manage.py flush`` (and every transactional test) empties ``OutboxState``.
 
-    On MySQL/MariaDB ``outbox.lock`` then creates the row inside the writer's
-    transaction. Writers that find it missing at the same moment must still
-    queue up behind each other: none may fail (e.g. with a deadlock) and the
-    feed must stay in order.
+    On MySQL/MariaDB ``outbox.lock`` then has to create the row. Writers that
+    find it missing at the same moment must still queue up behind each other:
+    none may fail (e.g. with a deadlock) and the feed must stay in order. The
+    writers start together from a barrier; the race depends on timing, so it
+    runs for several rounds (when the row was created with ``get_or_create``
+    inside the writers' transactions, the first round already deadlocked in
+    most runs).
+    """
+    alias = db_alias
+    cursor = last_id(alias)
+    for round_ in range(FIRST_WRITER_ROUNDS):
+        OutboxState.objects.using(alias).filter(id=1).delete()
+        barrier = threading.Barrier(FIRST_WRITERS)
 
-    The race is made deterministic by a transaction that holds a gap lock
-    where the row would go (REPEATABLE READ locking read of the missing row):
-    the writers all find the row missing and then line up at creating it,
-    as writers arriving together after a flush do by chance.
+        def writer(number: int, round_: int = round_, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait(JOIN_TIMEOUT)
+            with transaction.atomic(using=alias):
+                Tag.objects.using(alias).create(slug=f"r{round_}-{number}")
+                time.sleep(0.05)  # the others arrive while this one holds the lock
+
+        writers = [Worker(f"writer-{n}", lambda n=n: writer(n)) for n in range(FIRST_WRITERS)]
+        for w in writers:
+            w.start()
+        try:
+            finish_all(writers)
+        except AssertionError as exc:
+            raise AssertionError(f"round {round_}: {exc}") from exc
+    seen = follow(alias, cursor, limit=5)
+    assert [e["seq"] for e in seen] == ids_after(alias, cursor)
+    assert len(seen) == FIRST_WRITERS * FIRST_WRITER_ROUNDS
+
+
+@pytest.mark.parametrize("db_alias", ["mariadb"], indirect=True)
+def test_a_repeatable_read_writer_that_finds_the_lock_row_missing_does_not_wait_on_itself(
+    db_alias: str,
+) -> None:
+    """After a flush, a lone writer whose connection runs REPEATABLE READ.
+
+    Under REPEATABLE READ a locking read of the missing row leaves a gap lock
+    where the row would go, and a consistent read keeps showing the row
+    missing for the rest of the transaction. Creating the row from a second
+    connection after either then waits on the writer's own locks, until
+    ``innodb_lock_wait_timeout`` (50 s by default) fails the write.
     """
     alias = db_alias
     OutboxState.objects.using(alias).filter(id=1).delete()
     cursor = last_id(alias)
-    count = 3
-    gap_locked = threading.Event()
-    release_gap = threading.Event()
-    committed: list[int] = []
+    committed = threading.Event()
 
-    def hold_gap() -> None:
-        connection = connections[alias]
-        with connection.cursor() as c:
+    def writer() -> None:
+        with connections[alias].cursor() as c:
             c.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        table = connection.ops.quote_name(OutboxState._meta.db_table)
         with transaction.atomic(using=alias):
-            with connection.cursor() as c:
-                c.execute(f"SELECT id FROM {table} WHERE id = 1 FOR UPDATE")
-                assert c.fetchone() is None
-            gap_locked.set()
-            if not release_gap.wait(JOIN_TIMEOUT):
-                raise AssertionError("the gap lock was never released")
+            Tag.objects.using(alias).create(slug="rr")
+        committed.set()
 
-    def writer(number: int) -> None:
-        with transaction.atomic(using=alias):
-            Tag.objects.using(alias).create(slug=f"first-{number}")
-            time.sleep(0.1)  # the others are waiting while this one holds the lock
-        committed.append(number)
+    w = Worker("writer", writer)
+    w.start()
+    if not committed.wait(4 * BLOCKED_FOR):
+        # End the wait now rather than after the server's lock wait timeout.
+        for query in _queries_waiting_on(alias, OutboxState._meta.db_table):
+            with connections[alias].cursor() as c:
+                c.execute(f"KILL QUERY {int(query)}")
+        w.join(JOIN_TIMEOUT)
+        pytest.fail(
+            f"the writer waited on a lock its own transaction holds "
+            f"(ended by KILL QUERY after {4 * BLOCKED_FOR} s: {w.error!r})"
+        )
+    finish_all([w])
+    assert [e["key"] for e in follow(alias, cursor, limit=10)] == [["rr"]]
 
-    holder = Worker("gap-lock", hold_gap)
-    writers = [Worker(f"writer-{n}", lambda n=n: writer(n)) for n in range(count)]
-    try:
-        holder.start()
-        wait_for(gap_locked, holder, "take the gap lock")
-        for w in writers:
-            w.start()
-        time.sleep(BLOCKED_FOR)
-        assert committed == [], "writers committed while the lock row could not be created"
-    finally:
-        release_gap.set()
-        finish_all([holder, *writers])
-    seen = follow(alias, cursor, limit=1)
-    assert [e["seq"] for e in seen] == ids_after(alias, cursor)
-    assert sorted(e["key"][0] for e in seen) == [f"first-{n}" for n in range(count)]
+
+def _queries_waiting_on(alias: str, table: str) -> list[int]:
+    """Ids of other connections of this test database with a statement on ``table`` running."""
+    with connections[alias].cursor() as c:
+        c.execute(
+            "SELECT id FROM information_schema.processlist "
+            "WHERE db = DATABASE() AND id <> CONNECTION_ID() AND info LIKE %s",
+            [f"%{table}%"],
+        )
+        return [row[0] for row in c.fetchall()]
