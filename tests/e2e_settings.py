@@ -1,0 +1,143 @@
+"""Settings of one standalone site (a source or a target) for the end-to-end tests.
+
+Each site is its own process tree (``runserver``, ``manage.py`` commands) with its own
+database, named by the environment variable ``CFS_DATABASE_URL``:
+
+* ``sqlite:///relative/path.sqlite3`` or ``sqlite:////absolute/path.sqlite3``
+  (dj-database-url's convention: what follows ``sqlite:///`` is the path);
+* ``postgres://user[:password]@host[:port]/dbname`` (``postgresql://`` too);
+* ``mysql://user[:password]@host[:port]/dbname`` (``mariadb://`` too).
+
+See tests/servers.py for how the tests start and drive these sites.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from tests import dbs
+
+_DEFAULT_PORTS = {"postgresql": "5432", "mysql": "3306"}
+
+
+def parse_database_url(url: str) -> dict[str, Any]:
+    """One ``DATABASES`` entry from a database URL (no third-party parser needed)."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ValueError(f"CFS_DATABASE_URL is not a URL: {url!r}")
+    if scheme == "sqlite":
+        path = rest[1:] if rest.startswith("/") else rest
+        if not path:
+            raise ValueError(f"CFS_DATABASE_URL names no SQLite file: {url!r}")
+        # Several processes (server threads, commands) share the file: wait for locks.
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": path, "OPTIONS": {"timeout": 30}}
+    engines = {
+        "postgres": "postgresql",
+        "postgresql": "postgresql",
+        "mysql": "mysql",
+        "mariadb": "mysql",
+    }
+    vendor = engines.get(scheme)
+    if vendor is None:
+        raise ValueError(f"CFS_DATABASE_URL has an unsupported scheme {scheme!r}: {url!r}")
+    parts = urlsplit(url)
+    name = unquote(parts.path.lstrip("/"))
+    if not name:
+        raise ValueError(f"CFS_DATABASE_URL names no database: {url!r}")
+    config: dict[str, Any] = {
+        "ENGINE": f"django.db.backends.{vendor}",
+        "NAME": name,
+        "USER": unquote(parts.username or ""),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": parts.hostname or "127.0.0.1",
+        "PORT": str(parts.port or _DEFAULT_PORTS[vendor]),
+    }
+    if vendor == "mysql":
+        dbs.ensure_mysql_driver()
+        config["OPTIONS"] = {"charset": "utf8mb4", "isolation_level": "read committed"}
+    return config
+
+
+_url = os.environ.get("CFS_DATABASE_URL")
+if not _url:
+    raise RuntimeError("tests.e2e_settings needs CFS_DATABASE_URL (see the module docstring)")
+
+DATABASES = {"default": parse_database_url(_url)}
+
+SECRET_KEY = "changefeed-sync-e2e-not-a-secret"  # test value only
+DEBUG = False
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+USE_TZ = True
+TIME_ZONE = "UTC"
+LANGUAGE_CODE = "en-us"
+USE_I18N = True
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "changefeed_sync",
+    "tests.testapp",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "tests.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.debug",
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+STATIC_URL = "/static/"
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast, tests only
+
+# A follower retries an unreachable source with backoff; the default ceiling (60 s) would
+# make the "source restarts" test wait for minutes.
+CHANGEFEED_SYNC_RETRY_MAX_DELAY = 1.0
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "stream": "ext://sys.stderr",
+            "formatter": "plain",
+        },
+    },
+    "loggers": {
+        "changefeed_sync": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+    },
+}
