@@ -85,13 +85,18 @@ def _create_state_row(using: str) -> None:
         wrapper.close()
 
 
-def write(using: str, events: Iterable[Event]) -> None:
-    """Insert events in the caller's transaction and wake long-polls after commit."""
+def write(using: str, events: Iterable[Event], *, locked: bool = False) -> None:
+    """Insert events in the caller's transaction and wake long-polls after commit.
+
+    ``locked``: the caller already took ``lock()`` in this transaction (one
+    round trip less per save).
+    """
     batch = list(events)
     if not batch:
         return
     with transaction.atomic(using=using, savepoint=False):
-        lock(using)
+        if not locked:
+            lock(using)
         if len(batch) == 1:
             batch[0].save(using=using, force_insert=True)
         else:

@@ -96,6 +96,44 @@ def key_of_instance(options: ModelOptions, instance: models.Model) -> Key:
     return key_of_row(options, values)
 
 
+def key_from_attvalues(options: ModelOptions, values: dict[str, Any], using: str) -> Key:
+    """Natural key from column values (``attname -> value``), e.g. as they were loaded.
+
+    A path through a foreign key costs one query on the related table.
+    """
+    parts: list[Any] = []
+    related: dict[str, dict[str, Any] | None] = {}
+    for path, lookup in zip(options.natural_key, options.lookups, strict=True):
+        head, _, rest = path.partition(".")
+        f = options.model._meta.get_field(head)
+        if not rest:
+            parts.append(values.get(f.attname))  # type: ignore[union-attr]
+            continue
+        if head not in related:
+            fk_value = values.get(f.attname)  # type: ignore[union-attr]
+            rests = [
+                lk.partition("__")[2] for lk in options.lookups if lk.partition("__")[0] == head
+            ]
+            related[head] = (
+                None
+                if fk_value is None
+                else f.related_model._base_manager.using(using)  # type: ignore[union-attr]
+                .filter(pk=fk_value)
+                .values(*rests)
+                .first()
+            )
+        row = related[head]
+        parts.append(None if row is None else row[lookup.partition("__")[2]])
+    return key_of_row(options, parts)
+
+
+def needs_query(options: ModelOptions) -> bool:
+    """Whether a payload needs the database (foreign keys, keys through them, M2M)."""
+    return bool(
+        options.fk_fields or options.m2m_fields or any("." in p for p in options.natural_key)
+    )
+
+
 # --------------------------------------------------------------------------
 # Foreign keys: how a related row is named on the wire.
 
