@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import connections, models, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from . import outbox, registry
@@ -66,26 +67,51 @@ def _max_params(using: str) -> int:
 def resolve_keys(options: ModelOptions, keys: Iterable[Key], using: str) -> dict[Key, Any]:
     """Natural key -> primary key on ``using`` for the keys that exist there.
 
-    One query per chunk: each key part is filtered with ``IN`` and the exact
-    combinations are matched here, so no statement grows with the table and
-    none goes past the database's bind-parameter limit.
+    Keys are grouped by all parts but the last, and each group is one exact
+    condition ``a = x AND b = y AND c IN (...)``, so a query fetches only the
+    wanted rows through the natural key's unique index; chunks keep every
+    statement under the database's bind-parameter limit.
     """
     wanted = {tuple(k) for k in keys}
     found: dict[Key, Any] = {}
     if not wanted:
         return found
-    parts = len(options.lookups)
-    per_chunk = max(1, _max_params(using) // max(parts, 1))
+    *head_lookups, last_lookup = options.lookups
+    *head_fields, last_field = options.key_fields
+    groups: dict[Key, list[Any]] = defaultdict(list)
+    for key in wanted:
+        groups[key[:-1]].append(key[-1])
+    budget = _max_params(using)
     manager = options.model._base_manager.using(using)
-    for chunk in chunked(sorted(wanted, key=repr), per_chunk):
-        filters: dict[str, Any] = {}
-        for index, (lookup, f) in enumerate(zip(options.lookups, options.key_fields, strict=True)):
-            filters[f"{lookup}__in"] = {decode_value(f, k[index]) for k in chunk}
-        chunk_set = set(chunk)
-        for row in manager.filter(**filters).values_list("pk", *options.lookups):
+
+    def run(conditions: list[Q]) -> None:
+        query = conditions[0]
+        for condition in conditions[1:]:
+            query |= condition
+        for row in manager.filter(query).values_list("pk", *options.lookups):
             key = key_of_row(options, row[1:])
-            if key in chunk_set:
+            if key in wanted:
                 found[key] = row[0]
+
+    batch: list[Q] = []
+    used = 0
+    for prefix, lasts in groups.items():
+        exact = {
+            lookup: decode_value(f, v)
+            for lookup, f, v in zip(head_lookups, head_fields, prefix, strict=True)
+        }
+        step = max(1, budget - len(exact) - 1)
+        for chunk in chunked(lasts, step):
+            cost = len(exact) + len(chunk)
+            if batch and used + cost > budget:
+                run(batch)
+                batch, used = [], 0
+            batch.append(
+                Q(**exact, **{f"{last_lookup}__in": [decode_value(last_field, v) for v in chunk]})
+            )
+            used += cost
+    if batch:
+        run(batch)
     return found
 
 
@@ -265,7 +291,8 @@ def _fk_maps(changes: Sequence[_Change], using: str) -> dict[Any, dict[Key, Any]
 
 def _write_rows(
     options: ModelOptions, rows: list[tuple[_Change, dict[str, Any]]], using: str
-) -> None:
+) -> dict[Key, Any]:
+    """Upsert rows; return natural key -> primary key where the database told us."""
     model = options.model
     unique = options.upsert_unique_fields
     update_fields = [f.name for f in options.concrete_fields if f.name not in (unique or ())]
@@ -283,7 +310,7 @@ def _write_rows(
             model._base_manager.using(using).bulk_create(
                 objs, ignore_conflicts=True, batch_size=500
             )
-        return
+        return _returned_pks(rows, objs)
     if unique is not None and connections[using].features.supports_update_conflicts:
         # MySQL/MariaDB: ON DUPLICATE KEY UPDATE, matched by any unique key.
         if update_fields:
@@ -297,7 +324,7 @@ def _write_rows(
             model._base_manager.using(using).bulk_create(
                 objs, ignore_conflicts=True, batch_size=500
             )
-        return
+        return _returned_pks(rows, objs)
     existing = resolve_keys(options, [c.key for c, _ in rows], using)
     new, old = [], []
     for (change, _), obj in zip(rows, objs, strict=True):
@@ -311,12 +338,24 @@ def _write_rows(
         model._base_manager.using(using).bulk_create(new, batch_size=500)
     if old and update_fields:
         model._base_manager.using(using).bulk_update(old, update_fields, batch_size=500)
+    return _returned_pks(rows, objs)
 
 
-def _write_m2m(options: ModelOptions, changes: Sequence[_Change], using: str) -> None:
+def _returned_pks(rows: list[tuple[_Change, dict[str, Any]]], objs: list[Any]) -> dict[Key, Any]:
+    # ignore_conflicts and MySQL return no ids; those keys are resolved later.
+    return {change.key: obj.pk for (change, _), obj in zip(rows, objs) if obj.pk is not None}
+
+
+def _write_m2m(
+    options: ModelOptions,
+    changes: Sequence[_Change],
+    using: str,
+    own: dict[Key, Any] | None = None,
+) -> None:
     if not options.m2m_fields or not changes:
         return
-    own = resolve_keys(options, [c.key for c in changes], using)
+    if own is None or any(c.key not in own for c in changes):
+        own = resolve_keys(options, [c.key for c in changes], using)
     for m2m in options.m2m_fields:
         rel_options = registry.get_options(m2m.related_model)
         through: Any = m2m.remote_field.through
@@ -386,8 +425,8 @@ def _apply_upserts(changes: list[_Change], using: str, stats: ApplyStats) -> Non
                 except _Pending:
                     wait.append(change)
             if ready:
-                _write_rows(options, ready, using)
-                _write_m2m(options, [c for c, _ in ready], using)
+                pks = _write_rows(options, ready, using)
+                _write_m2m(options, [c for c, _ in ready], using, pks)
                 stats.upserted[options.label] += len(ready)
                 for change, _ in ready:
                     pending.discard((options.label, change.key))

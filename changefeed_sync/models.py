@@ -52,18 +52,6 @@ class Event(models.Model):
     def __str__(self) -> str:
         return f"#{self.id} {self.op} {self.model} {self.key}"
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "seq": self.id,
-            "ts": self.created_at.isoformat(),
-            "model": self.model,
-            "op": self.op,
-            "key": self.key,
-            "old_key": self.old_key,
-            "data": self.data,
-            "changed": self.changed,
-        }
-
 
 class OutboxState(models.Model):
     """A single row: the lock that serializes outbox writers where advisory locks
