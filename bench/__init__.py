@@ -1,0 +1,1 @@
+"""Benchmarks of changefeed_sync; run them with ``python bench/run.py``."""
