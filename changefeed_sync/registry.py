@@ -36,9 +36,17 @@ class ModelOptions:
     exclude: tuple[str, ...] = ()
     file_fields: tuple[str, ...] = ()
 
-    @property
+    @cached_property
     def label(self) -> str:
         return self.model._meta.label_lower
+
+    @cached_property
+    def text_key(self) -> bool:
+        """Whether every natural-key part is a text column (keys then need no normalizing)."""
+        return all(
+            f.get_internal_type() in ("CharField", "TextField", "SlugField", "EmailField")
+            for f in self.key_fields
+        )
 
     @cached_property
     def lookups(self) -> tuple[str, ...]:

@@ -57,10 +57,19 @@ def encode_value(field: Any, value: Any) -> Any:
     return str(value)
 
 
+# Text columns whose JSON form is already the Python value: applying skips
+# to_python for them (it is called for every value of every event).
+_TEXT_TYPES = frozenset(
+    {"CharField", "TextField", "SlugField", "EmailField", "URLField", "FilePathField"}
+)
+
+
 def decode_value(field: Any, value: Any) -> Any:
     """The JSON form of a value of ``field`` -> the Python value to store."""
     if value is None:
         return None
+    if type(value) is str and field.get_internal_type() in _TEXT_TYPES:
+        return value
     if isinstance(field, models.JSONField):
         return value
     if isinstance(field, models.BinaryField) and isinstance(value, str):
@@ -80,6 +89,8 @@ def normalize_key(options: ModelOptions, key: Iterable[Any]) -> Key:
         raise ValueError(
             f"natural key of {options.label} has {len(options.key_fields)} parts, got {len(items)}"
         )
+    if all(type(v) is str for v in items) and options.text_key:
+        return tuple(items)  # nothing to normalize: the common case, kept cheap
     return tuple(
         encode_value(f, decode_value(f, v)) for f, v in zip(options.key_fields, items, strict=True)
     )
