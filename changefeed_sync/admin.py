@@ -11,7 +11,7 @@ from typing import Any
 
 import django
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db import transaction
 from django.http import HttpRequest
 
@@ -165,13 +165,24 @@ class EventAdmin(admin.ModelAdmin):
 
 
 _PULL_OPTIONS = ["source", "dry_run", "keep_missing", "allow_mass_delete"]
-_PULL_RESULTS = ["status", "counts", "progress", "position", "started_at", "finished_at", "error"]
+_PULL_RESULTS = [
+    "status",
+    "counts",
+    "progress",
+    "position",
+    "started_at",
+    "finished_at",
+    "runner",
+    "heartbeat_at",
+    "error",
+]
 
 
 @admin.register(DataPull)
 class DataPullAdmin(admin.ModelAdmin):
     list_display = ["id", "source", "status", "dry_run", "progress", "started_at", "finished_at"]
     list_filter = ["status", "source", "dry_run"]
+    actions = ["rerun"]
 
     def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         # Adding asks only for the options; an existing pull is a read-only record.
@@ -180,11 +191,57 @@ class DataPullAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         return [] if obj is None else [*_PULL_OPTIONS, *_PULL_RESULTS]
 
+    # Before showing pulls, fail those whose runner died: none stays "running" forever.
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
+        from .pull import fail_stale_pulls
+
+        fail_stale_pulls(self.get_queryset(request).db)
+        return super().changelist_view(request, extra_context)
+
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None
+    ) -> Any:
+        from .pull import fail_stale_pulls
+
+        fail_stale_pulls(self.get_queryset(request).db)
+        return super().change_view(request, object_id, form_url, extra_context)
+
     def save_model(self, request: HttpRequest, obj: DataPull, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
         if not change:
-            from .pull import start_in_background
+            self._start(obj)
 
-            # After the admin's transaction commits: a failed pull must not
-            # roll back its own record (django-data-sync lost it that way).
-            transaction.on_commit(lambda: start_in_background(obj.pk))
+    def _start(self, obj: DataPull) -> None:
+        from .pull import start_in_background
+
+        using = obj._state.db or "default"
+        # After the admin's transaction commits: a failed pull must not
+        # roll back its own record (django-data-sync lost it that way).
+        transaction.on_commit(lambda: start_in_background(obj.pk, using), using=using)
+
+    @admin.action(description="Re-run selected pulls", permissions=["add"])
+    def rerun(self, request: HttpRequest, queryset: Any) -> None:
+        from .pull import fail_stale_pulls
+
+        fail_stale_pulls(queryset.db)
+        started, skipped = [], []
+        for old in queryset.select_related("source"):
+            if old.status in (DataPull.PENDING, DataPull.RUNNING):
+                skipped.append(f"#{old.pk}")
+                continue
+            new = DataPull.objects.using(queryset.db).create(
+                source=old.source,
+                dry_run=old.dry_run,
+                keep_missing=old.keep_missing,
+                allow_mass_delete=old.allow_mass_delete,
+            )
+            self._start(new)
+            started.append(f"#{new.pk} (again #{old.pk})")
+        if started:
+            self.message_user(request, "Started pulls " + ", ".join(started) + ".")
+        if skipped:
+            self.message_user(
+                request,
+                "Not re-run, still pending or running: " + ", ".join(skipped) + ".",
+                level=messages.WARNING,
+            )

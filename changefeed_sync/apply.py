@@ -23,7 +23,7 @@ from django.db import connections, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from . import outbox, registry
+from . import conf, outbox, registry
 from .context import applying
 from .exceptions import ApplyError
 from .models import DataSource, Event, Target
@@ -626,6 +626,7 @@ def apply_page(
     since: int,
     last_seq: int,
     using: str | None = None,
+    nonce: str | None = None,
 ) -> ApplyStats | None:
     """Apply one feed page and move the checkpoint from ``since`` to ``last_seq``, atomically.
 
@@ -642,6 +643,11 @@ def apply_page(
         locked = DataSource.objects.using(using).select_for_update().get(pk=source.pk)
         if locked.checkpoint != since:
             return None
+        if nonce is not None:
+            # A pushed batch: its request's nonce commits (or not) with its data.
+            from .signing import remember_nonce
+
+            remember_nonce(nonce, using, max_age=conf.webhook_tolerance())
         stats = apply_events(events, using=using, relay=is_relay(using))
         now = timezone.now()
         DataSource.objects.using(using).filter(pk=source.pk).update(

@@ -24,3 +24,9 @@ class ChangefeedSyncConfig(AppConfig):
             capture.connect(options)
         # bulk_create/bulk_update/update send no signals: wrap them once.
         capture.install_queryset_capture()
+        # A restarted server resumes deliveries that its predecessor left pending.
+        from django.core.signals import request_started
+
+        from . import push
+
+        request_started.connect(push.resume_on_first_request, dispatch_uid="changefeed_resume")

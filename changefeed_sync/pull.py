@@ -7,30 +7,70 @@ deleted only after every page was read, and a pull that would delete more
 than half of a model's rows stops unless explicitly allowed (an empty or
 wrong source must not wipe the target). A dry run does all the work and
 rolls it back, so its counts are exactly what a real pull would do.
+
+Memory stays constant whatever the table size: pages are applied one at a
+time (the next one is fetched while the current one is applied), and the
+primary keys of the target rows the source has go into a temporary table
+of the pull's transaction; the rows to delete are then found with an
+anti-join, a chunk at a time. Files are staged on disk (files.py).
+
+A running pull records its runner (host:pid) and, from a second thread
+with its own connection, a heartbeat and its progress. A pull whose runner
+is gone (its pid is dead on this host, or its heartbeat stopped) is marked
+failed with the reason the next time pulls are listed or started.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import connections, transaction
+from django.conf import settings
+from django.db import DatabaseError, connections, models, transaction
 from django.utils import timezone
 
 from . import registry
-from .apply import ApplyStats, _apply_upserts, _Change, resolve_keys
+from .apply import (
+    ApplyStats,
+    _apply_upserts,
+    _Change,
+    _max_params,
+    _parse,
+    _write_m2m,
+    resolve_keys,
+)
 from .client import SourceClient
 from .context import applying
 from .exceptions import ApplyError, ChangefeedError, ProtocolError
+from .files import Stage
 from .models import DataPull, DataSource, Event
-from .serialization import chunked, normalize_key, payloads_from_db
+from .registry import Key, ModelOptions
+from .serialization import chunked, decode_value
+from .snapshot import RowReader, _plain_text, collection_paused
 
 logger = logging.getLogger("changefeed_sync.pull")
 
-PAGE_SIZE = 2000
 MAX_DELETE_SHARE = 0.5
+_DELETE_CHUNK = 500
+
+
+def page_size() -> int:
+    """Rows asked for per snapshot request (``CHANGEFEED_SYNC_PULL_PAGE_SIZE``); the
+    source caps it at its ``CHANGEFEED_SYNC_FEED_MAX_LIMIT``."""
+    return int(getattr(settings, "CHANGEFEED_SYNC_PULL_PAGE_SIZE", 2000))
+
+
+def stale_after() -> float:
+    """Seconds without a heartbeat after which a running pull counts as dead
+    (``CHANGEFEED_SYNC_PULL_STALE_AFTER``)."""
+    return float(getattr(settings, "CHANGEFEED_SYNC_PULL_STALE_AFTER", 120.0))
 
 
 class PullRefused(ChangefeedError):
@@ -41,70 +81,449 @@ class _DryRun(Exception):
     pass
 
 
-def _pull_model(
-    client: SourceClient,
-    label: str,
-    using: str,
-    counts: dict[str, dict[str, int]],
-    progress: Callable[[str], None],
-) -> set[Any]:
-    """Upsert every row of one model; return the target pks that the source has."""
-    options = registry.options_for_label(label)
-    if options is None:
-        raise ApplyError("model is not registered with changefeed_sync on this site", model=label)
-    c = counts.setdefault(label, {"created": 0, "updated": 0, "deleted": 0, "unchanged": 0})
-    seen: set[Any] = set()
-    after = ""
-    while True:
-        body = client.get_json(
-            "snapshot/", {"model": label, "after": after, "limit": PAGE_SIZE}, timeout=120
-        )
-        rows = body.get("rows")
-        if not isinstance(rows, list):
-            raise ProtocolError(f"snapshot page of {label} has no rows")
-        keys = []
-        for row in rows:
-            try:
-                keys.append(normalize_key(options, row["key"]))
-            except Exception as exc:
-                raise ApplyError(
-                    f"bad natural key ({exc})", model=label, key=row.get("key")
-                ) from exc
-        existing = resolve_keys(options, keys, using)
-        current = payloads_from_db(options, list(existing.values()), using)
-        changes = []
-        for key, row in zip(keys, rows, strict=True):
-            pk = existing.get(key)
-            if pk is not None:
-                seen.add(pk)
-                if current.get(pk, {}).get("data") == row["data"]:
-                    c["unchanged"] += 1
-                    continue
-                c["updated"] += 1
-            else:
-                c["created"] += 1
-            changes.append(_Change(0, options, Event.UPSERT, key, None, row["data"], row))
-        if changes:
-            from .apply import _parse
+@dataclass(frozen=True)
+class Progress:
+    """Where a running pull is: ``done`` of about ``total`` rows of model ``label``."""
 
-            # Same validation as feed events (unknown or missing fields).
-            for change in changes:
-                _parse(
-                    {
-                        "seq": 0,
-                        "model": label,
-                        "op": "upsert",
-                        "key": list(change.key),
-                        "data": change.data,
-                    }
+    label: str
+    done: int
+    total: int
+    model: int  # 1-based index of the model
+    models: int
+    phase: str = "read"  # read | delete | files | done
+    note: str = ""
+
+    def __str__(self) -> str:
+        if self.phase == "done":
+            return "done" + (f"; {self.note}" if self.note else "")
+        head = f"[{self.model}/{self.models}] {self.label}: "
+        if self.phase == "read":
+            return head + f"{self.done:,} of {self.total:,} rows"
+        if self.phase == "delete":
+            return head + f"deleting {self.done:,} rows the source does not have"
+        return head + f"writing {self.done:,} files"
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+# ------------------------------------------------------------------ reading pages
+
+
+def _pages(
+    client: SourceClient, labels: list[str], limit: int
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every snapshot page of every model, in order; the next request is already in
+    flight while the caller applies the current page (the source works meanwhile)."""
+
+    def fetch(label: str, after: str) -> dict[str, Any]:
+        body = client.get_json(
+            "snapshot/", {"model": label, "after": after, "limit": limit}, timeout=120
+        )
+        if not isinstance(body.get("rows"), list):
+            raise ProtocolError(f"snapshot page of {label} has no rows")
+        return body
+
+    if not labels:
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="changefeed-pull-fetch")
+    try:
+        index, after = 0, ""
+        pending: Future[dict[str, Any]] | None = pool.submit(fetch, labels[0], after)
+        while pending is not None:
+            body = pending.result()
+            label = labels[index]
+            if body.get("more"):
+                next_after = str(body.get("next", ""))
+                if next_after == after:
+                    raise ProtocolError(f"snapshot of {label} does not move past {after!r}")
+                after = next_after
+                pending = pool.submit(fetch, label, after)
+            elif index + 1 < len(labels):
+                index, after = index + 1, ""
+                pending = pool.submit(fetch, labels[index], after)
+            else:
+                pending = None
+            yield label, body
+    finally:
+        # A failed pull does not wait for a request still in flight.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------ seen rows
+
+
+class _Seen:
+    """Primary keys of the target rows the source has, for one model: a temporary
+    table of the pull's transaction (no per-row state in memory)."""
+
+    def __init__(self, options: ModelOptions, using: str, index: int) -> None:
+        self.options = options
+        self.using = using
+        connection = connections[using]
+        self.vendor = connection.vendor
+        qn = connection.ops.quote_name
+        pk = options.model._meta.pk
+        assert pk is not None
+        self.pk_field = pk
+        name = f"changefeed_pull_seen_{index}"
+        if self.vendor == "postgresql":
+            self.table = f"pg_temp.{qn(name)}"
+        elif self.vendor == "sqlite":
+            self.table = f"temp.{qn(name)}"
+        else:
+            self.table = qn(name)
+        self.model_table = qn(options.model._meta.db_table)
+        self.pk_column = qn(pk.column)
+        self.drop()  # MySQL keeps temporary tables across a rolled back transaction
+        column = pk.rel_db_type(connection)
+        with connection.cursor() as cursor:
+            if self.vendor == "postgresql":
+                cursor.execute(
+                    f"CREATE TEMPORARY TABLE {qn(name)} (pk {column} PRIMARY KEY) ON COMMIT DROP"
                 )
-            _apply_upserts(changes, using, ApplyStats())
-            created = [ch.key for ch in changes if ch.key not in existing]
-            seen.update(resolve_keys(options, created, using).values())
-        progress(f"{label}: {sum(c.values())} rows")
-        after = str(body.get("next", ""))
-        if not body.get("more"):
-            return seen
+            else:
+                cursor.execute(f"CREATE TEMPORARY TABLE {qn(name)} (pk {column} PRIMARY KEY)")
+        if self.vendor == "sqlite":
+            self.insert = f"INSERT OR IGNORE INTO {self.table} (pk) VALUES "
+            self.suffix = ""
+        elif self.vendor == "mysql":
+            self.insert = f"INSERT IGNORE INTO {self.table} (pk) VALUES "
+            self.suffix = ""
+        else:
+            self.insert = f"INSERT INTO {self.table} (pk) VALUES "
+            self.suffix = " ON CONFLICT DO NOTHING" if self.vendor == "postgresql" else ""
+        self.chunk = max(1, min(connection.features.max_query_params or 1000, 1000))
+
+    def add(self, pks: list[Any]) -> None:
+        if not pks:
+            return
+        connection = connections[self.using]
+        if isinstance(self.pk_field, models.IntegerField):  # auto fields: as read
+            values = pks
+        else:
+            values = [self.pk_field.get_db_prep_value(pk, connection) for pk in pks]
+        with connection.cursor() as cursor:
+            for chunk in chunked(values, self.chunk):
+                cursor.execute(self.insert + ",".join(["(%s)"] * len(chunk)) + self.suffix, chunk)
+
+    def _scalar(self, sql: str) -> int:
+        with connections[self.using].cursor() as cursor:
+            cursor.execute(sql)
+            row = cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    def _anti_join(self) -> str:
+        return (
+            f"FROM {self.model_table} t LEFT JOIN {self.table} s ON s.pk = t.{self.pk_column} "
+            "WHERE s.pk IS NULL"
+        )
+
+    def total(self) -> int:
+        return self._scalar(f"SELECT COUNT(*) FROM {self.model_table}")
+
+    def missing_count(self) -> int:
+        return self._scalar(f"SELECT COUNT(*) {self._anti_join()}")
+
+    def missing(self) -> Iterator[list[Any]]:
+        """Primary keys of rows the source does not have, a chunk at a time, by keyset."""
+        connection = connections[self.using]
+        last: Any = None
+        while True:
+            sql = f"SELECT t.{self.pk_column} {self._anti_join()}"
+            params: list[Any] = []
+            if last is not None:
+                sql += f" AND t.{self.pk_column} > %s"
+                params.append(last)
+            sql += f" ORDER BY t.{self.pk_column} LIMIT {_DELETE_CHUNK}"
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                raw = [row[0] for row in cursor.fetchall()]
+            if not raw:
+                return
+            last = raw[-1]
+            yield [self.pk_field.to_python(value) for value in raw]
+
+    def drop(self) -> None:
+        connection = connections[self.using]
+        temporary = "TEMPORARY " if self.vendor == "mysql" else ""
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(f"DROP {temporary}TABLE IF EXISTS {self.table}")
+        except DatabaseError:  # the transaction is broken; its rollback drops it
+            pass
+
+
+# ------------------------------------------------------------------ one model
+
+
+class _Model:
+    """What a pull needs per model, worked out once: the temporary table of rows seen,
+    and, when the model allows it, a one-query read of the target's current rows and
+    a raw multi-row upsert. Anything unusual (many-to-many fields, a foreign key to an
+    unregistered model, a non-auto primary key, auto_now fields, inheritance, no unique
+    constraint on the natural key) goes through apply.py's general path instead."""
+
+    def __init__(self, options: ModelOptions, using: str, index: int) -> None:
+        self.options = options
+        self.using = using
+        self.seen = _Seen(options, using, index)
+        self.connection = connections[using]
+        self.reader = RowReader(options, using)
+        self.fk_readers = [
+            (fk, RowReader(rel, using) if rel is not None else None) for fk, rel in self.reader.fks
+        ]
+        self.plain = [(f, f.name, _plain_text(f)) for f in options.plain_fields]
+        # Integer keys need no preparing: the value read is the value written.
+        self.int_fk = {
+            fk: isinstance(fk.target_field, models.IntegerField) for fk, _ in self.fk_readers
+        }
+        self.insert_sql, self.fixed = self._upsert_sql()
+        # A table empty when the pull starts has none of the keys, and ends with only
+        # rows the source has: no need to look them up, nor to track them for deletes.
+        self.was_empty = not options.model._base_manager.using(using).exists()
+
+    def _upsert_sql(self) -> tuple[str | None, list[Any]]:
+        """``INSERT ... VALUES`` prefix and conflict suffix, and the values of unsynced
+        columns (their constant defaults); (None, []) when the model needs the general path."""
+        from django.db.models import AutoField, BigAutoField, SmallAutoField
+        from django.db.models.constants import OnConflict
+
+        options, connection = self.options, self.connection
+        meta = options.model._meta
+        pk = meta.pk
+        unique = options.upsert_unique_fields
+        vendor = connection.vendor
+        if (
+            pk is None
+            or unique is None
+            or vendor not in ("sqlite", "postgresql", "mysql")
+            or not connection.features.supports_update_conflicts
+            or meta.parents
+            or not isinstance(pk, AutoField | BigAutoField | SmallAutoField)
+        ):
+            return None, []
+        synced = set(options.concrete_fields)
+        fixed = []
+        for f in meta.concrete_fields:
+            if getattr(f, "auto_now", False) or getattr(f, "auto_now_add", False):
+                return None, []
+            if f.primary_key or f in synced:
+                continue
+            if (
+                getattr(f, "db_default", None) is not None
+                and f.db_default is not models.NOT_PROVIDED
+            ):
+                return None, []
+            if f.has_default() and not callable(f.default):
+                fixed.append((f, f.get_db_prep_save(f.get_default(), connection)))
+            elif f.null and not f.has_default():
+                fixed.append((f, None))
+            else:
+                return None, []
+        self.fixed_fields = [f for f, _ in fixed]
+        ops = connection.ops
+        qn = ops.quote_name
+        fields = [*options.plain_fields, *options.fk_fields, *self.fixed_fields]  # as in _values
+        by_name = {f.name: f for f in options.concrete_fields}
+        update = [f.column for f in options.concrete_fields if f.name not in unique]
+        conflict = OnConflict.UPDATE if update else OnConflict.IGNORE
+        suffix = ops.on_conflict_suffix_sql(
+            fields, conflict, update, [by_name[name].column for name in unique]
+        )
+        self.returning = vendor in ("sqlite", "postgresql") and bool(
+            connection.features.can_return_rows_from_bulk_insert
+        )
+        self.placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
+        self.suffix = " " + suffix if suffix else ""
+        self.returning_sql = f" RETURNING {qn(str(pk.column))}" if self.returning else ""
+        self.per_statement = max(1, min(500, _max_params(self.using) // len(fields)))
+        head = f"{ops.insert_statement(on_conflict=conflict)} {qn(meta.db_table)} "
+        return head + "(" + ", ".join(qn(str(f.column)) for f in fields) + ") VALUES ", [
+            value for _, value in fixed
+        ]
+
+    # ------------------------------------------------------------ writing
+
+    def write(self, changes: list[_Change], want_pks: bool = True) -> list[Any] | None:
+        """Upsert the rows; return the primary keys written, or None when they are not
+        known (MySQL), not wanted, or when the general path had to do the work."""
+        if self.insert_sql is None:
+            _apply_upserts(changes, self.using, ApplyStats())
+            return None
+        rows = self._values(changes)
+        if rows is None:  # a foreign key to a row not written yet: rounds, in apply.py
+            _apply_upserts(changes, self.using, ApplyStats())
+            return None
+        returning = self.returning and want_pks
+        suffix = self.suffix + (self.returning_sql if returning else "")
+        written: list[Any] = []
+        with self.connection.cursor() as cursor:
+            for chunk in chunked(rows, self.per_statement):
+                params = [value for row in chunk for value in row]
+                cursor.execute(
+                    self.insert_sql + ", ".join([self.placeholder] * len(chunk)) + suffix, params
+                )
+                if returning:
+                    written.extend(r[0] for r in cursor.fetchall())
+        if self.options.m2m_fields:
+            _write_m2m(self.options, changes, self.using)
+        return written if returning else None
+
+    def _values(self, changes: list[_Change]) -> list[list[Any]] | None:
+        options, connection = self.options, self.connection
+        fks = self._fk_values(changes)
+        if fks is None:
+            return None
+        out = []
+        for index, change in enumerate(changes):
+            data = change.data
+            row = []
+            for f, name, text in self.plain:
+                raw = data[name]
+                if text and (raw is None or type(raw) is str):
+                    row.append(raw)
+                    continue
+                try:
+                    row.append(f.get_db_prep_save(decode_value(f, raw), connection))
+                except Exception as exc:
+                    raise ApplyError(
+                        f"bad value {raw!r} ({exc})", model=options.label, key=change.key,
+                        field=name,
+                    ) from exc  # fmt: skip
+            for column in fks:
+                row.append(column[index])
+            row.extend(self.fixed)
+            out.append(row)
+        return out
+
+    def _fk_values(self, changes: list[_Change]) -> list[list[Any]] | None:
+        """Per foreign key, the column's value for each change (one query per key); None
+        when one cannot be resolved here (a row later in this page, or a bad key)."""
+        columns = []
+        for fk, reader in self.fk_readers:
+            if reader is None:
+                return None
+            keys: list[Key | None] = []
+            for change in changes:
+                raw = change.data[fk.name]
+                try:
+                    keys.append(None if raw is None else reader.key_from_wire(raw))
+                except (ValueError, TypeError):
+                    return None  # the general path names the bad key
+            mapped = resolve_keys(reader.options, {k for k in keys if k is not None}, self.using)
+            rel_pk = reader.options.model._meta.pk
+            assert rel_pk is not None
+            if fk.target_field.attname != rel_pk.attname:
+                to_attr = dict(
+                    reader.options.model._base_manager.using(self.using)
+                    .filter(pk__in=list(mapped.values()))
+                    .values_list("pk", fk.target_field.attname)
+                )
+                mapped = {k: to_attr[pk] for k, pk in mapped.items()}
+            column: list[Any] = []
+            prepare = not self.int_fk[fk]
+            for key in keys:
+                if key is None:
+                    column.append(None)
+                    continue
+                value = mapped.get(key)
+                if value is None:
+                    return None
+                column.append(fk.get_db_prep_save(value, self.connection) if prepare else value)
+            columns.append(column)
+        return columns
+
+
+def _pull_page(
+    model: _Model,
+    rows: list[dict[str, Any]],
+    counts: dict[str, int],
+    stage: Stage | None,
+) -> None:
+    """Upsert one page of one model; record the target pks of its rows as seen."""
+    options = model.options
+    label = options.label
+    keys = []
+    key_from_wire = model.reader.key_from_wire
+    for row in rows:
+        try:
+            keys.append(key_from_wire(row["key"]))
+        except Exception as exc:
+            raise ApplyError(f"bad natural key ({exc})", model=label, key=row.get("key")) from exc
+    current = {} if model.was_empty else model.reader.by_keys(keys)
+    fields = options.field_names
+    changes = []
+    created = []
+    seen = []
+    for key, row in zip(keys, rows, strict=True):
+        data = row["data"]
+        found = current.get(key)
+        if found is not None:
+            seen.append(found[0])
+            if found[1] == data:
+                counts["unchanged"] += 1
+                continue
+            counts["updated"] += 1
+        else:
+            counts["created"] += 1
+            created.append(key)
+        if not isinstance(data, dict) or data.keys() != fields:
+            # Same validation and errors as feed events (unknown or missing fields).
+            _parse({"seq": 0, "model": label, "op": "upsert", "key": list(key), "data": data})
+        changes.append(_Change(0, options, Event.UPSERT, key, None, data, row))
+    if changes:
+        written = model.write(changes, want_pks=not model.was_empty)
+        if model.was_empty:
+            pass
+        elif written is not None:
+            seen.extend(written)
+        elif created:
+            seen.extend(resolve_keys(options, created, model.using).values())
+    model.seen.add(seen)
+    if stage is not None and options.file_fields:
+        stage.check(options, rows, counts)
+
+
+def _delete_missing(
+    model: _Model, using: str, counts: dict[str, int], allow: bool, report: Callable[[int], None]
+) -> None:
+    if model.was_empty:
+        return  # every row it has now was written by this pull
+    seen = model.seen
+    label = seen.options.label
+    missing = seen.missing_count()
+    if not missing:
+        return
+    total = seen.total()
+    if not allow and total and missing > MAX_DELETE_SHARE * total:
+        raise PullRefused(
+            f"the pull would delete {missing} of {total} rows of {label} "
+            f"(more than {MAX_DELETE_SHARE:.0%}); if the source really is that empty, pull again "
+            "with --allow-mass-delete (or the admin option), or use --keep-missing"
+        )
+    manager = seen.options.model._base_manager.using(using)
+    deleted = 0
+    # Through the ORM, a chunk at a time: cascades and delete signals apply,
+    # and no statement carries more than a chunk of ids.
+    for chunk in seen.missing():
+        manager.filter(pk__in=chunk).delete()
+        deleted += len(chunk)
+        report(deleted)
+    counts["deleted"] += deleted
+
+
+# ------------------------------------------------------------------ the pull
+
+
+def _new_counts() -> dict[str, int]:
+    return {"created": 0, "updated": 0, "deleted": 0, "unchanged": 0}
+
+
+def _delete_reporter(
+    report: ProgressCallback, label: str, model: int, models: int
+) -> Callable[[int], None]:
+    return lambda deleted: report(Progress(label, deleted, deleted, model, models, "delete"))
 
 
 def run_pull(
@@ -114,75 +533,235 @@ def run_pull(
     dry_run: bool = False,
     keep_missing: bool = False,
     allow_mass_delete: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
     client: SourceClient | None = None,
 ) -> tuple[int, dict[str, dict[str, int]]]:
     """Copy the source into this site; return (snapshot position, per-model counts)."""
     using = using or source._state.db or "default"
     client = client or SourceClient(source)
-    report = progress or (lambda message: None)
+    report = progress or (lambda p: None)
     start = client.get_json("snapshot/", {}, timeout=60)
     try:
         position = int(start["position"])
         labels = [str(label) for label in start["models"]]
-    except (KeyError, TypeError, ValueError) as exc:
+        totals = {str(k): int(v) for k, v in (start.get("counts") or {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ProtocolError(f"source {source.name}: malformed snapshot start ({exc})") from exc
-    counts: dict[str, dict[str, int]] = {}
+    all_options = []
+    for label in labels:
+        options = registry.options_for_label(label)
+        if options is None:
+            raise ApplyError(
+                "model is not registered with changefeed_sync on this site", model=label
+            )
+        all_options.append(options)
+    counts: dict[str, dict[str, int]] = {label: _new_counts() for label in labels}
+    n = len(labels)
+    index = {label: i + 1 for i, label in enumerate(labels)}
+    stage = Stage(client, dry_run=dry_run) if any(o.file_fields for o in all_options) else None
+    seen: dict[str, _Seen] = {}
     try:
         with transaction.atomic(using=using), applying():
-            seen = {label: _pull_model(client, label, using, counts, report) for label in labels}
+            pullers = {}
+            for i, options in enumerate(all_options):
+                pullers[options.label] = _Model(options, using, i)
+                seen[options.label] = pullers[options.label].seen
+            done = dict.fromkeys(labels, 0)
+            for label, body in _pages(client, labels, page_size()):
+                with collection_paused():
+                    _pull_page(pullers[label], body["rows"], counts[label], stage)
+                done[label] += len(body["rows"])
+                report(Progress(label, done[label], max(totals.get(label, 0), done[label]),
+                                index[label], n))  # fmt: skip
             if not keep_missing:
                 for label in reversed(labels):
-                    _delete_missing(label, seen[label], using, counts, allow_mass_delete)
+                    _delete_missing(
+                        pullers[label],
+                        using,
+                        counts[label],
+                        allow_mass_delete,
+                        _delete_reporter(report, label, index[label], n),
+                    )
+            for s in seen.values():
+                s.drop()
             if dry_run:
                 raise _DryRun
             DataSource.objects.using(using).filter(pk=source.pk).update(
                 checkpoint=position, last_sync_at=timezone.now(), last_error=""
             )
             source.checkpoint = position
+            if stage is not None:
+                # Last, so that nothing before it can fail after files were written.
+                stage.publish()
     except _DryRun:
         pass
+    except BaseException:
+        if stage is not None:
+            stage.undo()
+        raise
+    finally:
+        for s in seen.values():
+            s.drop()
+        if stage is not None:
+            stage.cleanup()
+    note = ""
+    if stage is not None and stage.missing_examples:
+        missing = sum(c.get("files_missing", 0) for c in counts.values())
+        note = f"{missing} files missing on the source, e.g. " + ", ".join(
+            stage.missing_examples[:3]
+        )
+    report(Progress("", 0, 0, n, n, "done", note))
     return position, counts
 
 
-def _delete_missing(
-    label: str, seen: set[Any], using: str, counts: dict[str, dict[str, int]], allow: bool
-) -> None:
-    options = registry.options_for_label(label)
-    assert options is not None
-    manager = options.model._base_manager.using(using)
-    # Stream the pks instead of one NOT IN (...) of every id: bind-parameter limits.
-    total = 0
-    missing = []
-    for pk in manager.values_list("pk", flat=True).iterator(chunk_size=5000):
-        total += 1
-        if pk not in seen:
-            missing.append(pk)
-    if not missing:
-        return
-    if not allow and total and len(missing) > MAX_DELETE_SHARE * total:
-        raise PullRefused(
-            f"the pull would delete {len(missing)} of {total} rows of {label} "
-            f"(more than {MAX_DELETE_SHARE:.0%}); if the source really is that empty, pull again "
-            "with --allow-mass-delete (or the admin option), or use --keep-missing"
+# ------------------------------------------------------------------ runs and runners
+
+
+def this_runner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_state(runner: str) -> bool | None:
+    """Whether the runner's process is alive: None when it cannot be told from here
+    (another host, or not a POSIX system)."""
+    host, _, pid_text = runner.rpartition(":")
+    if host != socket.gethostname() or os.name != "posix" or not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process its parent has not reaped yet is dead too
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            if fh.read().rpartition(")")[2].split()[:1] == ["Z"]:
+                return False
+    except OSError:
+        pass
+    return True
+
+
+def stale_reason(pull: DataPull, *, vendor: str, now: datetime | None = None) -> str:
+    """Why a running pull is dead ("" if it is not, as far as can be told)."""
+    now = now or timezone.now()
+    last = pull.heartbeat_at or pull.started_at or pull.created_at
+    runner = pull.runner or "unknown"
+    alive = _pid_state(pull.runner)
+    if alive is False:
+        return f"runner {runner} stopped responding at {last.isoformat()} (its process is gone)"
+    if alive and vendor == "sqlite":
+        # The pull's transaction holds SQLite's write lock, so no heartbeat can be
+        # written while it runs: a live process is all there is to go by.
+        return ""
+    if now - last > timedelta(seconds=stale_after()):
+        return f"runner {runner} stopped responding at {last.isoformat()}"
+    return ""
+
+
+def fail_stale_pulls(using: str = "default") -> list[int]:
+    """Mark running pulls whose runner is gone as failed; return their ids."""
+    vendor = connections[using].vendor
+    now = timezone.now()
+    failed = []
+    for pull in DataPull.objects.using(using).filter(status=DataPull.RUNNING):
+        reason = stale_reason(pull, vendor=vendor, now=now)
+        if not reason:
+            continue
+        # Only if nothing moved since it was read (the runner may just have beaten).
+        marked = (
+            DataPull.objects.using(using)
+            .filter(pk=pull.pk, status=DataPull.RUNNING, heartbeat_at=pull.heartbeat_at)
+            .update(status=DataPull.FAILED, finished_at=now, error=reason)
         )
-    for chunk in chunked(missing, 500):
-        manager.filter(pk__in=chunk).delete()
-    counts[label]["deleted"] += len(missing)
+        if marked:
+            logger.warning("pull %s from %s: %s", pull.pk, pull.source_id, reason)
+            failed.append(pull.pk)
+    return failed
+
+
+class _Heartbeat:
+    """Writes a running pull's heartbeat and latest progress from its own thread and
+    connection: the pull's own connection is inside its transaction, where nobody
+    else would see them (and a failure would roll them back)."""
+
+    def __init__(self, pull_pk: int, using: str) -> None:
+        self.pull_pk = pull_pk
+        self.using = using
+        self.message = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # SQLite: the pull holds the only write lock, a heartbeat could not be written.
+        if connections[using].vendor != "sqlite":
+            self._thread = threading.Thread(
+                target=self._run, name=f"changefeed-pull-{pull_pk}-heartbeat", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        interval = min(2.0, stale_after() / 4)
+        written: str | None = None
+        try:
+            while not self._stop.wait(interval):
+                message = self.message
+                try:
+                    DataPull.objects.using(self.using).filter(
+                        pk=self.pull_pk, status=DataPull.RUNNING
+                    ).update(
+                        heartbeat_at=timezone.now(),
+                        **({"progress": message[:200]} if message != written else {}),
+                    )
+                    written = message
+                except DatabaseError:
+                    logger.warning("pull %s: could not write its heartbeat", self.pull_pk)
+        finally:
+            connections[self.using].close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def execute(
-    pull: DataPull, *, using: str | None = None, progress: Callable[[str], None] | None = None
+    pull: DataPull, *, using: str | None = None, progress: ProgressCallback | None = None
 ) -> DataPull:
     """Run a DataPull row and record its outcome (outside the pull's transaction)."""
     using = using or pull._state.db or "default"
+    fail_stale_pulls(using)
     rows = DataPull.objects.using(using).filter(pk=pull.pk)
-    rows.update(status=DataPull.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now())
+    busy = (
+        DataPull.objects.using(using)
+        .filter(source_id=pull.source_id, status=DataPull.RUNNING)
+        .exclude(pk=pull.pk)
+        .first()
+    )
+    if busy is not None:
+        rows.update(
+            status=DataPull.FAILED,
+            finished_at=timezone.now(),
+            error=f"pull #{busy.pk} of the same source is still running (runner {busy.runner}); "
+            "run this one again when it has finished",
+        )
+        pull.refresh_from_db(using=using)
+        return pull
+    now = timezone.now()
+    rows.update(
+        status=DataPull.RUNNING,
+        started_at=now,
+        heartbeat_at=now,
+        runner=this_runner(),
+        progress="starting",
+        error="",
+    )
+    heartbeat = _Heartbeat(pull.pk, using)
+    last = ["done"]
 
-    def report(message: str) -> None:
-        rows.update(progress=message[:200], heartbeat_at=timezone.now())
+    def report(p: Progress) -> None:
+        heartbeat.message = last[0] = str(p)
         if progress is not None:
-            progress(message)
+            progress(p)
 
     try:
         position, counts = run_pull(
@@ -193,16 +772,24 @@ def execute(
             allow_mass_delete=pull.allow_mass_delete,
             progress=report,
         )
-    except Exception as exc:
-        logger.exception("pull %s from %s failed", pull.pk, pull.source)
-        rows.update(status=DataPull.FAILED, finished_at=timezone.now(), error=str(exc)[:5000])
+    except BaseException as exc:
+        heartbeat.stop()
+        if isinstance(exc, Exception):
+            logger.exception("pull %s from %s failed", pull.pk, pull.source)
+        error = str(exc) or type(exc).__name__
+        rows.update(status=DataPull.FAILED, finished_at=timezone.now(), error=error[:5000])
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt, SystemExit: recorded, and still stop
     else:
+        heartbeat.stop()
+        done = last[0]
         rows.update(
             status=DataPull.SUCCEEDED,
             finished_at=timezone.now(),
             counts=counts,
             position=position,
-            progress="preview: nothing written" if pull.dry_run else "done",
+            error="",
+            progress=(f"preview, nothing written: {done}" if pull.dry_run else done)[:200],
         )
     pull.refresh_from_db(using=using)
     return pull

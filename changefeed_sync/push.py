@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 
 import requests
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q, Value
+from django.db.models.functions import Greatest
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -162,11 +163,13 @@ def signed_headers(batch: Batch) -> dict[str, str]:
 
 
 def record_success(target: Target, last_seq: int, using: str) -> None:
-    Target.objects.using(using).filter(pk=target.pk, delivered_seq__lt=last_seq).update(
-        delivered_seq=last_seq
-    )
+    # One statement (one commit): deliveries of other processes may be ahead.
     Target.objects.using(using).filter(pk=target.pk).update(
-        last_delivery_at=timezone.now(), failures=0, next_attempt_at=None, last_error=""
+        delivered_seq=Greatest(F("delivered_seq"), Value(last_seq)),
+        last_delivery_at=timezone.now(),
+        failures=0,
+        next_attempt_at=None,
+        last_error="",
     )
     target.delivered_seq = max(target.delivered_seq, last_seq)
     target.failures = 0
@@ -258,3 +261,30 @@ def due_targets(using: str) -> list[int]:
         .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
         .values_list("pk", flat=True)
     )
+
+
+_resumed = threading.Event()
+
+
+def resume_on_first_request(**kwargs: Any) -> None:
+    """Once per process, when it starts serving: resume deliveries left pending by
+    a process that stopped mid-delivery (otherwise only the next commit would)."""
+    if _resumed.is_set():
+        return
+    _resumed.set()
+
+    def run() -> None:
+        from django.db import connections
+
+        try:
+            using = conf.feed_database()
+            chosen = backend()
+            due = due_targets(using)
+            if chosen is not None and due:
+                chosen.schedule(due, using)
+        except Exception:
+            logger.exception("resuming pending deliveries failed")
+        finally:
+            connections.close_all()
+
+    threading.Thread(target=run, name="changefeed-push-resume", daemon=True).start()

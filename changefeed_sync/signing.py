@@ -100,12 +100,18 @@ def verify_request(
     return name, nonce
 
 
+_last_cleanup: dict[str, float] = {}
+
+
 def remember_nonce(nonce: str, using: str, max_age: int | None = None) -> None:
-    """Record a nonce; raise SignatureError if it was seen before (a replay)."""
+    """Record a nonce in the caller's transaction; SignatureError if seen before (a replay)."""
     from .models import Nonce
 
     now = timezone.now()
-    Nonce.objects.using(using).filter(expires_at__lt=now).delete()
+    if time.monotonic() - _last_cleanup.get(using, 0.0) > 60:
+        # Expired nonces go at most once a minute, not on every request.
+        _last_cleanup[using] = time.monotonic()
+        Nonce.objects.using(using).filter(expires_at__lt=now).delete()
     try:
         with transaction.atomic(using=using):
             Nonce.objects.using(using).create(
@@ -114,6 +120,12 @@ def remember_nonce(nonce: str, using: str, max_age: int | None = None) -> None:
             )
     except IntegrityError:
         raise SignatureError("replayed request (nonce already used)") from None
+
+
+def nonce_seen(nonce: str, using: str) -> bool:
+    from .models import Nonce
+
+    return bool(Nonce.objects.using(using).filter(value=nonce).exists())
 
 
 # ---------------------------------------------------------------- OIDC (Cloud Tasks)
@@ -159,6 +171,8 @@ def verify_oidc(header: str | None, *, audience: str, email: str) -> dict[str, A
         )
     except Exception as exc:  # google-auth raises ValueError and its own errors
         raise SignatureError(f"OIDC token rejected: {exc}") from None
+    if claims.get("iss") not in ("accounts.google.com", "https://accounts.google.com"):
+        raise SignatureError(f"OIDC token issued by {claims.get('iss')!r}, not Google")
     if claims.get("email") != email or not claims.get("email_verified", False):
         raise SignatureError(f"OIDC token of {claims.get('email')!r}, expected {email!r}")
     return claims

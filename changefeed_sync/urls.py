@@ -9,5 +9,6 @@ app_name = "changefeed_sync"
 urlpatterns = [
     path("feed/", views.feed_view, name="feed"),
     path("snapshot/", views.snapshot_view, name="snapshot"),
+    path("files/", views.file_view, name="files"),
     path("webhook/<str:source_name>/", views.webhook_view, name="webhook"),
 ]

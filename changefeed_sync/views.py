@@ -7,12 +7,12 @@ import logging
 from typing import Any
 
 from django.db import transaction
-from django.http import HttpRequest, JsonResponse
+from django.http import FileResponse, HttpRequest, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from . import conf, feed, snapshot
+from . import conf, feed, files, snapshot
 from .exceptions import CursorExpired, SignatureError
 from .models import Target
 from .serialization import PROTOCOL_VERSION
@@ -37,19 +37,29 @@ def _secrets_for(using: str) -> Any:
     return lookup
 
 
-def authenticate(request: HttpRequest, using: str) -> str:
-    """Name of the target that signed this request, or SignatureError."""
-    from .signing import remember_nonce, verify_request
+def verify(request: HttpRequest, using: str) -> tuple[str, str]:
+    """(target name, nonce) of a signed feed or snapshot request, or SignatureError."""
+    from .signing import verify_request
 
-    name, nonce = verify_request(
+    return verify_request(
         request.headers.get("Authorization"),
         request.method or "GET",
         request.get_full_path(),
         request.body,
         _secrets_for(using),
     )
-    remember_nonce(nonce, using)
-    return name
+
+
+def record_request(name: str, nonce: str, using: str, seq: int | None = None) -> None:
+    """Replay guard and "last seen", in one short write transaction."""
+    from .signing import remember_nonce
+
+    with transaction.atomic(using=using):
+        remember_nonce(nonce, using)
+        seen: dict[str, Any] = {"last_seen_at": timezone.now()}
+        if seq is not None:
+            seen["last_seen_seq"] = seq
+        Target.objects.using(using).filter(name=name).update(**seen)
 
 
 def _int_param(request: HttpRequest, name: str, default: int) -> int:
@@ -62,14 +72,20 @@ def _int_param(request: HttpRequest, name: str, default: int) -> int:
         raise ValueError(f"query parameter {name!r} must be an integer, got {raw!r}") from None
 
 
+def _refused(request: HttpRequest, exc: SignatureError) -> JsonResponse:
+    logger.warning("%s request refused: %s", request.path, exc.reason)
+    if exc.missing:
+        return _error(401, "authentication required")
+    return _error(403, "authentication failed")
+
+
 def _authenticated(request: HttpRequest, using: str) -> str | JsonResponse:
     try:
-        return authenticate(request, using)
+        name, nonce = verify(request, using)
+        record_request(name, nonce, using)
+        return name
     except SignatureError as exc:
-        logger.warning("%s request refused: %s", request.path, exc.reason)
-        if exc.missing:
-            return _error(401, "authentication required")
-        return _error(403, "authentication failed")
+        return _refused(request, exc)
 
 
 @transaction.non_atomic_requests
@@ -95,15 +111,35 @@ def snapshot_view(request: HttpRequest) -> JsonResponse:
         return _error(400, f"bad 'after' cursor: {exc}")
 
 
+@transaction.non_atomic_requests
+@require_GET
+def file_view(request: HttpRequest) -> FileResponse | JsonResponse:
+    """One file a snapshot page listed (``t`` is the token the page gave for it)."""
+    using = conf.feed_database()
+    name = _authenticated(request, using)
+    if isinstance(name, JsonResponse):
+        return name
+    try:
+        handle, size = files.open_listed(request.GET.get("t", ""))
+    except files.BadFileToken as exc:
+        return _error(403, str(exc))
+    except FileNotFoundError:
+        return _error(404, "file listed by the snapshot is gone", code="file_missing")
+    response = FileResponse(handle, content_type="application/octet-stream")
+    response["Content-Length"] = str(size)
+    return response
+
+
 # Long-polls must not hold a transaction (ATOMIC_REQUESTS): on MySQL a
 # repeatable-read snapshot would hide the very events they wait for.
 @transaction.non_atomic_requests
 @require_GET
 def feed_view(request: HttpRequest) -> JsonResponse:
     using = conf.feed_database()
-    name = _authenticated(request, using)
-    if isinstance(name, JsonResponse):
-        return name
+    try:
+        name, nonce = verify(request, using)
+    except SignatureError as exc:
+        return _refused(request, exc)
     try:
         since = _int_param(request, "since", 0)
         limit = _int_param(request, "limit", conf.feed_default_limit())
@@ -114,9 +150,14 @@ def feed_view(request: HttpRequest) -> JsonResponse:
         return _error(400, "'since' must be >= 0 and 'limit' >= 1")
     limit = min(limit, conf.feed_max_limit())
     wait = min(max(wait, 0.0), conf.feed_max_wait())
-    targets = Target.objects.using(using).filter(name=name)
-    targets.update(last_seen_at=timezone.now(), last_seen_seq=since)
-    models = next(iter(targets.values_list("model_labels", flat=True)), None) or None
+    try:
+        record_request(name, nonce, using, seq=since)
+    except SignatureError as exc:
+        return _refused(request, exc)
+    models = (
+        Target.objects.using(using).filter(name=name).values_list("model_labels", flat=True).first()
+        or None
+    )
     try:
         page = feed.read_or_wait(since, limit, wait, using=using, models=models)
     except CursorExpired as exc:
@@ -133,7 +174,7 @@ def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
     from .exceptions import ApplyError, ChangefeedError, SourceUnavailable
     from .models import DataSource
     from .push import SIGNATURE_HEADER
-    from .signing import remember_nonce, verify_oidc, verify_request
+    from .signing import nonce_seen, verify_oidc, verify_request
 
     length = int(request.headers.get("Content-Length") or 0)
     if length > conf.webhook_max_bytes():
@@ -167,16 +208,29 @@ def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
         webhook.parse(body)
     except (ValueError, ChangefeedError) as exc:
         return _error(400, f"malformed webhook body: {exc}")
-    try:
-        remember_nonce(nonce, using, max_age=conf.webhook_tolerance())
-    except SignatureError:
+    if nonce_seen(nonce, using):
+        # The identical request came before. Cloud Tasks retries a delivery whose
+        # answer was lost with the very same request: if its batch is applied,
+        # acknowledge it (writing nothing) so it stops; otherwise refuse it.
+        source.refresh_from_db(using=using, fields=["checkpoint"])
+        if int(body["last_seq"]) <= source.checkpoint:
+            return JsonResponse(
+                {
+                    "protocol": PROTOCOL_VERSION,
+                    "status": "duplicate",
+                    "checkpoint": source.checkpoint,
+                    "applied": 0,
+                }
+            )
         return _error(409, "replayed delivery (this signature was used before)")
     try:
-        outcome, stats = webhook.receive(source, body, using=using)
+        outcome, stats = webhook.receive(source, body, using=using, nonce=nonce)
     except SourceUnavailable as exc:
         return _error(503, f"catching up from the feed failed: {exc}")
     except ApplyError as exc:
         return _error(422, str(exc))
+    except SignatureError:
+        return _error(409, "replayed delivery (this signature was used before)")
     except ChangefeedError as exc:
         return _error(502, str(exc))
     return JsonResponse(

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import conf
 from .apply import ApplyStats, apply_page
 from .exceptions import ProtocolError
 from .follow import sync
 from .models import DataSource
 from .serialization import PROTOCOL_VERSION
+from .signing import remember_nonce
 
 
 def parse(body: Any) -> tuple[int, int, list[dict[str, Any]]]:
@@ -38,8 +40,14 @@ def parse(body: Any) -> tuple[int, int, list[dict[str, Any]]]:
     return since, last_seq, events
 
 
-def receive(source: DataSource, body: Any, *, using: str) -> tuple[str, ApplyStats | None]:
-    """Apply a pushed batch; returns (outcome, stats). Outcome: duplicate, applied, caught_up."""
+def receive(
+    source: DataSource, body: Any, *, using: str, nonce: str | None = None
+) -> tuple[str, ApplyStats | None]:
+    """Apply a pushed batch; returns (outcome, stats). Outcome: duplicate, applied, caught_up.
+
+    ``nonce`` (of the signed request) is recorded with what the batch writes,
+    in one transaction: a request that failed can be retried identically.
+    """
     since, last_seq, events = parse(body)
     for _ in range(3):  # another delivery may move the checkpoint between read and apply
         source.refresh_from_db(using=using, fields=["checkpoint"])
@@ -48,9 +56,13 @@ def receive(source: DataSource, body: Any, *, using: str) -> tuple[str, ApplySta
             return "duplicate", None
         if since > checkpoint:
             result = sync(source, using=using)
+            if nonce is not None:
+                remember_nonce(nonce, using, max_age=conf.webhook_tolerance())
             return "caught_up", result.stats
         fresh = [e for e in events if int(e.get("seq", 0)) > checkpoint]
-        stats = apply_page(source, fresh, since=checkpoint, last_seq=last_seq, using=using)
+        stats = apply_page(
+            source, fresh, since=checkpoint, last_seq=last_seq, using=using, nonce=nonce
+        )
         if stats is not None:
             return "applied", stats
     return "duplicate", None

@@ -123,6 +123,10 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast, te
 # A follower retries an unreachable source with backoff; the default ceiling (60 s) would
 # make the "source restarts" test wait for minutes.
 CHANGEFEED_SYNC_RETRY_MAX_DELAY = 1.0
+if os.environ.get("CFS_DELIVERY_RETRY_DELAYS"):
+    CHANGEFEED_SYNC_DELIVERY_RETRY_DELAYS = [
+        float(x) for x in os.environ["CFS_DELIVERY_RETRY_DELAYS"].split(",")
+    ]
 
 LOGGING = {
     "version": 1,

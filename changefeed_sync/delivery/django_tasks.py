@@ -20,7 +20,8 @@ except ImportError:  # pragma: no cover - depends on the Django version
 @task()  # type: ignore[untyped-decorator,unused-ignore]
 def deliver(target_id: int, using: str = "default") -> None:
     retry_in = push.deliver_pending(target_id, using)
-    if retry_in is not None:
+    if retry_in is not None and retry_in > 0:
+        # (No immediate re-enqueue: with an immediate backend that would recurse.)
         _enqueue(target_id, using, retry_in)
 
 

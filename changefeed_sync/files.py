@@ -1,0 +1,338 @@
+"""File contents of ``file_fields`` during a full Data Pull, through Django's storage API.
+
+Source side: every snapshot row whose file field names a file carries that
+file's size and SHA-256 and a token (signed with the source's SECRET_KEY)
+that lets an authenticated target download exactly that file, so the
+download endpoint never has to search the table for the name.
+
+Target side: a file is downloaded only when the target's storage has no
+file of the same name, size and SHA-256; rows with an empty name cost
+nothing. Downloads go to a private staging directory, checked against the
+size limit and the checksum, and are written to the storage under the
+source's exact name only at the very end of the pull, inside its
+transaction: a pull that fails while reading (source down, bad row, the
+mass-delete guard) never touches the storage. If writing the files or the
+commit itself fails, files already written are put back as they were
+(overwritten ones restored from a copy, new ones deleted). Storages are not
+transactional, so a process killed during that last step can leave new
+files behind; they are never referenced, and the next pull finds them
+identical and keeps them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import requests
+from django.conf import settings
+from django.core import signing
+from django.core.exceptions import SuspiciousFileOperation
+from django.core.files import File
+from django.core.files.storage import Storage
+from django.core.files.utils import validate_file_name
+
+from . import registry
+from .client import SourceClient
+from .exceptions import ChangefeedError, SourceUnavailable
+from .registry import ModelOptions
+from .signing import sign_request
+
+logger = logging.getLogger("changefeed_sync.files")
+
+_TOKEN_SALT = "changefeed_sync.files.v1"
+# A pull that takes longer than this cannot download the files it listed.
+TOKEN_MAX_AGE = 24 * 3600
+_CHUNK = 256 * 1024
+DEFAULT_MAX_FILE_SIZE = 100 * 1024 * 1024
+
+
+def max_file_size() -> int:
+    """Largest file a pull downloads (``CHANGEFEED_SYNC_MAX_FILE_SIZE``, bytes)."""
+    return int(getattr(settings, "CHANGEFEED_SYNC_MAX_FILE_SIZE", DEFAULT_MAX_FILE_SIZE))
+
+
+class FileTransferError(ChangefeedError):
+    """A file could not be transferred as listed (too large, checksum mismatch)."""
+
+
+class BadFileToken(ChangefeedError):
+    """A download request names no file this source listed."""
+
+
+def storage_of(options: ModelOptions, field_name: str) -> Storage:
+    storage: Storage = options.model._meta.get_field(field_name).storage  # type: ignore[union-attr]
+    return storage
+
+
+def digest(storage: Storage, name: str) -> tuple[int, str]:
+    """(size, SHA-256 hex) of a stored file, read in chunks."""
+    sha = hashlib.sha256()
+    size = 0
+    with storage.open(name, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+# ------------------------------------------------------------------ source side
+
+
+def describe(options: ModelOptions, rows: Iterable[dict[str, Any]]) -> None:
+    """Add ``files: {field: {name, size, sha256, token} | {name, missing}}`` to snapshot rows."""
+    fields = [(name, storage_of(options, name)) for name in options.file_fields]
+    for row in rows:
+        files: dict[str, Any] = {}
+        for field_name, storage in fields:
+            name = row["data"].get(field_name)
+            if not name:
+                continue
+            try:
+                size, sha = digest(storage, name) if storage.exists(name) else (-1, "")
+            except (FileNotFoundError, SuspiciousFileOperation):
+                size, sha = -1, ""
+            if size < 0:
+                files[field_name] = {"name": name, "missing": True}
+                continue
+            token = signing.dumps(
+                {"m": options.label, "f": field_name, "n": name}, salt=_TOKEN_SALT, compress=True
+            )
+            files[field_name] = {"name": name, "size": size, "sha256": sha, "token": token}
+        if files:
+            row["files"] = files
+
+
+def open_listed(token: str) -> tuple[File, int]:
+    """The file a token names, opened for reading, and its size.
+
+    Raises BadFileToken for a token this source did not sign (or too old),
+    FileNotFoundError when the file is gone since it was listed.
+    """
+    try:
+        claims = signing.loads(token, salt=_TOKEN_SALT, max_age=TOKEN_MAX_AGE)
+        label, field_name, name = str(claims["m"]), str(claims["f"]), str(claims["n"])
+    except (signing.BadSignature, KeyError, TypeError) as exc:
+        raise BadFileToken(f"bad or expired file token ({exc})") from None
+    options = registry.options_for_label(label)
+    if options is None or field_name not in options.file_fields:
+        raise BadFileToken(f"{label}.{field_name} is not a synced file field here")
+    storage = storage_of(options, field_name)
+    try:
+        if not storage.exists(name):
+            raise FileNotFoundError(name)
+        size = storage.size(name)
+        return storage.open(name, "rb"), size
+    except SuspiciousFileOperation:
+        raise FileNotFoundError(name) from None
+
+
+# ------------------------------------------------------------------ target side
+
+
+class Stage:
+    """Files of one pull: checked per page, downloaded to disk, published at the end.
+
+    Everything lives on disk under a private directory (``new/<model>/<field>/<name>``
+    for downloads, ``old/...`` for copies of overwritten files), so memory stays
+    constant whatever the number of files; the walk order of ``new/`` is the
+    publishing order, which is how ``undo`` knows what it published.
+    """
+
+    def __init__(self, client: SourceClient, *, dry_run: bool) -> None:
+        self.client = client
+        self.dry_run = dry_run
+        self.root = Path(tempfile.mkdtemp(prefix="changefeed-pull-", dir=_temp_dir()))
+        self.published = 0
+        self.missing_examples: list[str] = []
+
+    # -------------------------------------------------------------- per page
+
+    def check(
+        self, options: ModelOptions, rows: Iterable[dict[str, Any]], counts: dict[str, int]
+    ) -> None:
+        """Download what differs from the target's copy; count fetched/unchanged/missing."""
+        for row in rows:
+            for field_name, meta in (row.get("files") or {}).items():
+                if field_name not in options.file_fields or not isinstance(meta, dict):
+                    continue
+                name = str(meta.get("name") or "")
+                if not name:
+                    continue
+                if meta.get("missing"):
+                    self._missing(options, field_name, name, counts)
+                    continue
+                self._check_one(options, field_name, name, meta, counts)
+
+    def _check_one(
+        self,
+        options: ModelOptions,
+        field_name: str,
+        name: str,
+        meta: dict[str, Any],
+        counts: dict[str, int],
+    ) -> None:
+        try:
+            validate_file_name(name, allow_relative_path=True)
+            size, sha = int(meta["size"]), str(meta["sha256"])
+        except (SuspiciousFileOperation, KeyError, TypeError, ValueError) as exc:
+            raise FileTransferError(
+                f"{options.label}.{field_name}: source lists an unusable file {name!r} ({exc})"
+            ) from None
+        staged = self.root / "new" / options.label / field_name / name
+        if staged.exists():  # another row names the same file
+            return
+        storage = storage_of(options, field_name)
+        if _same_file(storage, name, size, sha):
+            counts["files_unchanged"] = counts.get("files_unchanged", 0) + 1
+            return
+        limit = max_file_size()
+        if size > limit:
+            raise FileTransferError(
+                f"{options.label}.{field_name}: file {name!r} is {size} bytes, more than "
+                f"CHANGEFEED_SYNC_MAX_FILE_SIZE ({limit}); raise the setting to pull it"
+            )
+        counts["files_fetched"] = counts.get("files_fetched", 0) + 1
+        if self.dry_run:
+            return
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        if not self._download(str(meta.get("token", "")), staged, name, size, sha, limit):
+            counts["files_fetched"] -= 1
+            self._missing(options, field_name, name, counts)
+
+    def _missing(
+        self, options: ModelOptions, field_name: str, name: str, counts: dict[str, int]
+    ) -> None:
+        counts["files_missing"] = counts.get("files_missing", 0) + 1
+        where = f"{options.label}.{field_name}: {name}"
+        if len(self.missing_examples) < 5:
+            self.missing_examples.append(where)
+        logger.warning("file missing on the source: %s", where)
+
+    def _download(self, token: str, path: Path, name: str, size: int, sha: str, limit: int) -> bool:
+        """Fetch one file to ``path``; False when the source no longer has it."""
+        source = self.client.source
+        base = source.url if source.url.endswith("/") else source.url + "/"
+        url = urljoin(base, "files/") + "?" + urlencode({"t": token})
+        parts = urlsplit(url)
+        header = sign_request(
+            source.client_name, source.secret_list(), "GET", f"{parts.path}?{parts.query}"
+        )
+        try:
+            response = self.client.session.get(
+                url, headers={"Authorization": header}, stream=True, timeout=60
+            )
+        except requests.RequestException as exc:
+            raise SourceUnavailable(f"source {source.name}: downloading {name!r}: {exc}") from exc
+        with response:
+            if response.status_code == 404:
+                return False
+            if response.status_code != 200:
+                raise SourceUnavailable(
+                    f"source {source.name} answered HTTP {response.status_code} for file {name!r}"
+                )
+            hasher = hashlib.sha256()
+            received = 0
+            try:
+                with open(path, "wb") as out:
+                    for chunk in response.iter_content(_CHUNK):
+                        received += len(chunk)
+                        if received > limit:
+                            raise FileTransferError(
+                                f"file {name!r} from {source.name} is larger than "
+                                f"CHANGEFEED_SYNC_MAX_FILE_SIZE ({limit})"
+                            )
+                        hasher.update(chunk)
+                        out.write(chunk)
+            except requests.RequestException as exc:
+                raise SourceUnavailable(
+                    f"source {source.name}: downloading {name!r}: {exc}"
+                ) from exc
+        if received != size or hasher.hexdigest() != sha:
+            raise FileTransferError(
+                f"file {name!r} from {source.name} does not match its listing "
+                f"({received} bytes, sha256 {hasher.hexdigest()}; listed {size} bytes, "
+                f"sha256 {sha}); it may have changed during the pull: pull again"
+            )
+        return True
+
+    # -------------------------------------------------------------- end of pull
+
+    def _staged(self) -> Iterator[tuple[ModelOptions, str, str, Path]]:
+        new = self.root / "new"
+        if not new.is_dir():
+            return
+        for label in sorted(os.listdir(new)):
+            options = registry.options_for_label(label)
+            if options is None:
+                continue
+            for field_name in sorted(os.listdir(new / label)):
+                base = new / label / field_name
+                for dirpath, dirnames, filenames in os.walk(base):
+                    dirnames.sort()
+                    for filename in sorted(filenames):
+                        path = Path(dirpath) / filename
+                        yield options, field_name, path.relative_to(base).as_posix(), path
+
+    def publish(self) -> None:
+        """Write every downloaded file under its exact name (last step of the pull)."""
+        for options, field_name, name, path in self._staged():
+            storage = storage_of(options, field_name)
+            if storage.exists(name):
+                backup = self.root / "old" / options.label / field_name / name
+                backup.parent.mkdir(parents=True, exist_ok=True)
+                with storage.open(name, "rb") as current, open(backup, "wb") as out:
+                    shutil.copyfileobj(current, out, _CHUNK)
+                # Storage.save never overwrites: it would pick another name.
+                storage.delete(name)
+            self.published += 1
+            with open(path, "rb") as handle:
+                saved = storage.save(name, File(handle, name=name))
+            if saved != name:
+                storage.delete(saved)
+                raise FileTransferError(
+                    f"{options.label}.{field_name}: the storage saved {name!r} as {saved!r}; "
+                    "file names must stay equal to the source's"
+                )
+
+    def undo(self) -> None:
+        """Put back what ``publish`` wrote (the pull failed after or while publishing)."""
+        done = 0
+        for options, field_name, name, _ in self._staged():
+            if done >= self.published:
+                break
+            done += 1
+            storage = storage_of(options, field_name)
+            try:
+                if storage.exists(name):
+                    storage.delete(name)
+                backup = self.root / "old" / options.label / field_name / name
+                if backup.exists():
+                    with open(backup, "rb") as handle:
+                        storage.save(name, File(handle, name=name))
+            except Exception:
+                logger.exception("could not restore file %s after a failed pull", name)
+        self.published = 0
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _same_file(storage: Storage, name: str, size: int, sha: str) -> bool:
+    try:
+        if not storage.exists(name) or storage.size(name) != size:
+            return False
+        return digest(storage, name)[1] == sha
+    except (FileNotFoundError, SuspiciousFileOperation):
+        return False
+
+
+def _temp_dir() -> str | None:
+    return getattr(settings, "FILE_UPLOAD_TEMP_DIR", None) or None
