@@ -480,13 +480,25 @@ def _write_m2m(
                         field=m2m.name,
                         seq=change.seq,
                     )
-        owners = list(wanted)
-        for chunk in chunked(owners, 500):
-            through._base_manager.using(using).filter(**{f"{src}__in": chunk}).delete()
-        for owner, keys in wanted.items():
-            for k in dict.fromkeys(keys):
-                links.append(through(**{f"{src}_id": owner, f"{dst}_id": mapped[k]}))
-        through._base_manager.using(using).bulk_create(links, batch_size=500)
+        # Write only the difference: most upserts leave their links as they are.
+        manager = through._base_manager.using(using)
+        current: set[tuple[Any, Any]] = set()
+        for chunk in chunked(list(wanted), 500):
+            current.update(
+                manager.filter(**{f"{src}__in": chunk}).values_list(f"{src}_id", f"{dst}_id")
+            )
+        target = {(owner, mapped[k]) for owner, keys in wanted.items() for k in keys}
+        stale = current - target
+        if stale:
+            by_owner: dict[Any, list[Any]] = defaultdict(list)
+            for owner, other in stale:
+                by_owner[owner].append(other)
+            for owner, others in by_owner.items():
+                manager.filter(**{f"{src}_id": owner, f"{dst}_id__in": others}).delete()
+        for owner, other in sorted(target - current, key=repr):
+            links.append(through(**{f"{src}_id": owner, f"{dst}_id": other}))
+        if links:
+            manager.bulk_create(links, batch_size=500)
 
 
 def _apply_upserts(changes: list[_Change], using: str, stats: ApplyStats) -> None:
