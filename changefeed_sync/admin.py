@@ -14,6 +14,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.db import transaction
 from django.http import HttpRequest
+from django.utils import timezone
 
 from .models import DataPull, DataSource, Event, Target
 
@@ -42,20 +43,44 @@ class _SecretForm(forms.ModelForm):
         return super().save(commit)
 
 
+def _url_field(required: bool, label: str) -> forms.URLField:
+    # The admin's own width class, and https as the default scheme on Django >= 5.
+    extra: dict[str, Any] = {"assume_scheme": "https"} if django.VERSION >= (5, 0) else {}
+    return forms.URLField(
+        max_length=500,
+        required=required,
+        label=label,
+        widget=forms.URLInput(attrs={"class": "vURLField"}),
+        **extra,
+    )
+
+
 class DataSourceForm(_SecretForm):
     """Target side: where to pull from; OIDC fields only when the source uses Cloud Tasks."""
 
-    if django.VERSION >= (5, 0):
-        url = forms.URLField(max_length=500, assume_scheme="https")
+    url = _url_field(True, "URL")
 
     class Meta:
         model = DataSource
         fields = ["name", "url", "client_name", "oidc_service_account", "oidc_audience"]
+        labels = {"oidc_service_account": "OIDC service account", "oidc_audience": "OIDC audience"}
+
+
+def _model_choices() -> list[tuple[str, str]]:
+    from . import registry
+
+    return [(o.label, o.label) for o in sorted(registry.all_options(), key=lambda o: o.label)]
 
 
 class TargetForm(_SecretForm):
-    if django.VERSION >= (5, 0):
-        webhook_url = forms.URLField(max_length=500, required=False, assume_scheme="https")
+    webhook_url = _url_field(False, "Webhook URL")
+    model_labels = forms.MultipleChoiceField(
+        label="Models",
+        required=False,
+        choices=_model_choices,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="Registered models this target receives; none ticked: all.",
+    )
 
     class Meta:
         model = Target
@@ -65,9 +90,34 @@ class TargetForm(_SecretForm):
 @admin.register(DataSource)
 class DataSourceAdmin(admin.ModelAdmin):
     form = DataSourceForm
-    list_display = ["name", "url", "checkpoint", "last_sync_at", "last_error_short"]
+    list_display = [
+        "name",
+        "url",
+        "client_name",
+        "checkpoint",
+        "last_sync_at",
+        "latest_pull",
+        "last_error_short",
+    ]
     search_fields = ["name", "url"]
     readonly_fields = ["checkpoint", "last_sync_at", "last_error", "last_error_at"]
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        fieldsets: list[Any] = [(None, {"fields": ["name", "new_secrets", "url", "client_name"]})]
+        if obj is not None:
+            fieldsets.append(("Status", {"fields": self.readonly_fields}))
+        fieldsets.append(
+            (
+                "Cloud Tasks (OIDC)",
+                {"fields": ["oidc_service_account", "oidc_audience"], "classes": ["collapse"]},
+            )
+        )
+        return fieldsets
+
+    @admin.display(description="latest pull")
+    def latest_pull(self, obj: DataSource) -> str:
+        pull = obj.pulls.order_by("-created_at").first()
+        return f"#{pull.pk} {pull.status}" if pull else "never"
 
     @admin.display(description="last error")
     def last_error_short(self, obj: DataSource) -> str:
@@ -80,14 +130,34 @@ class TargetAdmin(admin.ModelAdmin):
     list_display = [
         "name",
         "active",
+        "push_to",
         "paused",
         "delivered_seq",
         "last_seen_seq",
+        "last_seen_at",
         "lag",
+        "failures",
         "last_error_short",
     ]
     list_filter = ["active", "paused"]
+
+    @admin.display(description="push to")
+    def push_to(self, obj: Target) -> str:
+        from urllib.parse import urlsplit
+
+        return urlsplit(obj.webhook_url).netloc if obj.webhook_url else "pull only"
+
     search_fields = ["name", "webhook_url"]
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        fieldsets: list[Any] = [
+            (None, {"fields": ["name", "new_secrets", "active"]}),
+            ("Push", {"fields": ["webhook_url", "model_labels", "paused"]}),
+        ]
+        if obj is not None:
+            fieldsets.append(("Status", {"fields": self.readonly_fields}))
+        return fieldsets
+
     readonly_fields = [
         "created_at",
         "last_seen_at",
@@ -135,11 +205,15 @@ class TargetAdmin(admin.ModelAdmin):
 
 @admin.register(Event)
 class EventAdmin(admin.ModelAdmin):
-    list_display = ["id", "created_at", "model", "op", "key"]
+    list_display = ["id", "created", "model", "op", "key", "changed"]
     list_filter = ["op", "model"]
     search_fields = ["key", "model"]
     readonly_fields = ["id", "created_at", "model", "op", "key", "old_key", "data", "changed"]
     ordering = ["-id"]
+
+    @admin.display(description="created", ordering="created_at")
+    def created(self, obj: Event) -> str:
+        return timezone.localtime(obj.created_at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
     # The outbox is a log: editing or adding would lie to every target.
     def has_add_permission(self, request: HttpRequest) -> bool:

@@ -201,3 +201,33 @@ def check_delivery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         ]
     problems = getattr(backend, "configuration_problems", None)
     return [_error(p, None, None, "E104") for p in (problems() if problems else [])]
+
+
+@checks.register()
+def check_sqlite_transaction_mode(
+    app_configs: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """SQLite fails a transaction that reads, then writes, at once ("database is
+    locked") when another process wrote in between; a source writes on every
+    feed request and delivery, so several processes on one SQLite file need
+    transactions that take the write lock when they begin."""
+    import django
+
+    if django.VERSION < (5, 1):
+        return []
+    warnings: list[checks.CheckMessage] = []
+    for alias, config in settings.DATABASES.items():
+        if not str(config.get("ENGINE", "")).endswith("sqlite3"):
+            continue
+        if config.get("OPTIONS", {}).get("transaction_mode") != "IMMEDIATE":
+            warnings.append(
+                checks.Warning(
+                    f"Database {alias!r} is SQLite without "
+                    "OPTIONS['transaction_mode'] = 'IMMEDIATE'.",
+                    hint="With more than one process (a server and changefeed_sync --follow, "
+                    "or several workers) set it, or transactions that read then write may fail "
+                    "with 'database is locked'.",
+                    id="changefeed_sync.W001",
+                )
+            )
+    return warnings

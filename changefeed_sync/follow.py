@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from django.db import close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections
 from django.utils import timezone
 
 from . import conf
@@ -82,14 +82,21 @@ def sync(
             stats, more = sync_page(
                 source, client, using=using, limit=limit, wait=0.0 if more else long_poll
             )
-        except SourceUnavailable as exc:
-            _record_error(source, using, str(exc))
+        except (SourceUnavailable, OperationalError, InterfaceError) as exc:
+            # The source away, or this site's database restarting or busy: worth
+            # retrying when following. A page that failed rolled back with its
+            # checkpoint, so nothing is lost or applied twice.
             if not follow:
+                _record_error(source, using, str(exc))
                 raise
+            close_old_connections()
+            try:
+                _record_error(source, using, str(exc))
+            except (OperationalError, InterfaceError):
+                pass
             logger.warning("%s; retrying in %.1f s", exc, delay)
             stop.wait(delay)
             delay = min(delay * 2, conf.retry_max_delay())
-            close_old_connections()
             continue
         except Exception as exc:
             _record_error(source, using, str(exc))

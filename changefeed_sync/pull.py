@@ -90,7 +90,7 @@ class Progress:
     total: int
     model: int  # 1-based index of the model
     models: int
-    phase: str = "read"  # read | delete | files | done
+    phase: str = "read"  # read | relink | delete | done
     note: str = ""
 
     def __str__(self) -> str:
@@ -99,9 +99,9 @@ class Progress:
         head = f"[{self.model}/{self.models}] {self.label}: "
         if self.phase == "read":
             return head + f"{self.done:,} of {self.total:,} rows"
-        if self.phase == "delete":
-            return head + f"deleting {self.done:,} rows the source does not have"
-        return head + f"writing {self.done:,} files"
+        if self.phase == "relink":
+            return head + f"{self.done:,} of {self.total:,} rows again, for references read late"
+        return head + f"deleted {self.done:,} rows the source does not have"
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -282,6 +282,10 @@ class _Model:
         # A table empty when the pull starts has none of the keys, and ends with only
         # rows the source has: no need to look them up, nor to track them for deletes.
         self.was_empty = not options.model._base_manager.using(using).exists()
+        # Nullable foreign keys left null because their row was not there yet, and
+        # whether the second pass that sets them is running.
+        self.deferred = False
+        self.relinking = False
 
     def _upsert_sql(self) -> tuple[str | None, list[Any]]:
         """``INSERT ... VALUES`` prefix and conflict suffix, and the values of unsynced
@@ -399,7 +403,8 @@ class _Model:
 
     def _fk_values(self, changes: list[_Change]) -> list[list[Any]] | None:
         """Per foreign key, the column's value for each change (one query per key); None
-        when one cannot be resolved here (a row later in this page, or a bad key)."""
+        when one cannot be resolved here (a bad key, or a row not written yet that a
+        non-nullable key points at: apply.py's rounds, or its error)."""
         columns = []
         for fk, reader in self.fk_readers:
             if reader is None:
@@ -429,6 +434,12 @@ class _Model:
                     continue
                 value = mapped.get(key)
                 if value is None:
+                    if fk.null and not self.relinking:
+                        # A row not written yet (later in this page or a later one, or
+                        # of a model pulled later): null for now, set by a second pass.
+                        self.deferred = True
+                        column.append(None)
+                        continue
                     return None
                 column.append(fk.get_db_prep_save(value, self.connection) if prepare else value)
             columns.append(column)
@@ -451,7 +462,7 @@ def _pull_page(
             keys.append(key_from_wire(row["key"]))
         except Exception as exc:
             raise ApplyError(f"bad natural key ({exc})", model=label, key=row.get("key")) from exc
-    current = {} if model.was_empty else model.reader.by_keys(keys)
+    current = {} if model.was_empty and not model.relinking else model.reader.by_keys(keys)
     fields = options.field_names
     changes = []
     created = []
@@ -473,14 +484,15 @@ def _pull_page(
             _parse({"seq": 0, "model": label, "op": "upsert", "key": list(key), "data": data})
         changes.append(_Change(0, options, Event.UPSERT, key, None, data, row))
     if changes:
-        written = model.write(changes, want_pks=not model.was_empty)
-        if model.was_empty:
+        written = model.write(changes, want_pks=not (model.was_empty or model.relinking))
+        if model.was_empty or model.relinking:
             pass
         elif written is not None:
             seen.extend(written)
         elif created:
             seen.extend(resolve_keys(options, created, model.using).values())
-    model.seen.add(seen)
+    if not model.relinking:
+        model.seen.add(seen)
     if stage is not None and options.file_fields:
         stage.check(options, rows, counts)
 
@@ -573,6 +585,18 @@ def run_pull(
                 done[label] += len(body["rows"])
                 report(Progress(label, done[label], max(totals.get(label, 0), done[label]),
                                 index[label], n))  # fmt: skip
+            # Second pass over the models whose rows pointed at rows read later
+            # (self-references, cycles): every row is there now.
+            relink = [label for label in labels if pullers[label].deferred]
+            for label in relink:
+                pullers[label].relinking = True
+            done = dict.fromkeys(relink, 0)
+            for label, body in _pages(client, relink, page_size()):
+                with collection_paused():
+                    _pull_page(pullers[label], body["rows"], _new_counts(), None)
+                done[label] += len(body["rows"])
+                report(Progress(label, done[label], max(totals.get(label, 0), done[label]),
+                                index[label], n, "relink"))  # fmt: skip
             if not keep_missing:
                 for label in reversed(labels):
                     _delete_missing(

@@ -113,7 +113,8 @@ def on_commit(using: str) -> None:
 
 def batches(target: Target, using: str, *, max_events: int = 1000) -> Iterator[Batch]:
     """Undelivered events of ``target`` as signed-ready bodies under the size limit."""
-    since = target.delivered_seq
+    # A target that already read the feed further needs nothing before that.
+    since = max(target.delivered_seq, target.last_seen_seq or 0)
     limit_bytes = conf.delivery_max_bytes()
     while True:
         page = feed.read(since, max_events, using=using, models=target.model_labels or None)

@@ -108,38 +108,86 @@ def _plain_text(f: Any) -> bool:
     )
 
 
+class _Link:
+    """A synced foreign key as a row reader sees it: which column holds it, and what
+    to read from the related rows (the parts of our natural key that go through it,
+    then the related row's own natural key, which is the foreign key's wire value)."""
+
+    def __init__(self, fk: Any, rel: ModelOptions | None, column: int) -> None:
+        self.fk = fk
+        self.rel = rel
+        self.column = column
+        self.to = fk.target_field.attname
+        self.sub: list[str] = []  # lookups on the related model, for our natural key
+        self.sub_fields: list[Any] = []
+        self.nat = list(rel.lookups) if rel is not None else []
+        self.nat_text = rel is not None and all(_plain_text(f) for f in rel.key_fields)
+
+
 class RowReader:
-    """Rows of one registered model in wire form, ``{"key": [...], "data": {...}}``,
-    read with one query per page or chunk of keys. The same payloads as
-    ``serialization.payloads_from_db`` (which it uses for models with many-to-many
-    fields or foreign keys to unregistered models), without its per-value calls for
-    text columns: the snapshot's source and the pull's target both read every row."""
+    """Rows of one registered model in wire form, ``{"key": [...], "data": {...}}``.
+
+    The same payloads as ``serialization.payloads_from_db`` (which it uses for models
+    with many-to-many fields or foreign keys to unregistered models), read without
+    joins: one query on the model's own table per page (keyset on the primary key) or
+    per chunk of keys (the natural key's local columns, which its unique index
+    covers), plus one small query per foreign key for the related rows' natural keys.
+    Without joins, no plan can turn a page into a scan of the whole table (PostgreSQL
+    did, on tables not analyzed yet). Text columns skip the per-value encode/decode
+    calls: the snapshot's source and the pull's target both read every row."""
 
     def __init__(self, options: ModelOptions, using: str) -> None:
         self.options = options
         self.using = using
         self.fks = [(fk, registry.get_options(fk.related_model)) for fk in options.fk_fields]
-        self.fast = not options.m2m_fields and all(rel is not None for _, rel in self.fks)
         self.n = len(options.lookups)
-        self.columns = ["pk", *options.lookups, *(f.attname for f in options.plain_fields)]
-        for fk, rel in self.fks:
-            self.columns.append(fk.attname)
-            if rel is not None:
-                self.columns.extend(f"{fk.name}__{lookup}" for lookup in rel.lookups)
         self.text_key = all(_plain_text(f) for f in options.key_fields)
-        # Positions in a row of ``columns``: plain values, then per foreign key its
-        # column and the related row's natural key.
-        at = 1 + self.n
-        self.plain = []
-        for f in options.plain_fields:
-            self.plain.append((f.name, at, None if _plain_text(f) else f))
-            at += 1
-        self.fk_at = []
-        for fk, rel in self.fks:
-            parts = len(rel.lookups) if rel is not None else 0
-            text = rel is not None and all(_plain_text(f) for f in rel.key_fields)
-            self.fk_at.append((fk.name, at, at + 1, at + 1 + parts, rel, text))
-            at += 1 + parts
+        plain = list(options.plain_fields)
+        self.columns = [
+            "pk",
+            *(f.attname for f in plain),
+            *(fk.attname for fk in options.fk_fields),
+        ]
+        self.plain = [(f.name, i, None if _plain_text(f) else f) for i, f in enumerate(plain, 1)]
+        self.links = [_Link(fk, rel, 1 + len(plain) + j) for j, (fk, rel) in enumerate(self.fks)]
+        by_name = {link.fk.name: (j, link) for j, link in enumerate(self.links)}
+        plain_at = {f.name: (i, f) for i, f in enumerate(plain, 1)}
+        # Where each natural-key part comes from: (column, -1, 0) for a local column,
+        # (column, j, i) for part i of what self.links[j] reads from the related rows.
+        self.key_parts: list[tuple[int, int, int]] = []
+        self.heads: list[tuple[str, int, Any]] = []  # local filter: lookup, column, field
+        fast = not options.m2m_fields and all(rel is not None for _, rel in self.fks)
+        for path, leaf in zip(options.natural_key, options.key_fields, strict=True):
+            head, _, rest = path.partition(".")
+            if rest and head in by_name:
+                j, link = by_name[head]
+                link.sub.append(rest.replace(".", "__"))
+                link.sub_fields.append(leaf)
+                self.key_parts.append((link.column, j, len(link.sub) - 1))
+                if all(h[1] != link.column for h in self.heads):
+                    self.heads.append((link.fk.attname, link.column, None))
+            elif not rest and head in plain_at:
+                column, f = plain_at[head]
+                self.key_parts.append((column, -1, 0))
+                self.heads.append((f.attname, column, f))
+            else:  # a key through something not synced: leave it to the general path
+                fast = False
+        # Per local key column: the positions of the key parts it is made of, and the
+        # field to decode a received part with (None: used as it is).
+        self.head_plan = [
+            (
+                column,
+                tuple(i for i, (c, _, _) in enumerate(self.key_parts) if c == column),
+                None if field is None or _plain_text(field) else field,
+            )
+            for _, column, field in self.heads
+        ]
+        self.link_subs = [
+            (j, tuple(i for i, (c, jj, _) in enumerate(self.key_parts) if jj == j))
+            for j, link in enumerate(self.links)
+            if link.sub
+        ]
+        self.fast = fast
 
     # ------------------------------------------------------------ keys
 
@@ -159,17 +207,48 @@ class RowReader:
 
     # ------------------------------------------------------------ rows
 
-    def _data(self, row: Sequence[Any]) -> dict[str, Any]:
+    def _related(self, rows: Sequence[Sequence[Any]]) -> list[dict[Any, tuple[Any, ...]]]:
+        """Per foreign key: its column value -> (our key's parts through it, its natural key)."""
+        maps: list[dict[Any, tuple[Any, ...]]] = []
+        limit = _max_params(self.using)
+        for link in self.links:
+            found: dict[Any, tuple[Any, ...]] = {}
+            values = {row[link.column] for row in rows} - {None}
+            manager = link.fk.related_model._base_manager.using(self.using)
+            for chunk in _chunks(sorted(values, key=repr), limit):
+                query = manager.filter(**{f"{link.to}__in": chunk})
+                for related in query.values_list(link.to, *link.sub, *link.nat):
+                    found[related[0]] = related[1:]
+            maps.append(found)
+        return maps
+
+    def _payload(
+        self, row: Sequence[Any], maps: list[dict[Any, tuple[Any, ...]]]
+    ) -> tuple[Key, dict[str, Any]] | None:
+        """(natural key, data) of a row; None if it points at a row that is not there."""
+        related: list[tuple[Any, ...] | None] = []
+        for link, found in zip(self.links, maps, strict=True):
+            value = row[link.column]
+            if value is None:
+                related.append(None)
+                continue
+            hit = found.get(value)
+            if hit is None:
+                return None
+            related.append(hit)
+        parts = [
+            row[column] if j < 0 else (None if related[j] is None else related[j][i])  # type: ignore[index]
+            for column, j, i in self.key_parts
+        ]
         data = {name: row[i] if f is None else encode_value(f, row[i]) for name, i, f in self.plain}
-        for name, i, start, end, rel, text in self.fk_at:
-            if row[i] is None:
-                data[name] = None
-            elif text:
-                data[name] = list(row[start:end])
-            else:
-                assert rel is not None
-                data[name] = list(key_of_row(rel, row[start:end]))
-        return data
+        for link, hit in zip(self.links, related, strict=True):
+            if hit is None:
+                data[link.fk.name] = None
+                continue
+            nat = hit[len(link.sub) :]
+            assert link.rel is not None
+            data[link.fk.name] = list(nat) if link.nat_text else list(key_of_row(link.rel, nat))
+        return self.key_from_db(parts), data
 
     def page(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], Any, bool]:
         """Up to ``limit`` rows after primary key ``after``, by keyset; (rows, last pk, more)."""
@@ -187,16 +266,21 @@ class RowReader:
         found = list(ordered.values_list(*self.columns)[: limit + 1])
         more = len(found) > limit
         found = found[:limit]
+        maps = self._related(found)
         rows = []
-        n = self.n
         for row in found:
-            key = self.key_from_db(row[1 : 1 + n])
-            rows.append({"key": list(key), "data": self._data(row)})
+            payload = self._payload(row, maps)
+            if payload is not None:
+                rows.append({"key": list(payload[0]), "data": payload[1]})
         return rows, (found[-1][0] if found else None), more
 
     def by_keys(self, keys: Iterable[Key]) -> dict[Key, tuple[Any, dict[str, Any]]]:
-        """Natural key -> (pk, data) of the rows with these keys; one query per chunk,
-        each key part filtered with ``IN`` and the exact combinations matched here."""
+        """Natural key -> (pk, data) of the rows with these keys.
+
+        The parts of the keys that go through a foreign key are first resolved to
+        that key's column values (a small query per foreign key); then the model's
+        own table is read by its local key columns, each filtered with ``IN`` in
+        chunks, and the exact combinations are matched here."""
         options = self.options
         wanted = set(keys)
         found: dict[Key, tuple[Any, dict[str, Any]]] = {}
@@ -206,20 +290,63 @@ class RowReader:
             existing = resolve_keys(options, wanted, self.using)
             payloads = payloads_from_db(options, list(existing.values()), self.using)
             return {k: (pk, payloads[pk]["data"]) for k, pk in existing.items() if pk in payloads}
+        limit = _max_params(self.using)
+        # Our key's parts through each foreign key -> that foreign key's column value.
+        via: dict[int, dict[tuple[Any, ...], Any]] = {}
+        for j, positions in self.link_subs:
+            link = self.links[j]
+            subs = {tuple(k[i] for i in positions) for k in wanted}
+            manager = link.fk.related_model._base_manager.using(self.using)
+            text = [_plain_text(f) for f in link.sub_fields]
+            resolved: dict[tuple[Any, ...], Any] = {}
+            for chunk in _key_chunks(subs, len(positions), limit):
+                filters = {
+                    f"{lookup}__in": {
+                        sub[i] if text[i] else decode_value(field, sub[i]) for sub in chunk
+                    }
+                    for i, (lookup, field) in enumerate(zip(link.sub, link.sub_fields, strict=True))
+                }
+                for related in manager.filter(**filters).values_list(link.to, *link.sub):
+                    sub = tuple(
+                        v if text[i] else encode_value(f, v)
+                        for i, (f, v) in enumerate(zip(link.sub_fields, related[1:], strict=True))
+                    )
+                    resolved[sub] = related[0]
+            via[link.column] = resolved
+        # Each wanted key as the values of the local key columns.
+        local: dict[tuple[Any, ...], Key] = {}
+        for key in wanted:
+            heads = []
+            for column, positions, decode in self.head_plan:
+                if column in via:
+                    value = via[column].get(tuple([key[i] for i in positions]))
+                    if value is None:
+                        break  # its related row is not here, so neither is it
+                    heads.append(value)
+                elif decode is None:
+                    heads.append(key[positions[0]])
+                else:
+                    heads.append(decode_value(decode, key[positions[0]]))
+            else:
+                local[tuple(heads)] = key
         manager = options.model._base_manager.using(self.using)
-        parts = list(zip(options.lookups, options.key_fields, strict=True))
-        n = self.n
-        for chunk in _key_chunks(wanted, n, _max_params(self.using)):
+        lookups = [lookup for lookup, _, _ in self.heads]
+        for chunk in _key_chunks(set(local), len(lookups), limit):
             filters = {
-                f"{lookup}__in": {k[i] if self.text_key else decode_value(f, k[i]) for k in chunk}
-                for i, (lookup, f) in enumerate(parts)
+                f"{lookup}__in": {head[i] for head in chunk} for i, lookup in enumerate(lookups)
             }
-            chunk_set = set(chunk)
-            for row in manager.filter(**filters).values_list(*self.columns):
-                key = self.key_from_db(row[1 : 1 + n])
-                if key in chunk_set:
-                    found[key] = (row[0], self._data(row))
+            rows = list(manager.filter(**filters).values_list(*self.columns))
+            maps = self._related(rows)
+            for row in rows:
+                payload = self._payload(row, maps)
+                if payload is not None and payload[0] in wanted:
+                    found[payload[0]] = (row[0], payload[1])
         return found
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _key_chunks(keys: set[Key], parts: int, max_params: int) -> Iterator[list[Key]]:

@@ -42,6 +42,7 @@ class _Bar:
             line = (
                 f"[{p.model}/{p.models}] {p.label:<24} [{'#' * filled}{'.' * (_BAR - filled)}] "
                 f"{p.done:,}/{p.total:,} {share:4.0%} {rate:,.0f} rows/s"
+                + (" (second pass: references)" if p.phase == "relink" else "")
             )
         self.out.write(f"\r\033[K{line}", ending="")
         self.out.flush()
@@ -57,7 +58,7 @@ class _Lines:
 
     def __init__(self, out: OutputWrapper) -> None:
         self.out = out
-        self.label = ""
+        self.key: tuple[str, str] | None = None
         self.step = -1
 
     def __call__(self, p: Progress) -> None:
@@ -66,13 +67,15 @@ class _Lines:
         if p.phase == "delete":
             self.out.write(f"{p.label}: deleted {p.done:,} rows the source lacks")
             return
-        if p.label != self.label:
-            self.label, self.step = p.label, -1
+        if (p.label, p.phase) != self.key:
+            self.key, self.step = (p.label, p.phase), -1
         step = int(10 * p.done / p.total) if p.total else 10
         if step != self.step:
             self.step = step
+            again = " (second pass: references)" if p.phase == "relink" else ""
             self.out.write(
-                f"[{p.model}/{p.models}] {p.label}: {p.done:,} of {p.total:,} rows ({step * 10}%)"
+                f"[{p.model}/{p.models}] {p.label}: {p.done:,} of {p.total:,} rows "
+                f"({step * 10}%){again}"
             )
 
 
