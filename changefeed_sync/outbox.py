@@ -44,9 +44,11 @@ def lock(using: str) -> None:
             # SQLite already admits one writer at a time, but a transaction that
             # reads first and writes later fails at once ("database is locked")
             # if another writer got in between. Writing first takes the write
-            # lock up front, waiting for it like any plain write would.
+            # lock up front, waiting for it like any plain write would. A write
+            # that matches no row takes the lock without dirtying a page (which
+            # would cost a journal write at commit).
             table = connection.ops.quote_name(OutboxState._meta.db_table)
-            cursor.execute(f"UPDATE {table} SET id = id WHERE id = 1")
+            cursor.execute(f"DELETE FROM {table} WHERE id = -1")
         elif vendor == "postgresql":
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ADVISORY_KEY])
         elif vendor == "mysql":
