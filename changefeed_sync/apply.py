@@ -343,6 +343,24 @@ def _write_rows(
     return _returned_pks(rows, objs)
 
 
+_PASS_THROUGH = frozenset(
+    {
+        "CharField",
+        "TextField",
+        "SlugField",
+        "EmailField",
+        "URLField",
+        "IntegerField",
+        "BigIntegerField",
+        "SmallIntegerField",
+        "PositiveIntegerField",
+        "PositiveBigIntegerField",
+        "PositiveSmallIntegerField",
+        "ForeignKey",
+    }
+)
+
+
 def _upsert_sql(
     options: ModelOptions,
     unique: tuple[str, ...],
@@ -408,12 +426,24 @@ def _upsert_sql(
         returning = f" RETURNING {qn(pk.column)}" if updates else ""
         verb = "INSERT"
     per_statement = max(1, min(500, _max_params(using) // max(len(columns), 1)))
+    # Text and integer values (foreign keys included) are already what the
+    # driver takes; every other type goes through the field's own adaptation.
+    plain = {
+        f.attname
+        for f in columns
+        if f.get_internal_type() in _PASS_THROUGH
+        and f.attname not in fixed
+        and not getattr(f, "db_returning", False)
+    }
     found: dict[Key, Any] = {}
     with connection.cursor() as cursor:
         for chunk in chunked(rows, per_statement):
             params: list[Any] = []
             for _, values in chunk:
                 for f in columns:
+                    if f.attname in plain:
+                        params.append(values[f.attname])
+                        continue
                     value = fixed[f.attname] if f.attname in fixed else values[f.attname]
                     params.append(f.get_db_prep_save(value, connection))
             sql = (
