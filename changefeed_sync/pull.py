@@ -14,6 +14,13 @@ primary keys of the target rows the source has go into a temporary table
 of the pull's transaction; the rows to delete are then found with an
 anti-join, a chunk at a time. Files are staged on disk (files.py).
 
+Speed: a page's rows are compared with the target's (snapshot.RowReader,
+one query per page) and only new or changed rows are written, with one
+multi-row upsert per chunk (one array per column on PostgreSQL). A
+nullable foreign key to a row not written yet (a self-reference to a later
+page, a cycle between models) is written null and set by a second pass
+over those models once every row is there.
+
 A running pull records its runner (host:pid) and, from a second thread
 with its own connection, a heartbeat and its progress. A pull whose runner
 is gone (its pid is dead on this host, or its heartbeat stopped) is marked
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -64,7 +72,7 @@ _DELETE_CHUNK = 500
 def page_size() -> int:
     """Rows asked for per snapshot request (``CHANGEFEED_SYNC_PULL_PAGE_SIZE``); the
     source caps it at its ``CHANGEFEED_SYNC_FEED_MAX_LIMIT``."""
-    return int(getattr(settings, "CHANGEFEED_SYNC_PULL_PAGE_SIZE", 2000))
+    return int(getattr(settings, "CHANGEFEED_SYNC_PULL_PAGE_SIZE", 5000))
 
 
 def stale_after() -> float:
@@ -176,7 +184,7 @@ class _Seen:
         self.model_table = qn(options.model._meta.db_table)
         self.pk_column = qn(pk.column)
         self.drop()  # MySQL keeps temporary tables across a rolled back transaction
-        column = pk.rel_db_type(connection)
+        column = self.column = pk.rel_db_type(connection)
         with connection.cursor() as cursor:
             if self.vendor == "postgresql":
                 cursor.execute(
@@ -204,6 +212,13 @@ class _Seen:
         else:
             values = [self.pk_field.get_db_prep_value(pk, connection) for pk in pks]
         with connection.cursor() as cursor:
+            if self.vendor == "postgresql":  # one array, not a parameter per key
+                cursor.execute(
+                    f"INSERT INTO {self.table} (pk) SELECT unnest(%s::{self.column}[])"
+                    " ON CONFLICT DO NOTHING",
+                    [values],
+                )
+                return
             for chunk in chunked(values, self.chunk):
                 cursor.execute(self.insert + ",".join(["(%s)"] * len(chunk)) + self.suffix, chunk)
 
@@ -343,9 +358,25 @@ class _Model:
         self.returning_sql = f" RETURNING {qn(str(pk.column))}" if self.returning else ""
         self.per_statement = max(1, min(500, _max_params(self.using) // len(fields)))
         head = f"{ops.insert_statement(on_conflict=conflict)} {qn(meta.db_table)} "
-        return head + "(" + ", ".join(qn(str(f.column)) for f in fields) + ") VALUES ", [
-            value for _, value in fixed
-        ]
+        head += "(" + ", ".join(qn(str(f.column)) for f in fields) + ") "
+        # PostgreSQL: one array per column (as Django's bulk_create does), so a
+        # statement has a few parameters instead of thousands to bind one by one.
+        types = [_array_type(f.db_type(connection)) for f in fields]
+        self.unnest = (
+            vendor == "postgresql"
+            and all(t and "[" not in t for t in types)
+            # As Django's own bulk insert: only standard types, one placeholder each.
+            and not any(hasattr(f, "get_placeholder") for f in fields)
+            and all(
+                (getattr(f, "target_field", f) if f.is_relation else f).get_internal_type()
+                in connection.data_types
+                for f in fields
+            )
+        )
+        if self.unnest:
+            arrays = ", ".join(f"%s::{t}[]" for t in types)
+            self.unnest_sql = f"{head}SELECT * FROM unnest({arrays})"
+        return head + "VALUES ", [value for _, value in fixed]
 
     # ------------------------------------------------------------ writing
 
@@ -363,6 +394,11 @@ class _Model:
         suffix = self.suffix + (self.returning_sql if returning else "")
         written: list[Any] = []
         with self.connection.cursor() as cursor:
+            if self.unnest:
+                cursor.execute(self.unnest_sql + suffix, [list(column) for column in zip(*rows)])
+                if returning:
+                    written.extend(r[0] for r in cursor.fetchall())
+                rows = []
             for chunk in chunked(rows, self.per_statement):
                 params = [value for row in chunk for value in row]
                 cursor.execute(
@@ -444,6 +480,16 @@ class _Model:
                 column.append(fk.get_db_prep_save(value, self.connection) if prepare else value)
             columns.append(column)
         return columns
+
+
+def _array_type(db_type: str | None) -> str | None:
+    """The element type to cast a column's array to, without its length or precision:
+    an explicit cast to varchar(2) would silently cut 'abc' to 'ab', where assigning
+    the value to the column refuses it, as a plain INSERT does."""
+    if db_type is None:
+        return None
+    base = re.sub(r"\(.*?\)", "", db_type).strip()
+    return "text" if base in ("char", "character", "varchar", "character varying") else base
 
 
 def _pull_page(

@@ -226,6 +226,19 @@ class RowReader:
         self, row: Sequence[Any], maps: list[dict[Any, tuple[Any, ...]]]
     ) -> tuple[Key, dict[str, Any]] | None:
         """(natural key, data) of a row; None if it points at a row that is not there."""
+        related = self._hits(row, maps)
+        if related is None:
+            return None
+        parts = [
+            row[column] if j < 0 else (None if related[j] is None else related[j][i])  # type: ignore[index]
+            for column, j, i in self.key_parts
+        ]
+        return self.key_from_db(parts), self._data(row, related)
+
+    def _hits(
+        self, row: Sequence[Any], maps: list[dict[Any, tuple[Any, ...]]]
+    ) -> list[tuple[Any, ...] | None] | None:
+        """Per foreign key, what was read of the row it points at (None: null)."""
         related: list[tuple[Any, ...] | None] = []
         for link, found in zip(self.links, maps, strict=True):
             value = row[link.column]
@@ -236,10 +249,9 @@ class RowReader:
             if hit is None:
                 return None
             related.append(hit)
-        parts = [
-            row[column] if j < 0 else (None if related[j] is None else related[j][i])  # type: ignore[index]
-            for column, j, i in self.key_parts
-        ]
+        return related
+
+    def _data(self, row: Sequence[Any], related: list[tuple[Any, ...] | None]) -> dict[str, Any]:
         data = {name: row[i] if f is None else encode_value(f, row[i]) for name, i, f in self.plain}
         for link, hit in zip(self.links, related, strict=True):
             if hit is None:
@@ -248,7 +260,7 @@ class RowReader:
             nat = hit[len(link.sub) :]
             assert link.rel is not None
             data[link.fk.name] = list(nat) if link.nat_text else list(key_of_row(link.rel, nat))
-        return self.key_from_db(parts), data
+        return data
 
     def page(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], Any, bool]:
         """Up to ``limit`` rows after primary key ``after``, by keyset; (rows, last pk, more)."""
@@ -331,6 +343,7 @@ class RowReader:
                 local[tuple(heads)] = key
         manager = options.model._base_manager.using(self.using)
         lookups = [lookup for lookup, _, _ in self.heads]
+        head_columns = [column for _, column, _ in self.heads]
         for chunk in _key_chunks(set(local), len(lookups), limit):
             filters = {
                 f"{lookup}__in": {head[i] for head in chunk} for i, lookup in enumerate(lookups)
@@ -338,9 +351,13 @@ class RowReader:
             rows = list(manager.filter(**filters).values_list(*self.columns))
             maps = self._related(rows)
             for row in rows:
-                payload = self._payload(row, maps)
-                if payload is not None and payload[0] in wanted:
-                    found[payload[0]] = (row[0], payload[1])
+                # Rows are matched by their local key columns: no need to rebuild the key.
+                matched = local.get(tuple([row[c] for c in head_columns]))
+                if matched is None:
+                    continue
+                related = self._hits(row, maps)
+                if related is not None:
+                    found[matched] = (row[0], self._data(row, related))
         return found
 
 
@@ -354,6 +371,13 @@ def _key_chunks(keys: set[Key], parts: int, max_params: int) -> Iterator[list[Ke
     leading parts (same country, same language) share a chunk, and cut where the
     chunk would pass the bind-parameter limit or where the combinations of its parts
     would be more than twice its keys (each combination may match a row to skip)."""
+    distinct = [len({key[i] for key in keys}) for i in range(parts)]
+    combinations = 1
+    for size in distinct:
+        combinations *= size
+    if sum(distinct) <= max_params and combinations <= 2 * len(keys) + 16:
+        yield list(keys)  # the usual page: one chunk
+        return
     try:
         ordered = sorted(keys)
     except TypeError:  # None or mixed types in some part

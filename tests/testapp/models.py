@@ -77,3 +77,10 @@ class Kinds(models.Model):
 
 
 changefeed_sync.register(Kinds, natural_key=["slug"])
+
+
+class Document(models.Model):
+    """A file field; registered with ``file_fields=["attachment"]`` by the tests that need it."""
+
+    slug = models.SlugField(unique=True)
+    attachment = models.FileField(upload_to="docs/", blank=True, max_length=200)
