@@ -12,7 +12,10 @@ For each backend (SQLite -> SQLite, PostgreSQL -> PostgreSQL), in one run:
    its own process (``--role serve``);
 2. a full pull into an empty target database, in its own process (``--role pull``),
    through ``changefeed_sync.pull.execute`` exactly as ``manage.py changefeed_pull``
-   runs it; then a second pull with nothing changed;
+   runs it; then a second pull with nothing changed; ``--reps`` times (3; the target
+   emptied in between), medians reported, with the CPU time of both processes (wall
+   time on a shared 2-core machine moves with the load of everything else; the load
+   average is printed before and after);
 3. ``dumpdata --natural-foreign --natural-primary`` of the source and ``loaddata``
    of that file into a third, empty database (the issue's reference), and, to be fair
    to Django, the same without natural keys (primary keys kept);
@@ -29,7 +32,8 @@ which ``dumpdata --natural-primary`` needs and the test app's models do not defi
 Databases: SQLite files in a temporary directory, PostgreSQL databases
 ``bench_pull_<pid>_*`` on the server named by ``CFS_PG_HOST`` / ``CFS_PG_PORT`` /
 ``CFS_PG_USER`` / ``CFS_PG_PASSWORD`` (``CFS_BENCH_PG=0`` leaves PostgreSQL out); all
-are removed at exit.
+are removed at exit. ``CFS_BENCH_PAGE_SIZE=N`` makes the pull ask for pages of N rows
+(``CHANGEFEED_SYNC_PULL_PAGE_SIZE``; the source caps it at its feed limit, 5000).
 """
 
 from __future__ import annotations
@@ -739,6 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         missed = report(figs)
+        print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     finally:
         try:
             from django.db import connections
