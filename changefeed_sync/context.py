@@ -23,7 +23,3 @@ def applying() -> Iterator[None]:
         yield
     finally:
         _applying.reset(token)
-
-
-def is_applying() -> bool:
-    return _applying.get()

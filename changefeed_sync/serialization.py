@@ -155,13 +155,9 @@ def related_key_lookups(fk: Any) -> tuple[str, ...] | None:
     return options.lookups if options is not None else None
 
 
-def encode_related(fk: Any, related: models.Model | None) -> Any:
-    if related is None:
-        return None
-    options = registry.get_options(fk.related_model)
-    if options is not None:
-        return list(key_of_instance(options, related))
-    # Not registered but follows Django's natural key convention (checked by E008).
+def encode_django_natural_key(related: models.Model) -> list[Any]:
+    """A related row of an unregistered model that follows Django's natural key
+    convention (``natural_key()`` / ``get_by_natural_key()``, checked by E008)."""
     return [encode_value(None, v) for v in related.natural_key()]  # type: ignore[attr-defined]
 
 
@@ -170,19 +166,10 @@ def encode_related(fk: Any, related: models.Model | None) -> Any:
 
 
 def payload_from_instance(options: ModelOptions, instance: models.Model) -> dict[str, Any]:
-    """Payload of an instance in memory (what ``post_save`` sees)."""
-    data: dict[str, Any] = {}
-    for f in options.plain_fields:
-        data[f.name] = encode_value(f, f.value_from_object(instance))
-    for fk in options.fk_fields:
-        if getattr(instance, fk.attname) is None:
-            data[fk.name] = None
-        else:
-            data[fk.name] = encode_related(fk, getattr(instance, fk.name))
-    for m2m in options.m2m_fields:
-        data[m2m.name] = _m2m_keys(m2m, [instance.pk], instance._state.db or "default").get(
-            instance.pk, []
-        )
+    """Payload of an instance in memory, for models without relations (``needs_query``
+    is False); anything with relations is read with ``payloads_from_db``."""
+    assert not needs_query(options), options.label
+    data = {f.name: encode_value(f, f.value_from_object(instance)) for f in options.plain_fields}
     return {"key": list(key_of_instance(options, instance)), "data": data}
 
 
@@ -219,7 +206,7 @@ def payloads_from_db(
                     data[fk.name] = None
                 elif names is None:
                     related = fk.related_model._base_manager.using(using).get(pk=row[fk.attname])
-                    data[fk.name] = encode_related(fk, related)
+                    data[fk.name] = encode_django_natural_key(related)
                 else:
                     rel_options = registry.get_options(fk.related_model)
                     assert rel_options is not None
