@@ -221,8 +221,32 @@ class DeliveryFailed(Exception):
     pass
 
 
+class Recorder:
+    """Where ``deliver_pending`` records outcomes: by default on the Target row, at once.
+
+    A long-lived deliverer may record successes later, off the delivery path
+    (``delivery.inline``); it then corrects each freshly read row with what it
+    knows (``loaded``), so that it neither resends nor waits for nothing.
+    """
+
+    def loaded(self, target: Target) -> None:
+        pass
+
+    def success(self, target: Target, last_seq: int, using: str) -> None:
+        record_success(target, last_seq, using)
+
+    def failure(self, target: Target, message: str, using: str) -> float:
+        return record_failure(target, message, using)
+
+
+_RECORD_AT_ONCE = Recorder()
+
+
 def deliver_pending(
-    target_id: int, using: str = "default", session: requests.Session | None = None
+    target_id: int,
+    using: str = "default",
+    session: requests.Session | None = None,
+    recorder: Recorder = _RECORD_AT_ONCE,
 ) -> float | None:
     """Deliver everything pending for one target by HTTP, in order.
 
@@ -232,14 +256,15 @@ def deliver_pending(
     target = Target.objects.using(using).filter(pk=target_id).first()
     if target is None or not target.active or target.paused or not target.webhook_url:
         return None
+    recorder.loaded(target)
     if target.next_attempt_at and target.next_attempt_at > timezone.now():
         return float((target.next_attempt_at - timezone.now()).total_seconds())
     for batch in batches(target, using):
         try:
             post(batch, session)
         except DeliveryFailed as exc:
-            return record_failure(target, str(exc), using)
-        record_success(target, batch.last_seq, using)
+            return recorder.failure(target, str(exc), using)
+        recorder.success(target, batch.last_seq, using)
     return None
 
 
