@@ -158,3 +158,42 @@ def test_the_next_delivery_sees_what_the_row_does_not_show_yet(setup: Any) -> No
     assert loaded.delivered_seq == hook.spans[-1][1]
     slow.gate.set()
     _wait(lambda: _row(target).failures == 0, "the success to be written")
+
+
+def test_prompt_lock_waits_retry_outside_transactions_only() -> None:
+    """On SQLite the worker waits for a lock by trying every millisecond; a statement
+    that finds the database locked is retried, and in a transaction SQLite's own busy
+    handler waits as before."""
+    import sqlite3
+
+    from django.db import connection, transaction
+
+    from changefeed_sync.delivery.inline import _prompt_lock_waits
+
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite only")
+    connection.ensure_connection()
+
+    def busy_timeout() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA busy_timeout")
+            return int(cursor.fetchone()[0])
+
+    normal = busy_timeout()
+    holder = sqlite3.connect(
+        connection.settings_dict["NAME"], isolation_level=None, check_same_thread=False
+    )
+    try:
+        holder.execute("BEGIN EXCLUSIVE")  # readers are locked out until it commits
+        threading.Timer(0.3, lambda: holder.execute("COMMIT")).start()
+        started = time.monotonic()
+        with _prompt_lock_waits("default"):
+            assert Target.objects.count() == 0  # waited, then read
+            waited = time.monotonic() - started
+            assert busy_timeout() == 0
+            with transaction.atomic():
+                assert busy_timeout() == normal
+        assert waited >= 0.25
+        assert busy_timeout() == normal
+    finally:
+        holder.close()
