@@ -7,9 +7,14 @@ that commits late: reading is a plain indexed range scan.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
+
+from django.conf import settings
+from django.db import connections
 
 from . import conf, outbox
 from .exceptions import CursorExpired
@@ -18,26 +23,41 @@ from .serialization import PROTOCOL_VERSION
 
 # Counting what is left is capped, so a far-behind reader costs no long scan.
 PENDING_CAP = 10_000
-_COLUMNS = ("id", "created_at", "model", "op", "key", "old_key", "data", "changed")
+_JSON_COLUMNS = ("key", "old_key", "data", "changed")
 
 
 @dataclass
 class FeedPage:
-    events: list[dict[str, Any]]
+    """One page of the feed. ``events_json`` is the JSON array of the events
+    as sent on the wire; ``events`` decodes it once, when asked for."""
+
+    events_json: str
     since: int
     last_seq: int
     more: bool
     pending: int
 
-    def to_wire(self) -> dict[str, Any]:
+    @cached_property
+    def events(self) -> list[dict[str, Any]]:
+        decoded: list[dict[str, Any]] = json.loads(self.events_json)
+        return decoded
+
+    def header(self) -> dict[str, Any]:
         return {
             "protocol": PROTOCOL_VERSION,
             "since": self.since,
             "last_seq": self.last_seq,
             "more": self.more,
             "pending": self.pending,
-            "events": self.events,
         }
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.header(), "events": self.events}
+
+    def to_json(self) -> str:
+        """The wire document, with the events spliced in as stored (no re-encoding)."""
+        head = json.dumps(self.header(), separators=(",", ":"))
+        return head[:-1] + ',"events":' + self.events_json + "}"
 
 
 def pruned_through(using: str) -> int:
@@ -59,32 +79,94 @@ def read(
             f"cursor {since} is older than the oldest event kept "
             f"(pruned through {pruned_through(using)}): run a full Data Pull"
         )
-    events = Event.objects.using(using).filter(id__gt=since)
-    if models:
-        events = events.filter(model__in=models)
-    # Plain tuples, not model instances: this is the feed's hot path.
-    rows = list(events.order_by("id").values_list(*_COLUMNS)[: limit + 1])
+    rows = _rows(since, limit + 1, using, models)
     more = len(rows) > limit
     rows = rows[:limit]
     last = rows[-1][0] if rows else since
     if more:
-        pending = events.filter(id__gt=last)[:PENDING_CAP].count()
+        events = Event.objects.using(using).filter(id__gt=last)
+        if models:
+            events = events.filter(model__in=models)
+        pending = events[:PENDING_CAP].count()
     else:
         pending = 0
-    wire = [
-        {
-            "seq": seq,
-            "ts": created_at.isoformat(),
-            "model": model,
-            "op": op,
-            "key": key,
-            "old_key": old_key,
-            "data": data,
-            "changed": changed,
-        }
-        for seq, created_at, model, op, key, old_key, data, changed in rows
+    return FeedPage(_splice(rows), since, last, more, pending)
+
+
+def _rows(since: int, count: int, using: str, models: list[str] | None) -> list[tuple[Any, ...]]:
+    """(id, created_at, model, op, key, old_key, data, changed) with the JSON
+    columns as the text the database holds.
+
+    The feed's hot path: the stored JSON is valid JSON already, so it is
+    passed through rather than decoded per column and encoded again (that
+    cost more than everything else a page needs).
+    """
+    connection = connections[using]
+    qn = connection.ops.quote_name
+    cast = "::text" if connection.vendor == "postgresql" else ""
+    created_at = qn("created_at")
+    if connection.vendor == "sqlite":
+        # An expression has no declared type, so the driver hands back the stored
+        # text instead of parsing a datetime that is only formatted again.
+        created_at += " || ''"
+    columns = ", ".join(
+        [qn("id"), created_at, qn("model"), qn("op")] + [f"{qn(c)}{cast}" for c in _JSON_COLUMNS]
+    )
+    sql = f"SELECT {columns} FROM {qn(Event._meta.db_table)} WHERE {qn('id')} > %s"
+    params: list[Any] = [since]
+    if models:
+        sql += f" AND {qn('model')} IN ({', '.join(['%s'] * len(models))})"
+        params.extend(models)
+    sql += f" ORDER BY {qn('id')} LIMIT {int(count)}"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+    return rows
+
+
+def _timestamps(values: list[Any]) -> list[str]:
+    """``created_at`` values as ISO 8601 with their offset, whatever the driver returned."""
+    aware = settings.USE_TZ  # stored in UTC, without an offset where the database has none
+    out = []
+    for value in values:
+        if isinstance(value, str):
+            # SQLite keeps text: "YYYY-MM-DD HH:MM:SS[.ffffff]", isoformat's digits already.
+            out.append(value.replace(" ", "T") + ("+00:00" if aware else ""))
+            continue
+        if aware and value.tzinfo is None:
+            out.append(value.isoformat() + "+00:00")
+        else:
+            out.append(value.isoformat())
+    return out
+
+
+def _text(value: Any) -> str:
+    """A stored JSON column's text (NULL -> ``null``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bytes | memoryview):
+        return bytes(value).decode()
+    return str(value)
+
+
+def _splice(rows: list[tuple[Any, ...]]) -> str:
+    quoted: dict[str, str] = {}  # labels and ops repeat: quote each once
+
+    def q(text: str) -> str:
+        found = quoted.get(text)
+        if found is None:
+            found = quoted[text] = json.dumps(text)
+        return found
+
+    stamps = _timestamps([row[1] for row in rows])
+    # A JSON column holding SQL NULL and one holding JSON null both read as null.
+    parts = [
+        f'{{"seq":{seq},"ts":"{ts}","model":{q(model)},'
+        f'"op":{q(op)},"key":{_text(key)},"old_key":{_text(old_key)},'
+        f'"data":{_text(data)},"changed":{_text(changed)}}}'
+        for (seq, _, model, op, key, old_key, data, changed), ts in zip(rows, stamps, strict=True)
     ]
-    return FeedPage(wire, since, last, more, pending)
+    return "[" + ",".join(parts) + "]"
 
 
 def has_events_after(since: int, using: str, models: list[str] | None = None) -> bool:
