@@ -45,7 +45,7 @@ class ApplyStats:
             self.deleted[label] += n
 
 
-@dataclass
+@dataclass(slots=True)
 class _Change:
     seq: int
     options: ModelOptions
@@ -118,10 +118,18 @@ def resolve_keys(options: ModelOptions, keys: Iterable[Key], using: str) -> dict
 # ------------------------------------------------------------ parsing
 
 
-def _parse(raw: dict[str, Any]) -> _Change:
+def _parse(raw: dict[str, Any], labels: dict[Any, ModelOptions | None] | None = None) -> _Change:
+    """One wire event -> a checked change. ``labels`` caches label -> options for a page."""
+    if labels is None:
+        labels = {}
     seq = raw.get("seq")
     label = raw.get("model")
-    options = registry.options_for_label(str(label))
+    try:
+        options = labels[label]
+    except KeyError:
+        options = labels[label] = registry.options_for_label(str(label))
+    except TypeError:  # not hashable: not a label
+        options = None
     if options is None:
         raise ApplyError(
             "model is not registered with changefeed_sync on this site",
@@ -144,6 +152,8 @@ def _parse(raw: dict[str, Any]) -> _Change:
     data = raw.get("data")
     if not isinstance(data, dict):
         raise ApplyError("upsert carries no data", model=options.label, key=key, seq=seq)
+    if data.keys() == options.field_names:  # the common case, one comparison
+        return _Change(int(seq or 0), options, Event.UPSERT, key, old_key, data, raw)
     unknown = set(data) - options.field_names
     if unknown:
         raise ApplyError(
@@ -202,12 +212,16 @@ class _Pending(Exception):
 
 
 def _build_values(
-    change: _Change, using: str, fk_maps: dict[Any, dict[Key, Any]], pending: set[tuple[str, Key]]
+    change: _Change, using: str, fk_maps: dict[str, dict[Key, Any]], pending: set[tuple[str, Key]]
 ) -> dict[str, Any]:
     options = change.options
+    data = change.data
     values: dict[str, Any] = {}
-    for f in options.plain_fields:
-        raw = change.data[f.name]
+    for f, needs_decoding in options.plain_decoding:
+        raw = data[f.name]
+        if not needs_decoding and type(raw) is str:
+            values[f.attname] = raw
+            continue
         try:
             values[f.attname] = decode_value(f, raw)
         except Exception as exc:
@@ -219,12 +233,12 @@ def _build_values(
                 seq=change.seq,
             ) from exc
     for fk in options.fk_fields:
-        raw = change.data[fk.name]
+        raw = data[fk.name]
         if raw is None:
             values[fk.attname] = None
             continue
-        rel_options = registry.get_options(fk.related_model)
-        if rel_options is None:
+        mapping = fk_maps.get(fk.name)
+        if mapping is None:  # the related model is not registered
             try:
                 related = fk.related_model._default_manager.db_manager(using).get_by_natural_key(
                     *raw
@@ -239,9 +253,11 @@ def _build_values(
                 ) from exc
             values[fk.attname] = getattr(related, fk.target_field.attname)
             continue
-        rel_key = normalize_key(rel_options, raw)
-        pk = fk_maps[fk].get(rel_key)
+        pk = mapping.get(tuple(raw))
         if pk is None:
+            rel_options = registry.get_options(fk.related_model)
+            assert rel_options is not None
+            rel_key = normalize_key(rel_options, raw)
             if (rel_options.label, rel_key) in pending:
                 raise _Pending
             raise ApplyError(
@@ -255,29 +271,35 @@ def _build_values(
     return values
 
 
-def _fk_maps(changes: Sequence[_Change], using: str) -> dict[Any, dict[Key, Any]]:
+def _fk_maps(changes: Sequence[_Change], using: str) -> dict[str, dict[Key, Any]]:
+    """Per foreign key: the natural key as it came on the wire (a tuple) -> the
+    value to store, for the related rows that exist on ``using``. Each distinct
+    key is normalized and looked up once, however many rows point at it."""
     options = changes[0].options
-    maps: dict[Any, dict[Key, Any]] = {}
+    maps: dict[str, dict[Key, Any]] = {}
     for fk in options.fk_fields:
         rel_options = registry.get_options(fk.related_model)
         if rel_options is None:
             continue
-        keys = set()
+        normalized: dict[Key, Key] = {}
         for change in changes:
             raw = change.data[fk.name]
-            if raw is not None:
-                try:
-                    keys.add(normalize_key(rel_options, raw))
-                except Exception as exc:
-                    raise ApplyError(
-                        f"bad foreign natural key {raw!r} ({exc})",
-                        model=options.label,
-                        key=change.key,
-                        field=fk.name,
-                        seq=change.seq,
-                    ) from exc
+            if raw is None:
+                continue
+            try:
+                wire = tuple(raw)
+                if wire not in normalized:
+                    normalized[wire] = normalize_key(rel_options, wire)
+            except Exception as exc:
+                raise ApplyError(
+                    f"bad foreign natural key {raw!r} ({exc})",
+                    model=options.label,
+                    key=change.key,
+                    field=fk.name,
+                    seq=change.seq,
+                ) from exc
         # Targets of a foreign key need not be the related model's primary key.
-        mapped = resolve_keys(rel_options, keys, using)
+        mapped = resolve_keys(rel_options, normalized.values(), using)
         if fk.target_field.attname != rel_options.model._meta.pk.attname:
             to_attr = dict(
                 rel_options.model._base_manager.using(using)
@@ -285,7 +307,7 @@ def _fk_maps(changes: Sequence[_Change], using: str) -> dict[Any, dict[Key, Any]
                 .values_list("pk", fk.target_field.attname)
             )
             mapped = {k: to_attr[pk] for k, pk in mapped.items()}
-        maps[fk] = mapped
+        maps[fk.name] = {wire: mapped[key] for wire, key in normalized.items() if key in mapped}
     return maps
 
 
@@ -361,6 +383,9 @@ _PASS_THROUGH = frozenset(
 )
 
 
+_AS_IS, _ADAPT, _CONSTANT = 0, 1, 2
+
+
 def _upsert_sql(
     options: ModelOptions,
     unique: tuple[str, ...],
@@ -428,24 +453,28 @@ def _upsert_sql(
     per_statement = max(1, min(500, _max_params(using) // max(len(columns), 1)))
     # Text and integer values (foreign keys included) are already what the
     # driver takes; every other type goes through the field's own adaptation.
-    plain = {
-        f.attname
-        for f in columns
-        if f.get_internal_type() in _PASS_THROUGH
-        and f.attname not in fixed
-        and not getattr(f, "db_returning", False)
-    }
+    # Columns not synced hold the same value in every row: adapted once.
+    plan: list[tuple[int, str, Any]] = []  # (how, attname, constant or field)
+    for f in columns:
+        if f.attname in fixed:
+            plan.append((_CONSTANT, f.attname, f.get_db_prep_save(fixed[f.attname], connection)))
+        elif f.get_internal_type() in _PASS_THROUGH and not getattr(f, "db_returning", False):
+            plan.append((_AS_IS, f.attname, None))
+        else:
+            plan.append((_ADAPT, f.attname, f))
     found: dict[Key, Any] = {}
     with connection.cursor() as cursor:
         for chunk in chunked(rows, per_statement):
             params: list[Any] = []
+            append = params.append
             for _, values in chunk:
-                for f in columns:
-                    if f.attname in plain:
-                        params.append(values[f.attname])
-                        continue
-                    value = fixed[f.attname] if f.attname in fixed else values[f.attname]
-                    params.append(f.get_db_prep_save(value, connection))
+                for how, attname, extra in plan:
+                    if how == _AS_IS:
+                        append(values[attname])
+                    elif how == _ADAPT:
+                        append(extra.get_db_prep_save(values[attname], connection))
+                    else:
+                        append(extra)
             sql = (
                 f"{verb} INTO {table} ({names}) VALUES "
                 + ", ".join([row_sql] * len(chunk))
@@ -462,6 +491,27 @@ def _upsert_sql(
 def _returned_pks(rows: list[tuple[_Change, dict[str, Any]]], objs: list[Any]) -> dict[Key, Any]:
     # ignore_conflicts and MySQL return no ids; those keys are resolved later.
     return {change.key: obj.pk for (change, _), obj in zip(rows, objs) if obj.pk is not None}
+
+
+def _current_links(
+    through: Any, src: str, dst: str, owners: list[Any], using: str
+) -> set[tuple[Any, Any]]:
+    """(owner, other) pairs stored for ``owners``, in plain SQL: for a page of
+    upserts the ORM's per-value lookup preparation cost more than the query."""
+    connection = connections[using]
+    qn = connection.ops.quote_name
+    meta = through._meta
+    src_column = qn(meta.get_field(src).column)
+    sql = (
+        f"SELECT {src_column}, {qn(meta.get_field(dst).column)} "
+        f"FROM {qn(meta.db_table)} WHERE {src_column} IN "
+    )
+    current: set[tuple[Any, Any]] = set()
+    with connection.cursor() as cursor:
+        for chunk in chunked(owners, _max_params(using)):
+            cursor.execute(sql + "(" + ", ".join(["%s"] * len(chunk)) + ")", chunk)
+            current.update((a, b) for a, b in cursor.fetchall())
+    return current
 
 
 def _write_m2m(
@@ -512,11 +562,7 @@ def _write_m2m(
                     )
         # Write only the difference: most upserts leave their links as they are.
         manager = through._base_manager.using(using)
-        current: set[tuple[Any, Any]] = set()
-        for chunk in chunked(list(wanted), 500):
-            current.update(
-                manager.filter(**{f"{src}__in": chunk}).values_list(f"{src}_id", f"{dst}_id")
-            )
+        current = _current_links(through, src, dst, list(wanted), using)
         target = {(owner, mapped[k]) for owner, keys in wanted.items() for k in keys}
         stale = current - target
         if stale:
@@ -537,7 +583,12 @@ def _apply_upserts(changes: list[_Change], using: str, stats: ApplyStats) -> Non
     for change in changes:
         by_model[change.options.model].append(change)
     order = model_order(by_model)
-    pending = {(c.options.label, c.key) for c in changes}
+    # Rows of this run that other rows of it may point at (self-references, parents
+    # written in the same run); a row pointing at one not yet written waits a round.
+    pointed_at = {
+        fk.related_model for model in by_model for fk in by_model[model][0].options.fk_fields
+    }
+    pending = {(c.options.label, c.key) for c in changes if c.options.model in pointed_at}
     while True:
         progress = False
         blocked: dict[type[models.Model], list[_Change]] = {}
@@ -558,8 +609,9 @@ def _apply_upserts(changes: list[_Change], using: str, stats: ApplyStats) -> Non
                 pks = _write_rows(options, ready, using)
                 _write_m2m(options, [c for c, _ in ready], using, pks)
                 stats.upserted[options.label] += len(ready)
-                for change, _ in ready:
-                    pending.discard((options.label, change.key))
+                if model in pointed_at:
+                    for change, _ in ready:
+                        pending.discard((options.label, change.key))
                 progress = True
             if wait:
                 blocked[model] = wait
@@ -610,8 +662,11 @@ def _flush(run: list[_Change], using: str, stats: ApplyStats) -> None:
         return
     last: dict[tuple[str, Key], _Change] = {}
     for change in run:
-        last.pop((change.options.label, change.key), None)
-        last[(change.options.label, change.key)] = change
+        # The last change of a key wins, in the position of that last change.
+        coalesce_key = (change.options.label, change.key)
+        if coalesce_key in last:
+            del last[coalesce_key]
+        last[coalesce_key] = change
     coalesced = list(last.values())
     if run[0].op == Event.UPSERT:
         _apply_upserts(coalesced, using, stats)
@@ -624,7 +679,8 @@ def apply_events(
     events: Sequence[dict[str, Any]], *, using: str, relay: bool = False
 ) -> ApplyStats:
     """Apply feed events on ``using``; the caller owns the transaction."""
-    changes = [_parse(raw) for raw in events]
+    labels: dict[Any, ModelOptions | None] = {}
+    changes = [_parse(raw, labels) for raw in events]
     stats = ApplyStats(events=len(changes))
     with applying():
         run: list[_Change] = []

@@ -27,6 +27,12 @@ M = TypeVar("M", bound=type[models.Model])
 
 Key = tuple[Any, ...]
 
+# Text columns whose JSON form is already the Python value: applying skips
+# to_python for them (it is called for every value of every event).
+TEXT_TYPES = frozenset(
+    {"CharField", "TextField", "SlugField", "EmailField", "URLField", "FilePathField"}
+)
+
 
 @dataclass(frozen=True)
 class ModelOptions:
@@ -95,6 +101,12 @@ class ModelOptions:
     @cached_property
     def m2m_fields(self) -> tuple[ManyToManyField[Any, Any], ...]:
         return tuple(f for f in self.model._meta.local_many_to_many if self._wanted(f.name))
+
+    @cached_property
+    def plain_decoding(self) -> tuple[tuple[Field[Any, Any], bool], ...]:
+        """``(field, needs to_python)`` per plain field: text columns take their JSON
+        string as it is (apply decodes every value of every event)."""
+        return tuple((f, f.get_internal_type() not in TEXT_TYPES) for f in self.plain_fields)
 
     @cached_property
     def field_names(self) -> frozenset[str]:

@@ -22,7 +22,7 @@ from django.db import models
 from django.utils.duration import duration_iso_string
 
 from . import registry
-from .registry import Key, ModelOptions
+from .registry import TEXT_TYPES, Key, ModelOptions
 
 PROTOCOL_VERSION = 1
 
@@ -57,18 +57,13 @@ def encode_value(field: Any, value: Any) -> Any:
     return str(value)
 
 
-# Text columns whose JSON form is already the Python value: applying skips
-# to_python for them (it is called for every value of every event).
-_TEXT_TYPES = frozenset(
-    {"CharField", "TextField", "SlugField", "EmailField", "URLField", "FilePathField"}
-)
 
 
 def decode_value(field: Any, value: Any) -> Any:
     """The JSON form of a value of ``field`` -> the Python value to store."""
     if value is None:
         return None
-    if type(value) is str and field.get_internal_type() in _TEXT_TYPES:
+    if type(value) is str and field.get_internal_type() in TEXT_TYPES:
         return value
     if isinstance(field, models.JSONField):
         return value
@@ -84,13 +79,18 @@ def key_of_row(options: ModelOptions, values: Sequence[Any]) -> Key:
 
 def normalize_key(options: ModelOptions, key: Iterable[Any]) -> Key:
     """A key as received -> the same form ``key_of_row`` produces, so they compare equal."""
-    items = list(key)
+    items = tuple(key)
     if len(items) != len(options.key_fields):
         raise ValueError(
             f"natural key of {options.label} has {len(options.key_fields)} parts, got {len(items)}"
         )
-    if all(type(v) is str for v in items) and options.text_key:
-        return tuple(items)  # nothing to normalize: the common case, kept cheap
+    if options.text_key:
+        # Nothing to normalize in the common case: called for every key of every event.
+        for v in items:
+            if type(v) is not str:
+                break
+        else:
+            return items
     return tuple(
         encode_value(f, decode_value(f, v)) for f, v in zip(options.key_fields, items, strict=True)
     )
