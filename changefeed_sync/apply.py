@@ -71,16 +71,16 @@ def resolve_keys(options: ModelOptions, keys: Iterable[Key], using: str) -> dict
     condition ``a = x AND b = y AND c IN (...)``, so a query fetches only the
     wanted rows through the natural key's unique index; chunks keep every
     statement under the database's bind-parameter limit.
+
+    When the keys nearly fill the cross product of their parts' values (the
+    rows a page points at: a few countries x a few languages), a single
+    condition ``a IN (...) AND b IN (...)`` fetches the same rows with one
+    small statement instead of one condition per group.
     """
     wanted = {tuple(k) for k in keys}
     found: dict[Key, Any] = {}
     if not wanted:
         return found
-    *head_lookups, last_lookup = options.lookups
-    *head_fields, last_field = options.key_fields
-    groups: dict[Key, list[Any]] = defaultdict(list)
-    for key in wanted:
-        groups[key[:-1]].append(key[-1])
     budget = _max_params(using)
     manager = options.model._base_manager.using(using)
 
@@ -92,6 +92,35 @@ def resolve_keys(options: ModelOptions, keys: Iterable[Key], using: str) -> dict
             key = key_of_row(options, row[1:])
             if key in wanted:
                 found[key] = row[0]
+
+    distinct = [set(values) for values in zip(*wanted)]
+    product = 1
+    for values in distinct:
+        product *= len(values)
+    if (
+        len(distinct) > 1
+        and product <= 2 * len(wanted)
+        and sum(map(len, distinct)) <= budget
+        and not any(None in values for values in distinct)  # IN never matches NULL
+    ):
+        run(
+            [
+                Q(
+                    **{
+                        f"{lookup}__in": [decode_value(f, v) for v in values]
+                        for lookup, f, values in zip(
+                            options.lookups, options.key_fields, distinct, strict=True
+                        )
+                    }
+                )
+            ]
+        )
+        return found
+    *head_lookups, last_lookup = options.lookups
+    *head_fields, last_field = options.key_fields
+    groups: dict[Key, list[Any]] = defaultdict(list)
+    for key in wanted:
+        groups[key[:-1]].append(key[-1])
 
     batch: list[Q] = []
     used = 0

@@ -9,10 +9,12 @@ import uuid
 import pytest
 from django.db import transaction
 
-from changefeed_sync import feed
-from changefeed_sync.apply import apply_page
+import changefeed_sync
+from changefeed_sync import feed, registry
+from changefeed_sync.apply import apply_page, resolve_keys
 from changefeed_sync.exceptions import ApplyError
 from changefeed_sync.models import DataSource, Event, Target
+from changefeed_sync.registry import Key
 from tests.helpers import data_source, events, pump, state
 from tests.testapp.models import Category, Copy, Country, Kinds, Language, Tag
 
@@ -204,3 +206,28 @@ def test_relay_passes_changes_on(backend_pair: tuple[str, str]) -> None:
     # B's outbox now carries A's changes; C reads B's feed like any other.
     relayed = [(e.model, e.op, e.key) for e in events(b)]
     assert relayed == [(e.model, e.op, e.key) for e in events(a)]
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    [
+        # Nearly the whole cross product of the parts' values: one IN per part.
+        [("c0", "l0"), ("c1", "l1"), ("c0", "l1"), ("c0", "zz")],
+        # Sparse: one condition per group of leading parts.
+        [("c0", "l0"), ("c1", "l1"), ("c2", "l2")],
+    ],
+    ids=["cross-product", "grouped"],
+)
+def test_resolve_keys_returns_exactly_the_wanted_rows(db_alias: str, wanted: list[Key]) -> None:
+    with changefeed_sync.applying():
+        countries = [Country.objects.using(db_alias).create(code=f"c{i}") for i in range(3)]
+        pks = {
+            (c.code, f"l{j}"): Language.objects.using(db_alias).create(country=c, code=f"l{j}").pk
+            for c in countries
+            for j in range(3)
+        }
+    options = registry.get_options(Language)
+    assert options is not None
+    found = resolve_keys(options, wanted, db_alias)
+    # Rows in the cross product but not wanted (c1/l0, ...) must not come back.
+    assert found == {key: pks[key] for key in wanted if key in pks}
