@@ -13,11 +13,19 @@ SHA-256 and download token (files.py), so a target fetches only what differs.
 
 from __future__ import annotations
 
+import base64
 import gc
+import hashlib
+import json
 import threading
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from functools import partial
+from itertools import repeat
+from json.encoder import encode_basestring_ascii as _esc
+from operator import methodcaller
+from typing import Any, Literal
 
 from django.db import models
 from django.db.models import Max
@@ -35,6 +43,125 @@ from .serialization import (
     payloads_from_db,
 )
 
+# Digests (see README, "Wire protocol"): a row's canonical text is the JSON of
+# ``[key, data]`` as a snapshot page sends them, with sorted object keys, no
+# whitespace and non-ASCII characters escaped; its hash is the first 128 bits of
+# BLAKE2b of that text (digest_size=16, big-endian); its bucket is the CRC-32 of
+# its key's canonical text modulo the number of buckets. A bucket's digest is the
+# number of its rows and the sum of their hashes modulo 2**128: it does not depend
+# on the order the rows were read in, so each side reads in its own primary-key order.
+DIGEST_VERSION = 1
+MAX_BUCKETS = 4096
+_ENCODE = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, check_circular=False
+).encode
+_MASK = (1 << 128) - 1
+
+
+def _fragment(field: Any, value: Any) -> str:
+    """The canonical text of one value as a page would send it."""
+    if value.__class__ is str and (field is None or _plain_text(field)):
+        return _esc(value)
+    return _ENCODE(value if field is None else encode_value(field, value))
+
+
+def _fragments(field: Any, values: Sequence[Any]) -> list[str]:
+    """``_fragment`` of a column of raw values of ``field`` (None: a plain text column)."""
+    if field is None or _plain_text(field):
+        try:
+            return list(map(_esc, values))  # every value a string: the usual case
+        except TypeError:
+            return [_esc(v) if v.__class__ is str else _ENCODE(v) for v in values]
+    return [_ENCODE(encode_value(field, v)) for v in values]
+
+
+def canonical_key(key: Sequence[Any]) -> str:
+    return _ENCODE(list(key))
+
+
+def canonical_row(key: Sequence[Any], data: dict[str, Any]) -> str:
+    return _ENCODE([list(key), data])
+
+
+def bucket_of(key_text: str, buckets: int) -> int:
+    return zlib.crc32(key_text.encode()) % buckets
+
+
+def _texts_of(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    return (
+        [canonical_key(r["key"]) for r in rows],
+        [canonical_row(r["key"], r["data"]) for r in rows],
+    )
+
+
+class DigestPage:
+    """Rows counted and hashes summed per bucket, for a range of rows."""
+
+    def __init__(self, buckets: int) -> None:
+        self.buckets = buckets
+        self.counts = [0] * buckets
+        self.sums = [0] * buckets
+        self.last: Any = None
+        self.more = False
+
+    def add(self, keys: Sequence[str], texts: Sequence[str]) -> None:
+        n = self.buckets
+        counts, sums = self.counts, self.sums
+        # Built-in functions mapped over the page: no Python call per row but the loop.
+        where = map(n.__rmod__, map(zlib.crc32, map(str.encode, keys)))
+        hashes = map(int.from_bytes, map(_digest, map(_blake, map(str.encode, texts))), _BIG)
+        for b, h in zip(where, hashes):
+            counts[b] += 1
+            sums[b] += h
+
+    def merge(self, wire: Any) -> None:
+        """Add a page's ``digests`` as received (ValueError if malformed)."""
+        if not isinstance(wire, list):
+            raise ValueError("digests is not a list")
+        for item in wire:
+            b, count, total = item
+            if not (0 <= b < self.buckets) or count < 0:
+                raise ValueError(f"bad digest entry {item!r}")
+            self.counts[b] += int(count)
+            self.sums[b] += int(total, 16)
+
+    def to_wire(self) -> list[list[Any]]:
+        return [
+            [b, count, f"{self.sums[b] & _MASK:032x}"]
+            for b, count in enumerate(self.counts)
+            if count
+        ]
+
+    def differing(self, other: DigestPage) -> list[int]:
+        """Buckets whose row count or hash sum differ."""
+        return [
+            b
+            for b in range(self.buckets)
+            if self.counts[b] != other.counts[b] or (self.sums[b] - other.sums[b]) & _MASK
+        ]
+
+
+_blake = partial(hashlib.blake2b, digest_size=16)
+_digest = methodcaller("digest")
+_BIG: repeat[Literal["big"]] = repeat("big")
+
+
+def encode_buckets(wanted: Iterable[int], buckets: int) -> str:
+    """A set of buckets as the ``only`` parameter: a bitmap (bucket i is bit i % 8 of
+    byte i // 8), base64url without padding."""
+    bits = bytearray((buckets + 7) // 8)
+    for b in wanted:
+        bits[b // 8] |= 1 << (b % 8)
+    return base64.urlsafe_b64encode(bytes(bits)).decode("ascii").rstrip("=")
+
+
+def decode_buckets(text: str, buckets: int) -> frozenset[int]:
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if len(raw) != (buckets + 7) // 8:
+        raise ValueError(f"'only' must be a bitmap of {buckets} buckets")
+    wanted = frozenset(i for i in range(buckets) if raw[i // 8] >> (i % 8) & 1)
+    return wanted
+
 
 def start(using: str) -> dict[str, Any]:
     position = Event.objects.using(using).aggregate(m=Max("id"))["m"] or 0
@@ -45,15 +172,60 @@ def start(using: str) -> dict[str, Any]:
         "models": [m._meta.label_lower for m in ordered],
         # For progress only: rows may come and go while the snapshot is read.
         "counts": {m._meta.label_lower: m._base_manager.using(using).count() for m in ordered},
+        # This source answers digest requests (see ``digest``).
+        "digests": DIGEST_VERSION,
     }
 
 
-def page(label: str, after: str | None, limit: int, using: str) -> dict[str, Any]:
+def _options(label: str) -> ModelOptions:
     options = registry.options_for_label(label)
     if options is None:
         raise LookupError(f"model {label!r} is not registered with changefeed_sync here")
+    return options
+
+
+def _check_buckets(options: ModelOptions, buckets: int) -> None:
+    if not 1 <= buckets <= MAX_BUCKETS:
+        raise ValueError(f"buckets must be between 1 and {MAX_BUCKETS}")
+    if options.file_fields:
+        raise ValueError(f"{options.label} has file fields: no digests, pull its rows")
+
+
+def digest(label: str, after: str | None, limit: int, buckets: int, using: str) -> dict[str, Any]:
+    """Bucket digests of up to ``limit`` rows after ``after`` (the rows ``page`` would send)."""
+    options = _options(label)
+    _check_buckets(options, buckets)
     with collection_paused():
-        rows, last, more = RowReader(options, using).page(after, limit)
+        result = RowReader(options, using).digest_page(after, limit, buckets)
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "model": label,
+        "buckets": buckets,
+        "digests": result.to_wire(),
+        "next": str(result.last) if result.last is not None else (after or ""),
+        "more": result.more,
+    }
+
+
+def page(
+    label: str,
+    after: str | None,
+    limit: int,
+    using: str,
+    buckets: int | None = None,
+    only: str | None = None,
+) -> dict[str, Any]:
+    """Rows after ``after``; with ``buckets`` and ``only``, just the rows of those buckets."""
+    options = _options(label)
+    with collection_paused():
+        if buckets is None:
+            rows, last, more = RowReader(options, using).page(after, limit)
+        else:
+            _check_buckets(options, buckets)
+            wanted = decode_buckets(only or "", buckets)
+            rows, last, more = RowReader(options, using).page_in_buckets(
+                after, limit, buckets, wanted
+            )
     if options.file_fields:
         files.describe(options, rows)
     return {
@@ -262,29 +434,206 @@ class RowReader:
             data[link.fk.name] = list(nat) if link.nat_text else list(key_of_row(link.rel, nat))
         return data
 
-    def page(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], Any, bool]:
-        """Up to ``limit`` rows after primary key ``after``, by keyset; (rows, last pk, more)."""
-        options = self.options
-        pk_field = options.model._meta.pk
+    def _ordered(self, after: str | None) -> Any:
+        pk_field = self.options.model._meta.pk
         assert pk_field is not None
-        ordered = options.model._base_manager.using(self.using).order_by("pk")
+        ordered = self.options.model._base_manager.using(self.using).order_by("pk")
         if after not in (None, ""):
             ordered = ordered.filter(pk__gt=pk_field.to_python(after))
+        return ordered
+
+    def page(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], Any, bool]:
+        """Up to ``limit`` rows after primary key ``after``, by keyset; (rows, last pk, more)."""
+        ordered = self._ordered(after)
         if not self.fast:
             pks = list(ordered.values_list("pk", flat=True)[: limit + 1])
-            payloads = payloads_from_db(options, pks[:limit], self.using)
+            payloads = payloads_from_db(self.options, pks[:limit], self.using)
             rows = [payloads[pk] for pk in pks[:limit] if pk in payloads]
             return rows, (pks[:limit][-1] if pks[:limit] else None), len(pks) > limit
         found = list(ordered.values_list(*self.columns)[: limit + 1])
         more = len(found) > limit
         found = found[:limit]
-        maps = self._related(found)
+        return self._rows(found, self._related(found)), (found[-1][0] if found else None), more
+
+    def _rows(
+        self, found: Sequence[Sequence[Any]], maps: list[dict[Any, tuple[Any, ...]]]
+    ) -> list[dict[str, Any]]:
         rows = []
         for row in found:
             payload = self._payload(row, maps)
             if payload is not None:
                 rows.append({"key": list(payload[0]), "data": payload[1]})
-        return rows, (found[-1][0] if found else None), more
+        return rows
+
+    # ------------------------------------------------------------ digests
+
+    def digest_page(
+        self, after: str | None, limit: int, buckets: int, out: DigestPage | None = None
+    ) -> DigestPage:
+        """Bucket digests of up to ``limit`` rows after primary key ``after`` (keyset),
+        added to ``out`` if given; its ``last`` and ``more`` say where this page ended."""
+        out = out or DigestPage(buckets)
+        ordered = self._ordered(after)
+        if not self.fast:
+            rows, out.last, out.more = self.page(after, limit)
+            out.add(*_texts_of(rows))
+            return out
+        found = list(ordered.values_list(*self.columns)[: limit + 1])
+        out.more = len(found) > limit
+        found = found[:limit]
+        out.last = found[-1][0] if found else None
+        maps = self._related(found)
+        texts = self._texts(found, maps)
+        out.add(*(texts if texts is not None else _texts_of(self._rows(found, maps))))
+        return out
+
+    def page_in_buckets(
+        self, after: str | None, limit: int, buckets: int, wanted: frozenset[int]
+    ) -> tuple[list[dict[str, Any]], Any, bool]:
+        """Like ``page``, but only the rows whose key falls in one of the ``wanted``
+        buckets: reads pages of ``limit`` rows until about ``limit`` rows were found or
+        ten pages were read (so a request stays short whatever the table)."""
+        out: list[dict[str, Any]] = []
+        last: Any = None
+        more = True
+        for _ in range(10):
+            if not self.fast:
+                rows, page_last, more = self.page(after, limit)
+                keys = _texts_of(rows)[0]
+                chosen = [
+                    r for r, k in zip(rows, keys, strict=True) if bucket_of(k, buckets) in wanted
+                ]
+            else:
+                found = list(self._ordered(after).values_list(*self.columns)[: limit + 1])
+                more = len(found) > limit
+                found = found[:limit]
+                page_last = found[-1][0] if found else None
+                maps = self._related(found)
+                texts = self._texts(found, maps, keys_only=True)
+                if texts is None:
+                    rows = self._rows(found, maps)
+                    keys = _texts_of(rows)[0]
+                    chosen = [
+                        r
+                        for r, k in zip(rows, keys, strict=True)
+                        if bucket_of(k, buckets) in wanted
+                    ]
+                else:
+                    picked = [
+                        row
+                        for row, k in zip(found, texts[0], strict=True)
+                        if bucket_of(k, buckets) in wanted
+                    ]
+                    chosen = self._rows(picked, maps)
+            out.extend(chosen)
+            if page_last is not None:
+                last, after = page_last, str(page_last)
+            if not more or len(out) >= limit:
+                break
+        return out, last, more
+
+    def pks_in_buckets(
+        self, after: str | None, limit: int, buckets: int, wanted: frozenset[int]
+    ) -> tuple[list[Any], Any, bool]:
+        """Primary keys of the rows, among up to ``limit`` after ``after``, whose key
+        falls in one of the ``wanted`` buckets; (pks, last pk read, more)."""
+        ordered = self._ordered(after)
+        if self.fast:
+            found = list(ordered.values_list(*self.columns)[: limit + 1])
+            more = len(found) > limit
+            found = found[:limit]
+            last = found[-1][0] if found else None
+            maps = self._related(found)
+            texts = self._texts(found, maps, keys_only=True)
+            if texts is not None:
+                return (
+                    [r[0] for r, k in zip(found, texts[0]) if bucket_of(k, buckets) in wanted],
+                    last,
+                    more,
+                )
+            pairs: list[tuple[Any, Sequence[Any]]] = [
+                (r[0], p[0]) for r in found if (p := self._payload(r, maps)) is not None
+            ]
+        else:
+            all_pks = list(ordered.values_list("pk", flat=True)[: limit + 1])
+            more = len(all_pks) > limit
+            all_pks = all_pks[:limit]
+            last = all_pks[-1] if all_pks else None
+            payloads = payloads_from_db(self.options, all_pks, self.using)
+            pairs = [(pk, payloads[pk]["key"]) for pk in all_pks if pk in payloads]
+        return (
+            [pk for pk, key in pairs if bucket_of(canonical_key(key), buckets) in wanted],
+            last,
+            more,
+        )
+
+    def _texts(
+        self,
+        found: Sequence[Sequence[Any]],
+        maps: list[dict[Any, tuple[Any, ...]]],
+        keys_only: bool = False,
+    ) -> tuple[list[str], list[str]] | None:
+        """(key texts, row texts) of raw rows of the fast path, column by column: the
+        same strings as ``canonical_key`` / ``canonical_row`` of their payloads (a test
+        holds them equal). None when a row points at a row that is not there (such
+        rows are left out of pages): the caller then goes through the payloads."""
+        if not found:
+            return [], []
+        columns = list(zip(*found))
+        options = self.options
+        # Per foreign key: column value -> (fragments of our key parts through it, its wire value).
+        frags: list[dict[Any, tuple[list[str], str]]] = []
+        for j, (link, hits) in enumerate(zip(self.links, maps, strict=True)):
+            values = set(columns[link.column])
+            values.discard(None)
+            if not values <= hits.keys():
+                return None
+            parts = [
+                (i, options.key_fields[p]) for p, (_, jj, i) in enumerate(self.key_parts) if jj == j
+            ]
+            table: dict[Any, tuple[list[str], str]] = {}
+            for value in values:
+                hit = hits[value]
+                nat = hit[len(link.sub) :]
+                assert link.rel is not None
+                wire = list(nat) if link.nat_text else list(key_of_row(link.rel, nat))
+                table[value] = ([_fragment(f, hit[i]) for i, f in parts], _ENCODE(wire))
+            frags.append(table)
+        local: dict[int, list[str]] = {}  # column -> its values' texts, made once
+        key_pieces: list[Any] = []
+        taken: dict[int, int] = {}  # link -> key parts through it used so far
+        for p, (column, j, _) in enumerate(self.key_parts):
+            key_pieces.append(repeat("," if p else "["))
+            if j < 0:
+                local[column] = _fragments(options.key_fields[p], columns[column])
+                key_pieces.append(local[column])
+            else:
+                n = taken.get(j, 0)
+                taken[j] = n + 1
+                table = frags[j]
+                key_pieces.append(
+                    ["null" if v is None else table[v][0][n] for v in columns[self.links[j].column]]
+                )
+        key_pieces.append(repeat("]"))
+        keys = list(map("".join, zip(*key_pieces)))
+        if keys_only:
+            return keys, []
+        pieces: list[Any] = [repeat("["), keys]
+        by_name: dict[str, list[str]] = {}
+        for name, i, f in self.plain:
+            text = local.get(i) if f is None else None  # a plain text key part: the same texts
+            by_name[name] = text if text is not None else _fragments(f, columns[i])
+        for j, link in enumerate(self.links):
+            table = frags[j]
+            by_name[link.fk.name] = [
+                "null" if v is None else table[v][1] for v in columns[link.column]
+            ]
+        separator = ",{"
+        for name in sorted(by_name):
+            pieces += [repeat(separator + _esc(name) + ":"), by_name[name]]
+            separator = ","
+        pieces.append(repeat("}]" if by_name else ",{}]"))
+        return keys, list(map("".join, zip(*pieces)))
 
     def by_keys(self, keys: Iterable[Key]) -> dict[Key, tuple[Any, dict[str, Any]]]:
         """Natural key -> (pk, data) of the rows with these keys.

@@ -99,16 +99,24 @@ def snapshot_view(request: HttpRequest) -> JsonResponse:
     label = request.GET.get("model")
     if not label:
         return JsonResponse(snapshot.start(using))
+    after = request.GET.get("after")
     try:
-        limit = min(max(_int_param(request, "limit", 1000), 1), conf.feed_max_limit())
-    except ValueError as exc:
-        return _error(400, str(exc))
-    try:
-        return JsonResponse(snapshot.page(label, request.GET.get("after"), limit, using))
+        limit = max(_int_param(request, "limit", 1000), 1)
+        digest = _int_param(request, "digest", 0)
+        buckets = _int_param(request, "buckets", 0)
+        if digest:  # bucket digests: no rows, so ten times the rows per request
+            body = snapshot.digest(
+                label, after, min(limit, 10 * conf.feed_max_limit()), digest, using
+            )
+        else:
+            limit = min(limit, conf.feed_max_limit())
+            only = request.GET.get("only") if buckets else None
+            body = snapshot.page(label, after, limit, using, buckets or None, only)
     except LookupError as exc:
         return _error(404, str(exc))
     except (ValueError, TypeError) as exc:
-        return _error(400, f"bad 'after' cursor: {exc}")
+        return _error(400, f"bad snapshot request: {exc}")
+    return JsonResponse(body)
 
 
 @transaction.non_atomic_requests
