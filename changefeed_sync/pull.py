@@ -61,7 +61,15 @@ from .files import Stage
 from .models import DataPull, DataSource, Event
 from .registry import Key, ModelOptions
 from .serialization import chunked, decode_value
-from .snapshot import RowReader, _plain_text, collection_paused
+from .snapshot import (
+    DIGEST_VERSION,
+    MAX_BUCKETS,
+    DigestPage,
+    RowReader,
+    _plain_text,
+    collection_paused,
+    encode_buckets,
+)
 
 logger = logging.getLogger("changefeed_sync.pull")
 
@@ -119,15 +127,18 @@ ProgressCallback = Callable[[Progress], None]
 
 
 def _pages(
-    client: SourceClient, labels: list[str], limit: int
+    client: SourceClient,
+    labels: list[str],
+    limit: int,
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Every snapshot page of every model, in order; the next request is already in
-    flight while the caller applies the current page (the source works meanwhile)."""
+    flight while the caller applies the current page (the source works meanwhile).
+    ``extra``: more query parameters per model (the buckets of a digest comparison)."""
 
     def fetch(label: str, after: str) -> dict[str, Any]:
-        body = client.get_json(
-            "snapshot/", {"model": label, "after": after, "limit": limit}, timeout=120
-        )
+        params = {"model": label, "after": after, "limit": limit, **(extra or {}).get(label, {})}
+        body = client.get_json("snapshot/", params, timeout=120)
         if not isinstance(body.get("rows"), list):
             raise ProtocolError(f"snapshot page of {label} has no rows")
         return body
@@ -183,27 +194,40 @@ class _Seen:
             self.table = qn(name)
         self.model_table = qn(options.model._meta.db_table)
         self.pk_column = qn(pk.column)
+        self.scope_name = f"changefeed_pull_scope_{index}"
+        self.scope = self.table.replace(name, self.scope_name)
+        # With a scope (a digest comparison): only the rows in the scope table can be
+        # missing; the others are known to be on the source.
+        self.scoped = False
+        self.scope_rows = 0
         self.drop()  # MySQL keeps temporary tables across a rolled back transaction
-        column = self.column = pk.rel_db_type(connection)
+        self.column = pk.rel_db_type(connection)
+        self._create(name)
+        self.chunk = max(1, min(connection.features.max_query_params or 1000, 1000))
+
+    def _create(self, name: str) -> None:
+        connection = connections[self.using]
+        qn = connection.ops.quote_name
         with connection.cursor() as cursor:
             if self.vendor == "postgresql":
                 cursor.execute(
-                    f"CREATE TEMPORARY TABLE {qn(name)} (pk {column} PRIMARY KEY) ON COMMIT DROP"
+                    f"CREATE TEMPORARY TABLE {qn(name)} (pk {self.column} PRIMARY KEY) ON COMMIT DROP"
                 )
             else:
-                cursor.execute(f"CREATE TEMPORARY TABLE {qn(name)} (pk {column} PRIMARY KEY)")
-        if self.vendor == "sqlite":
-            self.insert = f"INSERT OR IGNORE INTO {self.table} (pk) VALUES "
-            self.suffix = ""
-        elif self.vendor == "mysql":
-            self.insert = f"INSERT IGNORE INTO {self.table} (pk) VALUES "
-            self.suffix = ""
-        else:
-            self.insert = f"INSERT INTO {self.table} (pk) VALUES "
-            self.suffix = " ON CONFLICT DO NOTHING" if self.vendor == "postgresql" else ""
-        self.chunk = max(1, min(connection.features.max_query_params or 1000, 1000))
+                cursor.execute(f"CREATE TEMPORARY TABLE {qn(name)} (pk {self.column} PRIMARY KEY)")
+
+    def limit_to(self, pks: list[Any]) -> None:
+        """Add rows to the scope (the first call makes the deletes scoped)."""
+        if not self.scoped:
+            self._create(self.scope_name)
+            self.scoped = True
+        self._insert(self.scope, pks)
+        self.scope_rows += len(pks)
 
     def add(self, pks: list[Any]) -> None:
+        self._insert(self.table, pks)
+
+    def _insert(self, table: str, pks: list[Any]) -> None:
         if not pks:
             return
         connection = connections[self.using]
@@ -214,13 +238,19 @@ class _Seen:
         with connection.cursor() as cursor:
             if self.vendor == "postgresql":  # one array, not a parameter per key
                 cursor.execute(
-                    f"INSERT INTO {self.table} (pk) SELECT unnest(%s::{self.column}[])"
+                    f"INSERT INTO {table} (pk) SELECT unnest(%s::{self.column}[])"
                     " ON CONFLICT DO NOTHING",
                     [values],
                 )
                 return
+            if self.vendor == "sqlite":
+                insert, suffix = f"INSERT OR IGNORE INTO {table} (pk) VALUES ", ""
+            elif self.vendor == "mysql":
+                insert, suffix = f"INSERT IGNORE INTO {table} (pk) VALUES ", ""
+            else:
+                insert, suffix = f"INSERT INTO {table} (pk) VALUES ", ""
             for chunk in chunked(values, self.chunk):
-                cursor.execute(self.insert + ",".join(["(%s)"] * len(chunk)) + self.suffix, chunk)
+                cursor.execute(insert + ",".join(["(%s)"] * len(chunk)) + suffix, chunk)
 
     def _scalar(self, sql: str) -> int:
         with connections[self.using].cursor() as cursor:
@@ -229,9 +259,10 @@ class _Seen:
         return int(row[0]) if row else 0
 
     def _anti_join(self) -> str:
+        scope = f"JOIN {self.scope} c ON c.pk = t.{self.pk_column} " if self.scoped else ""
         return (
-            f"FROM {self.model_table} t LEFT JOIN {self.table} s ON s.pk = t.{self.pk_column} "
-            "WHERE s.pk IS NULL"
+            f"FROM {self.model_table} t {scope}LEFT JOIN {self.table} s "
+            f"ON s.pk = t.{self.pk_column} WHERE s.pk IS NULL"
         )
 
     def total(self) -> int:
@@ -265,6 +296,7 @@ class _Seen:
         try:
             with connection.cursor() as cursor:
                 cursor.execute(f"DROP {temporary}TABLE IF EXISTS {self.table}")
+                cursor.execute(f"DROP {temporary}TABLE IF EXISTS {self.scope}")
         except DatabaseError:  # the transaction is broken; its rollback drops it
             pass
 
@@ -301,6 +333,9 @@ class _Model:
         # whether the second pass that sets them is running.
         self.deferred = False
         self.relinking = False
+        # After a digest comparison: the query parameters that ask the source for the
+        # rows of the buckets that differ (None: every row is asked for).
+        self.only: dict[str, Any] | None = None
 
     def _upsert_sql(self) -> tuple[str | None, list[Any]]:
         """``INSERT ... VALUES`` prefix and conflict suffix, and the values of unsynced
@@ -549,6 +584,8 @@ def _delete_missing(
     if model.was_empty:
         return  # every row it has now was written by this pull
     seen = model.seen
+    if seen.scoped and not seen.scope_rows:
+        return  # a digest comparison found every row the target has on the source
     label = seen.options.label
     missing = seen.missing_count()
     if not missing:
@@ -569,6 +606,112 @@ def _delete_missing(
         deleted += len(chunk)
         report(deleted)
     counts["deleted"] += deleted
+
+
+# ------------------------------------------------------------------ digests
+
+ROWS_PER_BUCKET = 256
+# Rows per digest request, as a multiple of the page size (digests are small).
+_DIGEST_PAGES = 10
+
+
+def _source_digests(client: SourceClient, label: str, buckets: int, limit: int) -> DigestPage:
+    """The source's bucket digests of every row of ``label``, summed over its pages."""
+    total = DigestPage(buckets)
+    after = ""
+    while True:
+        body = client.get_json(
+            "snapshot/",
+            {"model": label, "after": after, "limit": limit, "digest": buckets},
+            timeout=120,
+        )
+        try:
+            if body.get("buckets") != buckets:
+                raise ValueError(f"asked for {buckets} buckets, got {body.get('buckets')!r}")
+            total.merge(body["digests"])
+            more, next_after = bool(body["more"]), str(body["next"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"snapshot digests of {label}: malformed page ({exc})") from exc
+        if not more:
+            return total
+        if next_after == after:
+            raise ProtocolError(f"snapshot digests of {label} do not move past {after!r}")
+        after = next_after
+
+
+def _target_digests(model: _Model, buckets: int, limit: int) -> DigestPage:
+    total = DigestPage(buckets)
+    after: str | None = None
+    while True:
+        with collection_paused():
+            model.reader.digest_page(after, limit, buckets, total)
+        if not total.more:
+            return total
+        after = str(total.last)
+
+
+class _SourceDigests:
+    """The source's digests of the models compared by digests, asked for one model
+    after the other by a thread from the start of the pull: the source computes them
+    while this site computes its own and applies the other models."""
+
+    def __init__(self, client: SourceClient, buckets: dict[str, int]) -> None:
+        self.buckets = buckets
+        self.pool: ThreadPoolExecutor | None = None
+        self.futures: dict[str, Future[DigestPage]] = {}
+        if buckets:
+            limit = _DIGEST_PAGES * page_size()
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="changefeed-digests")
+            for label, n in buckets.items():
+                self.futures[label] = self.pool.submit(_source_digests, client, label, n, limit)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            # A failed pull does not wait for a request still in flight.
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _digest_buckets(model: _Model, source_rows: int) -> int | None:
+    """How many buckets to compare the model's rows in; None when every row is to be
+    pulled (the table here is empty or holds less than a quarter of the source's
+    rows, or the model has files: their contents are checked row by row)."""
+    if model.was_empty or model.options.file_fields:
+        return None
+    target_rows = model.seen.total()
+    if target_rows * 4 < source_rows:
+        return None
+    return min(MAX_BUCKETS, max(1, -(-max(source_rows, target_rows) // ROWS_PER_BUCKET)))
+
+
+def _compare_digests(
+    model: _Model, buckets: int, theirs: Future[DigestPage], counts: dict[str, int]
+) -> int | None:
+    """Compare the model's rows here with the source's digests (this site's computed
+    now, after the models before it were applied); set ``model.only`` to the buckets
+    that differ, put this site's rows of those buckets in the deletes' scope, and
+    count the rows of the others as unchanged. Return those rows' number, or None
+    when too many buckets differ: then every row is pulled."""
+    mine = _target_digests(model, buckets, _DIGEST_PAGES * page_size())
+    source = theirs.result()
+    differ = source.differing(mine)
+    if len(differ) * 4 > buckets:
+        return None  # asking for a quarter of the buckets costs about all the rows
+    unchanged = sum(source.counts) - sum(source.counts[b] for b in differ)
+    counts["unchanged"] += unchanged
+    seen = model.seen
+    if not differ:
+        seen.limit_to([])
+        return unchanged
+    wanted = frozenset(differ)
+    model.only = {"buckets": buckets, "only": encode_buckets(wanted, buckets)}
+    after: str | None = None
+    while True:  # this site's rows of those buckets: the only ones that can be missing
+        with collection_paused():
+            pks, last, more = model.reader.pks_in_buckets(after, page_size(), buckets, wanted)
+        seen.limit_to(pks)
+        if not more:
+            return unchanged
+        after = str(last)
 
 
 # ------------------------------------------------------------------ the pull
@@ -601,6 +744,8 @@ def run_pull(
     start = client.get_json("snapshot/", {}, timeout=60)
     try:
         position = int(start["position"])
+        # Sources that answer digest requests say so (older ones do not: full rows).
+        digests = start.get("digests") == DIGEST_VERSION
         labels = [str(label) for label in start["models"]]
         totals = {str(k): int(v) for k, v in (start.get("counts") or {}).items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -618,6 +763,7 @@ def run_pull(
     index = {label: i + 1 for i, label in enumerate(labels)}
     stage = Stage(client, dry_run=dry_run) if any(o.file_fields for o in all_options) else None
     seen: dict[str, _Seen] = {}
+    source_digests = _SourceDigests(client, {})
     try:
         with transaction.atomic(using=using), applying():
             pullers = {}
@@ -625,19 +771,43 @@ def run_pull(
                 pullers[options.label] = _Model(options, using, i)
                 seen[options.label] = pullers[options.label].seen
             done = dict.fromkeys(labels, 0)
-            for label, body in _pages(client, labels, page_size()):
-                with collection_paused():
-                    _pull_page(pullers[label], body["rows"], counts[label], stage)
-                done[label] += len(body["rows"])
-                report(Progress(label, done[label], max(totals.get(label, 0), done[label]),
-                                index[label], n))  # fmt: skip
+            if digests:
+                # Models with rows here: compare digests, then pull only what differs.
+                plan = {}
+                for label in labels:
+                    buckets = _digest_buckets(pullers[label], totals.get(label, 0))
+                    if buckets is not None:
+                        plan[label] = buckets
+                source_digests = _SourceDigests(client, plan)
+            for label in labels:
+                model = pullers[label]
+                if label in source_digests.futures:
+                    unchanged = _compare_digests(model, source_digests.buckets[label],
+                                                 source_digests.futures[label],
+                                                 counts[label])  # fmt: skip
+                    if unchanged is not None:
+                        done[label] = unchanged
+                        report(Progress(label, unchanged, max(totals.get(label, 0), unchanged),
+                                        index[label], n))  # fmt: skip
+                        if model.only is None:
+                            continue  # nothing differs
+                extra = {label: model.only} if model.only else None
+                for _, body in _pages(client, [label], page_size(), extra):
+                    with collection_paused():
+                        _pull_page(model, body["rows"], counts[label], stage)
+                    done[label] += len(body["rows"])
+                    report(Progress(label, done[label], max(totals.get(label, 0), done[label]),
+                                    index[label], n))  # fmt: skip
             # Second pass over the models whose rows pointed at rows read later
             # (self-references, cycles): every row is there now.
             relink = [label for label in labels if pullers[label].deferred]
             for label in relink:
                 pullers[label].relinking = True
             done = dict.fromkeys(relink, 0)
-            for label, body in _pages(client, relink, page_size()):
+            relink_extra = {
+                label: only for label in relink if (only := pullers[label].only) is not None
+            }
+            for label, body in _pages(client, relink, page_size(), relink_extra):
                 with collection_paused():
                     _pull_page(pullers[label], body["rows"], _new_counts(), None)
                 done[label] += len(body["rows"])
@@ -670,6 +840,7 @@ def run_pull(
             stage.undo()
         raise
     finally:
+        source_digests.close()
         for s in seen.values():
             s.drop()
         if stage is not None:
