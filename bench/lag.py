@@ -3,6 +3,7 @@
     .venv/bin/python bench/lag.py            # 1/s for 60 s and 100/s for 30 s, per mode
     .venv/bin/python bench/lag.py --quick    # 1/s for 10 s and 100/s for 4 s
     .venv/bin/python bench/lag.py --json PATH
+    .venv/bin/python bench/lag.py --modes inline --rates 100   # one case
 
 Two sites of tests/servers.py, each its own SQLite database and ``runserver``
 process (the source's serves the feed, the target's the webhook). This process is
@@ -203,7 +204,7 @@ def use_wal(site: Site) -> None:
 
 def run(
     rates: list[float], seconds: dict[float, float], workdir: Path, *, backend: str = "sqlite",
-    wal: bool = False,
+    wal: bool = False, modes: tuple[str, ...] = ("inline", "follower"),
 ) -> list[Result]:
     source, target = Site("src", backend, workdir), Site("tgt", backend, workdir)
     watcher: Watcher | None = None
@@ -238,9 +239,11 @@ def run(
             str(target.sqlite_path) if backend == "sqlite" else target.database_url
         )
 
-        for rate in rates:
+        for rate in rates if "inline" in modes else ():
             results.append(measure("inline webhook", "w", rate, seconds[rate], watcher))
             print_row(results[-1])
+        if "follower" not in modes:
+            return results
 
         # Follower: no more pushes; the target pulls with a long-poll instead.
         Target.objects.filter(name="tgt").update(webhook_url="")
@@ -280,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short smoke run")
     parser.add_argument("--rates", default="1,100", help="changes per second, comma-separated")
     parser.add_argument("--seconds", type=float, help="seconds per rate (default: by rate)")
+    parser.add_argument(
+        "--modes", default="inline,follower",
+        help="ways to the target to measure, comma-separated (default: inline,follower)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     parser.add_argument(
         "--backend", choices=["sqlite", "postgres"], default="sqlite",
@@ -310,7 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="changefeed_sync-lag-") as tmp:
         try:
-            results = run(rates, seconds, Path(tmp), backend=args.backend, wal=args.wal)
+            results = run(
+                rates, seconds, Path(tmp), backend=args.backend, wal=args.wal,
+                modes=tuple(args.modes.split(",")),
+            )
         except BenchError as exc:
             print(str(exc), file=sys.stderr)
             return 2
