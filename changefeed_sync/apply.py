@@ -560,9 +560,12 @@ def _write_m2m(
         links: list[Any] = []
         wanted: dict[Any, list[Any]] = {}
         all_keys: set[Key] = set()
+        name = m2m.name
         for change in changes:
-            raw_keys = change.data[m2m.name] or []
-            if rel_options is not None:
+            raw_keys = change.data[name]
+            if not raw_keys:  # most rows: no links
+                wanted[own[change.key]] = []
+            elif rel_options is not None:
                 keys = [normalize_key(rel_options, k) for k in raw_keys]
                 all_keys.update(keys)
                 wanted[own[change.key]] = keys
@@ -579,7 +582,7 @@ def _write_m2m(
                         mapped[k] = manager.get_by_natural_key(*k).pk
                     except Exception:
                         pass
-        for change in changes:
+        for change in changes if all_keys or rel_options is None else ():
             for k in wanted[own[change.key]]:
                 if k not in mapped:
                     raise ApplyError(

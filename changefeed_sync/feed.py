@@ -90,7 +90,7 @@ def read(
         pending = events[:PENDING_CAP].count()
     else:
         pending = 0
-    return FeedPage(_splice(rows), since, last, more, pending)
+    return FeedPage(_splice(rows, connections[using].vendor), since, last, more, pending)
 
 
 def _rows(since: int, count: int, using: str, models: list[str] | None) -> list[tuple[Any, ...]]:
@@ -140,16 +140,16 @@ def _timestamps(values: list[Any]) -> list[str]:
     return out
 
 
-def _text(value: Any) -> str:
-    """A stored JSON column's text (NULL -> ``null``)."""
+def _text(value: Any) -> Any:
+    """A stored JSON column's text (NULL stays None)."""
     if value is None:
-        return "null"
+        return None
     if isinstance(value, bytes | memoryview):
         return bytes(value).decode()
     return str(value)
 
 
-def _splice(rows: list[tuple[Any, ...]]) -> str:
+def _splice(rows: list[tuple[Any, ...]], vendor: str) -> str:
     quoted: dict[str, str] = {}  # labels and ops repeat: quote each once
 
     def q(text: str) -> str:
@@ -159,11 +159,14 @@ def _splice(rows: list[tuple[Any, ...]]) -> str:
         return found
 
     stamps = _timestamps([row[1] for row in rows])
+    if vendor not in ("sqlite", "postgresql"):  # those two hand back str (or None)
+        rows = [(*row[:4], *(_text(v) for v in row[4:])) for row in rows]
     # A JSON column holding SQL NULL and one holding JSON null both read as null.
     parts = [
-        f'{{"seq":{seq},"ts":"{ts}","model":{q(model)},'
-        f'"op":{q(op)},"key":{_text(key)},"old_key":{_text(old_key)},'
-        f'"data":{_text(data)},"changed":{_text(changed)}}}'
+        f'{{"seq":{seq},"ts":"{ts}","model":{q(model)},"op":{q(op)},'
+        f'"key":{"null" if key is None else key},"old_key":{"null" if old_key is None else old_key},'
+        f'"data":{"null" if data is None else data},'
+        f'"changed":{"null" if changed is None else changed}}}'
         for (seq, _, model, op, key, old_key, data, changed), ts in zip(rows, stamps, strict=True)
     ]
     return "[" + ",".join(parts) + "]"
