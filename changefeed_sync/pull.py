@@ -610,9 +610,10 @@ def _delete_missing(
 
 # ------------------------------------------------------------------ digests
 
-ROWS_PER_BUCKET = 256
-# Rows per digest request, as a multiple of the page size (digests are small).
-_DIGEST_PAGES = 10
+ROWS_PER_BUCKET = 32
+# Rows per digest request, as a multiple of the page size (digests are small; the
+# source also answers after snapshot.DIGEST_SECONDS).
+_DIGEST_PAGES = 100
 
 
 def _source_digests(client: SourceClient, label: str, buckets: int, limit: int) -> DigestPage:

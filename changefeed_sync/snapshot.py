@@ -18,6 +18,7 @@ import gc
 import hashlib
 import json
 import threading
+import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -51,11 +52,13 @@ from .serialization import (
 # number of its rows and the sum of their hashes modulo 2**128: it does not depend
 # on the order the rows were read in, so each side reads in its own primary-key order.
 DIGEST_VERSION = 1
-MAX_BUCKETS = 4096
+MAX_BUCKETS = 16384  # an ``only`` bitmap of 2,731 characters at most
+DIGEST_SECONDS = 2.0  # a digest request answers after about this long
 _ENCODE = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=True, check_circular=False
 ).encode
 _MASK = (1 << 128) - 1
+_TEXT_CHUNK = 5000  # rows whose canonical texts are built at once
 
 
 def _fragment(field: Any, value: Any) -> str:
@@ -196,7 +199,9 @@ def digest(label: str, after: str | None, limit: int, buckets: int, using: str) 
     options = _options(label)
     _check_buckets(options, buckets)
     with collection_paused():
-        result = RowReader(options, using).digest_page(after, limit, buckets)
+        result = RowReader(options, using).digest_page(
+            after, limit, buckets, seconds=DIGEST_SECONDS
+        )
     return {
         "protocol": PROTOCOL_VERSION,
         "model": label,
@@ -468,24 +473,43 @@ class RowReader:
     # ------------------------------------------------------------ digests
 
     def digest_page(
-        self, after: str | None, limit: int, buckets: int, out: DigestPage | None = None
+        self,
+        after: str | None,
+        limit: int,
+        buckets: int,
+        out: DigestPage | None = None,
+        seconds: float | None = None,
     ) -> DigestPage:
         """Bucket digests of up to ``limit`` rows after primary key ``after`` (keyset),
-        added to ``out`` if given; its ``last`` and ``more`` say where this page ended."""
+        added to ``out`` if given; its ``last`` and ``more`` say where the reading
+        stopped. Read a chunk of rows at a time (memory stays that of a chunk), and
+        stop early once ``seconds`` have passed (a request stays short)."""
         out = out or DigestPage(buckets)
-        ordered = self._ordered(after)
-        if not self.fast:
-            rows, out.last, out.more = self.page(after, limit)
-            out.add(*_texts_of(rows))
-            return out
-        found = list(ordered.values_list(*self.columns)[: limit + 1])
-        out.more = len(found) > limit
-        found = found[:limit]
-        out.last = found[-1][0] if found else None
-        maps = self._related(found)
-        texts = self._texts(found, maps)
-        out.add(*(texts if texts is not None else _texts_of(self._rows(found, maps))))
-        return out
+        deadline = None if seconds is None else time.monotonic() + seconds
+        read = 0
+        while True:
+            step = min(_TEXT_CHUNK, limit - read)
+            if not self.fast:
+                pks = list(self._ordered(after).values_list("pk", flat=True)[: step + 1])
+                more = len(pks) > step
+                del pks[step:]
+                payloads = payloads_from_db(self.options, pks, self.using)
+                out.add(*_texts_of([payloads[pk] for pk in pks if pk in payloads]))
+                last = pks[-1] if pks else None
+            else:
+                found = list(self._ordered(after).values_list(*self.columns)[: step + 1])
+                more = len(found) > step
+                del found[step:]
+                maps = self._related(found)
+                texts = self._texts(found, maps)
+                out.add(*(texts if texts is not None else _texts_of(self._rows(found, maps))))
+                last = found[-1][0] if found else None
+            read += step
+            out.more = more
+            if last is not None:
+                out.last, after = last, str(last)
+            if not more or read >= limit or (deadline and time.monotonic() > deadline):
+                return out
 
     def page_in_buckets(
         self, after: str | None, limit: int, buckets: int, wanted: frozenset[int]

@@ -104,9 +104,9 @@ def snapshot_view(request: HttpRequest) -> JsonResponse:
         limit = max(_int_param(request, "limit", 1000), 1)
         digest = _int_param(request, "digest", 0)
         buckets = _int_param(request, "buckets", 0)
-        if digest:  # bucket digests: no rows, so ten times the rows per request
+        if digest:  # bucket digests: no rows, so many more rows per request
             body = snapshot.digest(
-                label, after, min(limit, 10 * conf.feed_max_limit()), digest, using
+                label, after, min(limit, 100 * conf.feed_max_limit()), digest, using
             )
         else:
             limit = min(limit, conf.feed_max_limit())

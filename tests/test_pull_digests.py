@@ -88,7 +88,7 @@ class Recorder:
 @pytest.fixture
 def small_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two rows per bucket: the small tables here get many buckets, so that a few
-    changes leave most of them equal (the pull's default is 256 rows per bucket)."""
+    changes leave most of them equal (the pull's default is 32 rows per bucket)."""
     monkeypatch.setattr(changefeed_sync.pull, "ROWS_PER_BUCKET", 2)
 
 
@@ -336,7 +336,7 @@ def test_snapshot_endpoint_refuses_bad_digest_requests(live_server) -> None:  # 
     assert start["digests"] == 1
     ok = get("model=testapp.country&digest=5&limit=10")
     assert ok.status_code == 200 and ok.json()["digests"] == [] and ok.json()["buckets"] == 5
-    assert get("model=testapp.country&digest=5000").status_code == 400
+    assert get("model=testapp.country&digest=20000").status_code == 400
     assert get("model=testapp.country&buckets=8&only=AQID").status_code == 400
     assert get("model=testapp.country&buckets=8").status_code == 400
     assert get("model=testapp.country&buckets=8&only=AQ").status_code == 200
