@@ -12,15 +12,18 @@ For each backend (SQLite -> SQLite, PostgreSQL -> PostgreSQL), in one run:
    its own process (``--role serve``);
 2. a full pull into an empty target database, in its own process (``--role pull``),
    through ``changefeed_sync.pull.execute`` exactly as ``manage.py changefeed_pull``
-   runs it; then a second pull with nothing changed; ``--reps`` times (3; the target
-   emptied in between), medians reported, with the CPU time of both processes (wall
-   time on a shared 2-core machine moves with the load of everything else; the load
-   average is printed before and after);
+   runs it; then a second pull with nothing changed (compared by digests: no row
+   travels); ``--reps`` times (3; the target emptied in between), medians reported,
+   with the CPU time of both processes (wall time on a shared 2-core machine moves
+   with the load of everything else; the load average is printed before and after);
+   then, once, a re-pull after 100 rows changed on the source (80 updated, 10
+   deleted, 10 inserted), whose counts are checked;
 3. ``dumpdata --natural-foreign --natural-primary`` of the source and ``loaddata``
    of that file into a third, empty database (the issue's reference), and, to be fair
    to Django, the same without natural keys (primary keys kept);
-4. memory: the peak RSS (``VmHWM``) of the server process and of the pull process
-   at ``--rows`` and at ``--large-rows``, each size served and pulled by fresh processes.
+4. memory: the peak RSS (``VmHWM``) of the server process and of the pull processes
+   (first pulls and re-pulls) at ``--rows`` and at ``--large-rows`` (a first pull and a
+   re-pull there), each size served and pulled by fresh processes.
 
 Targets (issue 3): >= 30,000 rows/s SQLite -> SQLite and >= 30x dumpdata + loaddata;
 a re-pull with nothing changed >= 3x faster than the first pull; peak memory of each
@@ -395,6 +398,8 @@ class Figures:
     pull_kb: int = 0
     large_rows: int = 0
     large_pull_s: float = 0.0
+    large_repull_s: float = 0.0
+    changed_s: float = 0.0
     large_server_kb: int = 0
     large_pull_kb: int = 0
     samples: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
@@ -546,9 +551,21 @@ def bench_backend(
             print(f"  re-pull, nothing changed: {second['seconds']:.2f} s ({unchanged:,} unchanged;"
                   f" CPU: pull process {second['cpu']:.2f} s, source server "
                   f"{repull_source_cpu:.2f} s)", flush=True)  # fmt: skip
+            fig.pull_kb = max(fig.pull_kb, second["maxrss_kb"])
             if not rep:
                 fig.pull_cpu, fig.source_cpu = first["cpu"], source_cpu
                 fig.repull_cpu, fig.repull_source_cpu = second["cpu"], repull_source_cpu
+        # A re-pull after a few changes: only the buckets that differ travel.
+        expected = change_source(a["source"], CHANGED)
+        for alias in connections:
+            connections[alias].close()
+        third = run_pull_process(specs[a["target"]], server.url, workdir)
+        fig.pull_kb = max(fig.pull_kb, third["maxrss_kb"])
+        fig.changed_s = third["seconds"]
+        got = third["counts"]["bench.copy"]
+        if got != expected:
+            raise RuntimeError(f"re-pull after changes counted {got}, expected {expected}")
+        print(f"  re-pull after {CHANGED} changes: {third['seconds']:.2f} s ({got})", flush=True)
     finally:
         fig.server_kb = server.stop()
     fig.pull_s, fig.repull_s = statistics.median(firsts), statistics.median(repulls)
@@ -571,12 +588,44 @@ def bench_backend(
         server = Server(specs[a["large_source"]], workdir)
         try:
             big = run_pull_process(specs[a["large_target"]], server.url, workdir)
+            again = run_pull_process(specs[a["large_target"]], server.url, workdir)
         finally:
             fig.large_server_kb = server.stop()
-        fig.large_pull_s, fig.large_pull_kb = big["seconds"], big["maxrss_kb"]
-        print(f"  first pull of {large:,} rows: {large / fig.large_pull_s:,.0f} rows/s",
-              flush=True)  # fmt: skip
+        fig.large_pull_s = big["seconds"]
+        fig.large_repull_s = again["seconds"]
+        fig.large_pull_kb = max(big["maxrss_kb"], again["maxrss_kb"])
+        print(f"  first pull of {large:,} rows: {large / fig.large_pull_s:,.0f} rows/s; "
+              f"re-pull, nothing changed: {fig.large_repull_s:.2f} s", flush=True)  # fmt: skip
     return fig
+
+
+CHANGED = 100  # rows changed on the source before the last re-pull
+
+
+def change_source(alias: str, n: int) -> dict[str, int]:
+    """Update 8/10 of ``n`` Copy rows, delete 1/10, insert 1/10, spread over the table;
+    return the counts a re-pull must report."""
+    from django.db import transaction
+
+    import changefeed_sync
+
+    m = bench_models()
+    copies = m["Copy"].objects.using(alias)
+    total = copies.count()
+    pks = list(copies.order_by("pk").values_list("pk", flat=True)[:: max(1, total // n)][:n])
+    updated, deleted = pks[: n * 8 // 10], pks[n * 8 // 10 : n * 9 // 10]
+    language = m["Language"].objects.using(alias).order_by("pk").first()
+    with changefeed_sync.applying(), transaction.atomic(using=alias):
+        for pk in updated:
+            copies.filter(pk=pk).update(value=f"changed {time.time()}")
+        copies.filter(pk__in=deleted).delete()
+        copies.bulk_create(
+            [m["Copy"](language=language, key=f"new.{time.time()}.{i}", value="new")
+             for i in range(n // 10)]  # fmt: skip
+        )
+    unchanged = total - len(updated) - len(deleted)
+    return {"created": n // 10, "updated": len(updated), "deleted": len(deleted),
+            "unchanged": unchanged}  # fmt: skip
 
 
 def baseline_runs(fig: Figures, a: dict[str, str], workdir: Path, rows: int) -> None:
@@ -660,6 +709,9 @@ def report(figs: Sequence[Figures]) -> list[str]:
         line("re-pull, nothing changed (median)", f"{f.repull_s:.2f} s",
              f"{f.pull_s / f.repull_s:.1f}x faster than the first pull", ">= 3x",
              f.pull_s / f.repull_s >= 3, missed)  # fmt: skip
+        line(f"re-pull after {CHANGED} changed rows (one run)", f"{f.changed_s:.2f} s",
+             f"{f.pull_s / f.changed_s:.1f}x faster than the first pull", "", None,
+             missed)  # fmt: skip
         if f.large_rows:
             for who, small, large in (("source server", f.server_kb, f.large_server_kb),
                                       ("pull process", f.pull_kb, f.large_pull_kb)):  # fmt: skip
@@ -669,6 +721,9 @@ def report(figs: Sequence[Figures]) -> list[str]:
                      "<= 1.2x", ratio <= 1.2, missed)  # fmt: skip
             line(f"full pull of {f.large_rows:,} rows", f"{f.large_rows / f.large_pull_s:,.0f} rows/s",
                  f"{f.large_pull_s:.1f} s", "", None, missed)  # fmt: skip
+            line(f"re-pull of {f.large_rows:,} rows, nothing changed", f"{f.large_repull_s:.2f} s",
+                 f"{f.large_pull_s / f.large_repull_s:.1f}x faster than the first pull", "",
+                 None, missed)  # fmt: skip
     return missed
 
 
