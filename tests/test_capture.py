@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from django.db import connections, transaction
 
-from changefeed_sync import applying
-from changefeed_sync.models import Event
+from changefeed_sync import applying, outbox
 from tests.helpers import events
 from tests.testapp.models import Category, Copy, Country, Language, Plain, Tag
 
@@ -73,18 +72,21 @@ def test_autocommit_save_and_event_are_one_transaction(db_alias: str) -> None:
     The crash is simulated by making the outbox insert fail (a real fault
     cannot be timed to land between two statements otherwise)."""
     assert connections[db_alias].get_autocommit()
-    original = Event.save
+    original = outbox._insert
 
-    def failing_save(self: Event, *args: object, **kwargs: object) -> None:
+    def failing_insert(*args: object, **kwargs: object) -> None:
         raise OSError("crash between row and outbox write")
 
-    Event.save = failing_save  # type: ignore[method-assign]
+    outbox._insert = failing_insert  # type: ignore[assignment]
     try:
         with pytest.raises(OSError):
             Country.objects.using(db_alias).create(code="it")
     finally:
-        Event.save = original  # type: ignore[method-assign]
+        outbox._insert = original
     assert not Country.objects.using(db_alias).filter(code="it").exists()
+    # And with the real insert the same save goes through, row and event.
+    Country.objects.using(db_alias).create(code="it")
+    assert [e.key for e in events(db_alias)] == [["it"]]
 
 
 def test_bulk_operations_are_captured(db_alias: str) -> None:
