@@ -41,6 +41,8 @@ def lock(using: str) -> None:
     vendor = connection.vendor
     with connection.cursor() as cursor:
         if vendor == "sqlite":
+            if getattr(connection, "transaction_mode", None) == "IMMEDIATE":
+                return  # BEGIN IMMEDIATE took the write lock already (the W001 setting)
             # SQLite already admits one writer at a time, but a transaction that
             # reads first and writes later fails at once ("database is locked")
             # if another writer got in between. Writing first takes the write

@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import django
 import pytest
 from django.db import connections, transaction
 
-from changefeed_sync import feed
+from changefeed_sync import feed, outbox
 from changefeed_sync.models import Event, OutboxState
 from tests.testapp.models import Category, Country, Tag
 
@@ -476,3 +479,45 @@ def _queries_waiting_on(alias: str, table: str) -> list[int]:
             [f"%{table}%"],
         )
         return [row[0] for row in c.fetchall()]
+
+
+@pytest.mark.skipif(django.VERSION < (5, 1), reason="transaction_mode needs Django 5.1")
+def test_sqlite_immediate_transactions_need_no_lock_statement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With OPTIONS['transaction_mode'] = 'IMMEDIATE' (the W001 setting) BEGIN takes
+    SQLite's write lock, so ``outbox.lock`` sends nothing more, and the lock is held
+    all the same: another connection cannot write until the transaction ends.
+
+    A connection of its own, outside Django's handler (the test runner admits no
+    alias added at run time), begun the way ``atomic()`` begins one on SQLite."""
+    from django.db.backends.sqlite3.base import DatabaseWrapper
+    from django.test.utils import CaptureQueriesContext
+
+    path = tmp_path / "immediate.sqlite3"
+    config = {
+        **connections.settings["default"],
+        "NAME": str(path),
+        "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 0.1},
+    }
+    wrapper = DatabaseWrapper(config, alias="immediate")
+    monkeypatch.setattr(outbox, "connections", {"immediate": wrapper})
+    try:
+        with wrapper.cursor() as cursor:
+            cursor.execute("CREATE TABLE t (x INTEGER)")
+        wrapper.in_atomic_block = True
+        wrapper._start_transaction_under_autocommit()  # what atomic() sends: BEGIN IMMEDIATE
+        with CaptureQueriesContext(wrapper) as queries:
+            outbox.lock("immediate")
+        assert len(queries) == 0
+        other = sqlite3.connect(path, timeout=0.1)
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("INSERT INTO t VALUES (1)")
+        finally:
+            other.close()
+    finally:
+        wrapper.in_atomic_block = False
+        with wrapper.cursor() as cursor:
+            cursor.execute("ROLLBACK")
+        wrapper.close()
