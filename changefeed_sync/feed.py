@@ -21,8 +21,9 @@ from .exceptions import CursorExpired
 from .models import Event, OutboxState
 from .serialization import PROTOCOL_VERSION
 
-# Counting what is left is capped, so a far-behind reader costs no long scan.
-PENDING_CAP = 10_000
+# Counting what is left is capped, so a far-behind reader costs no long scan
+# (counting 10,000 cost a catching-up reader more than reading its page).
+PENDING_CAP = 1_000
 _JSON_COLUMNS = ("key", "old_key", "data", "changed")
 
 
