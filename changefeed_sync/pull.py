@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from django.conf import settings
@@ -131,10 +132,12 @@ def _pages(
     labels: list[str],
     limit: int,
     extra: dict[str, dict[str, Any]] | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Every snapshot page of every model, in order; the next request is already in
     flight while the caller applies the current page (the source works meanwhile).
-    ``extra``: more query parameters per model (the buckets of a digest comparison)."""
+    ``extra``: more query parameters per model (the buckets of a digest comparison);
+    ``meanwhile`` is called while the first page is being fetched."""
 
     def fetch(label: str, after: str) -> dict[str, Any]:
         params = {"model": label, "after": after, "limit": limit, **(extra or {}).get(label, {})}
@@ -149,6 +152,8 @@ def _pages(
     try:
         index, after = 0, ""
         pending: Future[dict[str, Any]] | None = pool.submit(fetch, labels[0], after)
+        if meanwhile is not None:
+            meanwhile()
         while pending is not None:
             body = pending.result()
             label = labels[index]
@@ -336,6 +341,7 @@ class _Model:
         # After a digest comparison: the query parameters that ask the source for the
         # rows of the buckets that differ (None: every row is asked for).
         self.only: dict[str, Any] | None = None
+        self.differ: tuple[int, frozenset[int]] = (0, frozenset())
 
     def _upsert_sql(self) -> tuple[str | None, list[Any]]:
         """``INSERT ... VALUES`` prefix and conflict suffix, and the values of unsynced
@@ -610,7 +616,7 @@ def _delete_missing(
 
 # ------------------------------------------------------------------ digests
 
-ROWS_PER_BUCKET = 32
+ROWS_PER_BUCKET = 8
 # Rows per digest request, as a multiple of the page size (digests are small; the
 # source also answers after snapshot.DIGEST_SECONDS).
 _DIGEST_PAGES = 100
@@ -640,21 +646,11 @@ def _source_digests(client: SourceClient, label: str, buckets: int, limit: int) 
         after = next_after
 
 
-def _target_digests(model: _Model, buckets: int, limit: int) -> DigestPage:
-    total = DigestPage(buckets)
-    after: str | None = None
-    while True:
-        with collection_paused():
-            model.reader.digest_page(after, limit, buckets, total)
-        if not total.more:
-            return total
-        after = str(total.last)
-
-
 class _SourceDigests:
-    """The source's digests of the models compared by digests, asked for one model
-    after the other by a thread from the start of the pull: the source computes them
-    while this site computes its own and applies the other models."""
+    """The source's digests of the models compared by digests, asked for in order by
+    two threads from the start of the pull (a small model's answer does not wait for a
+    big one's): the source computes them while this site computes its own and applies
+    the other models."""
 
     def __init__(self, client: SourceClient, buckets: dict[str, int]) -> None:
         self.buckets = buckets
@@ -662,7 +658,7 @@ class _SourceDigests:
         self.futures: dict[str, Future[DigestPage]] = {}
         if buckets:
             limit = _DIGEST_PAGES * page_size()
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="changefeed-digests")
+            self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="changefeed-digests")
             for label, n in buckets.items():
                 self.futures[label] = self.pool.submit(_source_digests, client, label, n, limit)
 
@@ -689,30 +685,30 @@ def _compare_digests(
 ) -> int | None:
     """Compare the model's rows here with the source's digests (this site's computed
     now, after the models before it were applied); set ``model.only`` to the buckets
-    that differ, put this site's rows of those buckets in the deletes' scope, and
-    count the rows of the others as unchanged. Return those rows' number, or None
-    when too many buckets differ: then every row is pulled."""
-    mine = _target_digests(model, buckets, _DIGEST_PAGES * page_size())
+    that differ and count the rows of the others as unchanged. Return those rows'
+    number, or None when too many buckets differ: then every row is pulled."""
+    with collection_paused():
+        mine = model.reader.digest_all(buckets)
     source = theirs.result()
     differ = source.differing(mine)
     if len(differ) * 4 > buckets:
         return None  # asking for a quarter of the buckets costs about all the rows
     unchanged = sum(source.counts) - sum(source.counts[b] for b in differ)
     counts["unchanged"] += unchanged
-    seen = model.seen
-    if not differ:
-        seen.limit_to([])
-        return unchanged
-    wanted = frozenset(differ)
-    model.only = {"buckets": buckets, "only": encode_buckets(wanted, buckets)}
-    after: str | None = None
-    while True:  # this site's rows of those buckets: the only ones that can be missing
-        with collection_paused():
-            pks, last, more = model.reader.pks_in_buckets(after, page_size(), buckets, wanted)
-        seen.limit_to(pks)
-        if not more:
-            return unchanged
-        after = str(last)
+    model.seen.limit_to([])  # nothing can be missing but rows of the buckets that differ
+    if differ:
+        model.differ = (buckets, frozenset(differ))
+        model.only = {"buckets": buckets, "only": encode_buckets(differ, buckets)}
+    return unchanged
+
+
+def _scope_deletes(model: _Model) -> None:
+    """Put this site's rows of the buckets that differ in the deletes' scope: the only
+    rows that can be missing on the source."""
+    buckets, wanted = model.differ
+    with collection_paused():
+        for pks in model.reader.pks_in_buckets(buckets, wanted):
+            model.seen.limit_to(pks)
 
 
 # ------------------------------------------------------------------ the pull
@@ -792,8 +788,11 @@ def run_pull(
                                         index[label], n))  # fmt: skip
                         if model.only is None:
                             continue  # nothing differs
-                extra = {label: model.only} if model.only else None
-                for _, body in _pages(client, [label], page_size(), extra):
+                extra = meanwhile = None
+                if model.only is not None:
+                    extra = {label: model.only}
+                    meanwhile = partial(_scope_deletes, model)  # while the source reads
+                for _, body in _pages(client, [label], page_size(), extra, meanwhile):
                     with collection_paused():
                         _pull_page(model, body["rows"], counts[label], stage)
                     done[label] += len(body["rows"])

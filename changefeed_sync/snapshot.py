@@ -20,15 +20,15 @@ import json
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from itertools import repeat
+from itertools import islice, repeat
 from json.encoder import encode_basestring_ascii as _esc
 from operator import methodcaller
 from typing import Any, Literal
 
-from django.db import models
+from django.db import connections, models
 from django.db.models import Max
 
 from . import files, registry
@@ -88,6 +88,14 @@ def canonical_row(key: Sequence[Any], data: dict[str, Any]) -> str:
 
 def bucket_of(key_text: str, buckets: int) -> int:
     return zlib.crc32(key_text.encode()) % buckets
+
+
+def _in_buckets(
+    items: Sequence[Any], keys: Sequence[str], buckets: int, wanted: frozenset[int]
+) -> list[Any]:
+    """The items whose key text (same position) falls in one of the ``wanted`` buckets."""
+    where = map(buckets.__rmod__, map(zlib.crc32, map(str.encode, keys)))
+    return [item for item, b in zip(items, where) if b in wanted]
 
 
 def _texts_of(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -486,30 +494,122 @@ class RowReader:
         stop early once ``seconds`` have passed (a request stays short)."""
         out = out or DigestPage(buckets)
         deadline = None if seconds is None else time.monotonic() + seconds
-        read = 0
-        while True:
-            step = min(_TEXT_CHUNK, limit - read)
-            if not self.fast:
-                pks = list(self._ordered(after).values_list("pk", flat=True)[: step + 1])
-                more = len(pks) > step
-                del pks[step:]
-                payloads = payloads_from_db(self.options, pks, self.using)
-                out.add(*_texts_of([payloads[pk] for pk in pks if pk in payloads]))
-                last = pks[-1] if pks else None
-            else:
-                found = list(self._ordered(after).values_list(*self.columns)[: step + 1])
+        out.more = False
+        chunks = self._rows_after(after, limit, ["pk"] if not self.fast else self.columns)
+        try:
+            for found, more in chunks:
+                if not self.fast:
+                    pks = [row[0] for row in found]
+                    payloads = payloads_from_db(self.options, pks, self.using)
+                    out.add(*_texts_of([payloads[pk] for pk in pks if pk in payloads]))
+                else:
+                    maps = self._related(found)
+                    texts = self._texts(found, maps)
+                    out.add(*(texts if texts is not None else _texts_of(self._rows(found, maps))))
+                out.more = more
+                if found:
+                    out.last = found[-1][0]
+                if more and deadline is not None and time.monotonic() > deadline:
+                    break
+        finally:
+            chunks.close()
+        return out
+
+    def _streams(self) -> bool:
+        """Whether one query can be read a chunk at a time without its whole result
+        in memory: not on MySQL (its driver holds a whole result), nor on PostgreSQL
+        without server-side cursors."""
+        connection = connections[self.using]
+        if connection.vendor == "postgresql":
+            return not connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS")
+        return connection.vendor == "sqlite"
+
+    def _rows_after(
+        self, after: str | None, limit: int, columns: Sequence[str]
+    ) -> Generator[tuple[list[tuple[Any, ...]], bool], None, None]:
+        """Up to ``limit`` rows (``columns``, the first being the primary key) after
+        primary key ``after``, in its order, a chunk at a time with whether more rows
+        follow the chunk. One query read as it goes where that streams (a page query
+        per chunk would cost PostgreSQL a scan and a sort each on an unanalyzed table),
+        keyset pages otherwise."""
+        if not self._streams():
+            read = 0
+            while read < limit:
+                step = min(_TEXT_CHUNK, limit - read)
+                found = list(self._ordered(after).values_list(*columns)[: step + 1])
                 more = len(found) > step
                 del found[step:]
-                maps = self._related(found)
-                texts = self._texts(found, maps)
-                out.add(*(texts if texts is not None else _texts_of(self._rows(found, maps))))
-                last = found[-1][0] if found else None
-            read += step
-            out.more = more
-            if last is not None:
-                out.last, after = last, str(last)
-            if not more or read >= limit or (deadline and time.monotonic() > deadline):
-                return out
+                read += len(found)
+                yield found, more
+                if not more:
+                    return
+                after = str(found[-1][0])
+            return
+        rows = self._ordered(after).values_list(*columns)[: limit + 1].iterator(_TEXT_CHUNK)
+        try:
+            read = 0
+            chunk = list(islice(rows, min(_TEXT_CHUNK, limit)))
+            while chunk:
+                read += len(chunk)
+                # At the limit, the one row read past it says whether more follow.
+                following = list(islice(rows, min(_TEXT_CHUNK, limit - read) or 1))
+                yield chunk, bool(following)
+                if read >= limit:
+                    return
+                chunk = following
+        finally:
+            rows.close()
+
+    def _all_rows(self, columns: Sequence[str]) -> Iterator[list[tuple[Any, ...]]]:
+        """Every row (``columns``, the first being the primary key), a chunk at a time,
+        in no particular order where one query streams (``_streams``), else by keyset."""
+        if not self._streams():
+            for chunk, _ in self._rows_after(None, 2**62, columns):
+                yield chunk
+            return
+        manager = self.options.model._base_manager.using(self.using)
+        rows = manager.values_list(*columns).iterator(chunk_size=_TEXT_CHUNK)
+        try:
+            while chunk := list(islice(rows, _TEXT_CHUNK)):
+                yield chunk
+        finally:
+            rows.close()
+
+    def digest_all(self, buckets: int) -> DigestPage:
+        """Bucket digests of every row (what ``digest_page`` adds up over all pages)."""
+        out = DigestPage(buckets)
+        if not self.fast:
+            for chunk in self._all_rows(["pk"]):
+                pks = [row[0] for row in chunk]
+                payloads = payloads_from_db(self.options, pks, self.using)
+                out.add(*_texts_of([payloads[pk] for pk in pks if pk in payloads]))
+            return out
+        for found in self._all_rows(self.columns):
+            maps = self._related(found)
+            texts = self._texts(found, maps)
+            out.add(*(texts if texts is not None else _texts_of(self._rows(found, maps))))
+        return out
+
+    def pks_in_buckets(self, buckets: int, wanted: frozenset[int]) -> Iterator[list[Any]]:
+        """Primary keys of the rows whose key falls in one of the ``wanted`` buckets,
+        a chunk at a time."""
+        if not self.fast:
+            for chunk in self._all_rows(["pk"]):
+                pks = [row[0] for row in chunk]
+                payloads = payloads_from_db(self.options, pks, self.using)
+                pairs = [(pk, payloads[pk]["key"]) for pk in pks if pk in payloads]
+                keys = [canonical_key(key) for _, key in pairs]
+                yield [pk for pk, _ in _in_buckets(pairs, keys, buckets, wanted)]
+            return
+        for found in self._all_rows(self.columns):
+            maps = self._related(found)
+            texts = self._texts(found, maps, keys_only=True)
+            if texts is None:
+                pairs = [(r[0], p[0]) for r in found if (p := self._payload(r, maps)) is not None]
+                keys = [canonical_key(key) for _, key in pairs]
+                yield [pk for pk, _ in _in_buckets(pairs, keys, buckets, wanted)]
+            else:
+                yield [r[0] for r in _in_buckets(found, texts[0], buckets, wanted)]
 
     def page_in_buckets(
         self, after: str | None, limit: int, buckets: int, wanted: frozenset[int]
@@ -524,9 +624,7 @@ class RowReader:
             if not self.fast:
                 rows, page_last, more = self.page(after, limit)
                 keys = _texts_of(rows)[0]
-                chosen = [
-                    r for r, k in zip(rows, keys, strict=True) if bucket_of(k, buckets) in wanted
-                ]
+                chosen = _in_buckets(rows, keys, buckets, wanted)
             else:
                 found = list(self._ordered(after).values_list(*self.columns)[: limit + 1])
                 more = len(found) > limit
@@ -537,59 +635,15 @@ class RowReader:
                 if texts is None:
                     rows = self._rows(found, maps)
                     keys = _texts_of(rows)[0]
-                    chosen = [
-                        r
-                        for r, k in zip(rows, keys, strict=True)
-                        if bucket_of(k, buckets) in wanted
-                    ]
+                    chosen = _in_buckets(rows, keys, buckets, wanted)
                 else:
-                    picked = [
-                        row
-                        for row, k in zip(found, texts[0], strict=True)
-                        if bucket_of(k, buckets) in wanted
-                    ]
-                    chosen = self._rows(picked, maps)
+                    chosen = self._rows(_in_buckets(found, texts[0], buckets, wanted), maps)
             out.extend(chosen)
             if page_last is not None:
                 last, after = page_last, str(page_last)
             if not more or len(out) >= limit:
                 break
         return out, last, more
-
-    def pks_in_buckets(
-        self, after: str | None, limit: int, buckets: int, wanted: frozenset[int]
-    ) -> tuple[list[Any], Any, bool]:
-        """Primary keys of the rows, among up to ``limit`` after ``after``, whose key
-        falls in one of the ``wanted`` buckets; (pks, last pk read, more)."""
-        ordered = self._ordered(after)
-        if self.fast:
-            found = list(ordered.values_list(*self.columns)[: limit + 1])
-            more = len(found) > limit
-            found = found[:limit]
-            last = found[-1][0] if found else None
-            maps = self._related(found)
-            texts = self._texts(found, maps, keys_only=True)
-            if texts is not None:
-                return (
-                    [r[0] for r, k in zip(found, texts[0]) if bucket_of(k, buckets) in wanted],
-                    last,
-                    more,
-                )
-            pairs: list[tuple[Any, Sequence[Any]]] = [
-                (r[0], p[0]) for r in found if (p := self._payload(r, maps)) is not None
-            ]
-        else:
-            all_pks = list(ordered.values_list("pk", flat=True)[: limit + 1])
-            more = len(all_pks) > limit
-            all_pks = all_pks[:limit]
-            last = all_pks[-1] if all_pks else None
-            payloads = payloads_from_db(self.options, all_pks, self.using)
-            pairs = [(pk, payloads[pk]["key"]) for pk in all_pks if pk in payloads]
-        return (
-            [pk for pk, key in pairs if bucket_of(canonical_key(key), buckets) in wanted],
-            last,
-            more,
-        )
 
     def _texts(
         self,

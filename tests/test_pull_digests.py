@@ -19,6 +19,7 @@ import pytest
 import requests
 
 import changefeed_sync.pull
+import changefeed_sync.snapshot
 from changefeed_sync import registry
 from changefeed_sync.client import SourceClient
 from changefeed_sync.models import DataSource, Target
@@ -88,7 +89,7 @@ class Recorder:
 @pytest.fixture
 def small_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two rows per bucket: the small tables here get many buckets, so that a few
-    changes leave most of them equal (the pull's default is 32 rows per bucket)."""
+    changes leave most of them equal (the pull's default is 8 rows per bucket)."""
     monkeypatch.setattr(changefeed_sync.pull, "ROWS_PER_BUCKET", 2)
 
 
@@ -269,10 +270,14 @@ def test_postgres_source_to_sqlite_target(
 
 
 @pytest.mark.parametrize("alias", ["default", "postgres", "mariadb"])
-def test_digests_are_those_of_the_payloads(parts: None, alias: str) -> None:
+def test_digests_are_those_of_the_payloads(
+    parts: None, alias: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The column-wise texts of the join-free reader are exactly the canonical texts of
-    the payloads the feed sends (serialization.payloads_from_db), on every backend."""
+    the payloads the feed sends (serialization.payloads_from_db), on every backend;
+    read in chunks of three rows, page by page or all at once."""
     require_alias(alias)
+    monkeypatch.setattr(changefeed_sync.snapshot, "_TEXT_CHUNK", 3)
     _seed(using=alias)
     Kinds.objects.using(alias).create(
         slug="k", big=2**60, dec=decimal.Decimal("1.5"), doc={"x": [1]}
@@ -295,6 +300,17 @@ def test_digests_are_those_of_the_payloads(parts: None, alias: str) -> None:
         got = reader.digest_page(None, 1000, 7)
         assert (got.counts, got.sums) == (expected.counts, expected.sums), options.label
         assert sum(got.counts) == len(pks)
+        assert not got.more and got.last == (pks[-1] if pks else None)
+        got = reader.digest_all(7)
+        assert (got.counts, got.sums) == (expected.counts, expected.sums), options.label
+        for size in (2, 3, 4, 7):  # rows per page: within a chunk, one, more than one
+            paged, after = DigestPage(7), None
+            while True:
+                reader.digest_page(after, size, 7, paged)
+                if not paged.more:
+                    break
+                after = str(paged.last)
+            assert (paged.counts, paged.sums) == (expected.counts, expected.sums), options.label
         # The rows of some buckets, and this site's primary keys of them.
         wanted = frozenset({1, 3, 4})
         rows, _, more = reader.page_in_buckets(None, 1000, 7, wanted)
@@ -305,8 +321,9 @@ def test_digests_are_those_of_the_payloads(parts: None, alias: str) -> None:
             if bucket_of(canonical_key(p["key"]), 7) in wanted
         }
         assert {tuple(r["key"]) for r in rows} == keys
-        in_buckets, _, _ = reader.pks_in_buckets(None, 1000, 7, wanted)
-        assert {tuple(payloads[pk]["key"]) for pk in in_buckets} == keys
+        in_buckets = [pk for chunk in reader.pks_in_buckets(7, wanted) for pk in chunk]
+        assert sorted({tuple(payloads[pk]["key"]) for pk in in_buckets}) == sorted(keys)
+        assert len(in_buckets) == len(keys)
 
 
 def test_canonical_text_and_bucket_bitmap() -> None:
