@@ -14,6 +14,7 @@ place, so the row keeps its primary key and nothing cascades.
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -145,6 +146,29 @@ def resolve_keys(options: ModelOptions, keys: Iterable[Key], using: str) -> dict
 
 
 # ------------------------------------------------------------ parsing
+
+
+def _parse_common(raw: dict[str, Any], labels: dict[Any, ModelOptions | None]) -> _Change:
+    """``_parse`` for the event nearly every page is made of: an upsert of a known
+    model with exactly its fields and no rename. Anything else, and every
+    error, goes through ``_parse``."""
+    try:
+        options = labels[raw["model"]]
+        data = raw["data"]
+        if (
+            options is not None
+            and raw["op"] == "upsert"
+            and raw["old_key"] is None
+            and type(data) is dict
+            and data.keys() == options.field_names
+        ):
+            return _Change(
+                int(raw["seq"]), options, "upsert", normalize_key(options, raw["key"]), None,
+                data, raw,
+            )  # fmt: skip
+    except Exception:  # noqa: S110 - the full parse below names what is wrong
+        pass
+    return _parse(raw, labels)
 
 
 def _parse(raw: dict[str, Any], labels: dict[Any, ModelOptions | None] | None = None) -> _Change:
@@ -412,9 +436,6 @@ _PASS_THROUGH = frozenset(
 )
 
 
-_AS_IS, _ADAPT, _CONSTANT = 0, 1, 2
-
-
 def _upsert_sql(
     options: ModelOptions,
     unique: tuple[str, ...],
@@ -456,6 +477,22 @@ def _upsert_sql(
         if f.attname not in unique_attnames
         and (f.attname in synced or getattr(f, "auto_now", False))
     ]
+    # Text and integer values (foreign keys included) are already what the
+    # driver takes; every other type goes through the field's own adaptation;
+    # columns not synced hold the same value in every row, adapted once. The
+    # columns are listed in that order, so a row's values are three slices.
+    as_is = [
+        f
+        for f in columns
+        if f.attname not in fixed
+        and f.get_internal_type() in _PASS_THROUGH
+        and not getattr(f, "db_returning", False)
+    ]
+    adapt = [f for f in columns if f.attname not in fixed and f not in as_is]
+    constant = [f for f in columns if f.attname in fixed]
+    columns = [*as_is, *adapt, *constant]
+    take = operator.itemgetter(*[f.attname for f in as_is]) if as_is else None
+    constants = [f.get_db_prep_save(fixed[f.attname], connection) for f in constant]
     table = qn(meta.db_table)
     names = ", ".join(qn(f.column) for f in columns)
     row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
@@ -480,30 +517,20 @@ def _upsert_sql(
         returning = f" RETURNING {qn(pk.column)}" if updates else ""
         verb = "INSERT"
     per_statement = max(1, min(500, _max_params(using) // max(len(columns), 1)))
-    # Text and integer values (foreign keys included) are already what the
-    # driver takes; every other type goes through the field's own adaptation.
-    # Columns not synced hold the same value in every row: adapted once.
-    plan: list[tuple[int, str, Any]] = []  # (how, attname, constant or field)
-    for f in columns:
-        if f.attname in fixed:
-            plan.append((_CONSTANT, f.attname, f.get_db_prep_save(fixed[f.attname], connection)))
-        elif f.get_internal_type() in _PASS_THROUGH and not getattr(f, "db_returning", False):
-            plan.append((_AS_IS, f.attname, None))
-        else:
-            plan.append((_ADAPT, f.attname, f))
     found: dict[Key, Any] = {}
     with connection.cursor() as cursor:
         for chunk in chunked(rows, per_statement):
             params: list[Any] = []
-            append = params.append
+            extend = params.extend
             for _, values in chunk:
-                for how, attname, extra in plan:
-                    if how == _AS_IS:
-                        append(values[attname])
-                    elif how == _ADAPT:
-                        append(extra.get_db_prep_save(values[attname], connection))
+                if take is not None:
+                    if len(as_is) == 1:
+                        params.append(take(values))
                     else:
-                        append(extra)
+                        extend(take(values))
+                for f in adapt:
+                    params.append(f.get_db_prep_save(values[f.attname], connection))
+                extend(constants)
             sql = (
                 f"{verb} INTO {table} ({names}) VALUES "
                 + ", ".join([row_sql] * len(chunk))
@@ -712,7 +739,7 @@ def apply_events(
 ) -> ApplyStats:
     """Apply feed events on ``using``; the caller owns the transaction."""
     labels: dict[Any, ModelOptions | None] = {}
-    changes = [_parse(raw, labels) for raw in events]
+    changes = [_parse_common(raw, labels) for raw in events]
     stats = ApplyStats(events=len(changes))
     with applying():
         run: list[_Change] = []
