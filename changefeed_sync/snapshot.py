@@ -516,13 +516,14 @@ class RowReader:
         return out
 
     def _streams(self) -> bool:
-        """Whether one query can be read a chunk at a time without its whole result
-        in memory: not on MySQL (its driver holds a whole result), nor on PostgreSQL
-        without server-side cursors."""
+        """Whether to read with one query a chunk at a time: on PostgreSQL with
+        server-side cursors only. MySQL's driver would hold a whole result in memory;
+        a long read on SQLite (rollback journal) would hold back every writer's commit,
+        and its keyset pages cost nothing more."""
         connection = connections[self.using]
-        if connection.vendor == "postgresql":
-            return not connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS")
-        return connection.vendor == "sqlite"
+        return connection.vendor == "postgresql" and not connection.settings_dict.get(
+            "DISABLE_SERVER_SIDE_CURSORS"
+        )
 
     def _rows_after(
         self, after: str | None, limit: int, columns: Sequence[str]
@@ -531,7 +532,7 @@ class RowReader:
         primary key ``after``, in its order, a chunk at a time with whether more rows
         follow the chunk. One query read as it goes where that streams (a page query
         per chunk would cost PostgreSQL a scan and a sort each on an unanalyzed table),
-        keyset pages otherwise."""
+        keyset pages of a chunk otherwise."""
         if not self._streams():
             read = 0
             while read < limit:
@@ -615,34 +616,35 @@ class RowReader:
         self, after: str | None, limit: int, buckets: int, wanted: frozenset[int]
     ) -> tuple[list[dict[str, Any]], Any, bool]:
         """Like ``page``, but only the rows whose key falls in one of the ``wanted``
-        buckets: reads pages of ``limit`` rows until about ``limit`` rows were found or
-        ten pages were read (so a request stays short whatever the table)."""
+        buckets: reads on until about ``limit`` rows were found or ten times ``limit``
+        rows were read (so a request stays short whatever the table)."""
         out: list[dict[str, Any]] = []
         last: Any = None
-        more = True
-        for _ in range(10):
-            if not self.fast:
-                rows, page_last, more = self.page(after, limit)
-                keys = _texts_of(rows)[0]
-                chosen = _in_buckets(rows, keys, buckets, wanted)
-            else:
-                found = list(self._ordered(after).values_list(*self.columns)[: limit + 1])
-                more = len(found) > limit
-                found = found[:limit]
-                page_last = found[-1][0] if found else None
-                maps = self._related(found)
-                texts = self._texts(found, maps, keys_only=True)
-                if texts is None:
-                    rows = self._rows(found, maps)
-                    keys = _texts_of(rows)[0]
-                    chosen = _in_buckets(rows, keys, buckets, wanted)
+        more = False
+        chunks = self._rows_after(after, 10 * limit, ["pk"] if not self.fast else self.columns)
+        try:
+            for found, following in chunks:
+                more = following
+                if not self.fast:
+                    pks = [row[0] for row in found]
+                    payloads = payloads_from_db(self.options, pks, self.using)
+                    rows = [payloads[pk] for pk in pks if pk in payloads]
+                    out.extend(_in_buckets(rows, _texts_of(rows)[0], buckets, wanted))
                 else:
-                    chosen = self._rows(_in_buckets(found, texts[0], buckets, wanted), maps)
-            out.extend(chosen)
-            if page_last is not None:
-                last, after = page_last, str(page_last)
-            if not more or len(out) >= limit:
-                break
+                    maps = self._related(found)
+                    texts = self._texts(found, maps, keys_only=True)
+                    if texts is None:
+                        rows = self._rows(found, maps)
+                        out.extend(_in_buckets(rows, _texts_of(rows)[0], buckets, wanted))
+                    else:
+                        picked = _in_buckets(found, texts[0], buckets, wanted)
+                        out.extend(self._rows(picked, maps))
+                if found:
+                    last = found[-1][0]
+                if len(out) >= limit:
+                    break
+        finally:
+            chunks.close()
         return out, last, more
 
     def _texts(
