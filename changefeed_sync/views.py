@@ -16,6 +16,7 @@ from . import conf, feed, files, snapshot
 from .exceptions import CursorExpired, SignatureError
 from .models import Target
 from .serialization import PROTOCOL_VERSION
+from .sqlite_waits import prompt_lock_waits, retry_transaction
 
 logger = logging.getLogger("changefeed_sync.views")
 
@@ -54,12 +55,16 @@ def record_request(name: str, nonce: str, using: str, seq: int | None = None) ->
     """Replay guard and "last seen", in one short write transaction."""
     from .signing import remember_nonce
 
-    with transaction.atomic(using=using):
-        remember_nonce(nonce, using)
-        seen: dict[str, Any] = {"last_seen_at": timezone.now()}
-        if seq is not None:
-            seen["last_seen_seq"] = seq
-        Target.objects.using(using).filter(name=name).update(**seen)
+    def write() -> None:
+        with transaction.atomic(using=using):
+            remember_nonce(nonce, using)
+            seen: dict[str, Any] = {"last_seen_at": timezone.now()}
+            if seq is not None:
+                seen["last_seen_seq"] = seq
+            Target.objects.using(using).filter(name=name).update(**seen)
+
+    # Every request writes: on a busy SQLite source, wait for the lock promptly.
+    retry_transaction(using, write)
 
 
 def _int_param(request: HttpRequest, name: str, default: int) -> int:
@@ -144,6 +149,13 @@ def file_view(request: HttpRequest) -> FileResponse | JsonResponse:
 @require_GET
 def feed_view(request: HttpRequest) -> HttpResponse:
     using = conf.feed_database()
+    # A follower's request must not sit out a busy SQLite source's commits in
+    # SQLite's ever longer sleeps (sqlite_waits.py).
+    with prompt_lock_waits(using):
+        return _feed(request, using)
+
+
+def _feed(request: HttpRequest, using: str) -> HttpResponse:
     try:
         name, nonce = verify(request, using)
     except SignatureError as exc:

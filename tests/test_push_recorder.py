@@ -168,7 +168,7 @@ def test_prompt_lock_waits_retry_outside_transactions_only() -> None:
 
     from django.db import connection, transaction
 
-    from changefeed_sync.delivery.inline import _prompt_lock_waits
+    from changefeed_sync.sqlite_waits import prompt_lock_waits
 
     if connection.vendor != "sqlite":
         pytest.skip("SQLite only")
@@ -187,7 +187,7 @@ def test_prompt_lock_waits_retry_outside_transactions_only() -> None:
         holder.execute("BEGIN EXCLUSIVE")  # readers are locked out until it commits
         threading.Timer(0.3, lambda: holder.execute("COMMIT")).start()
         started = time.monotonic()
-        with _prompt_lock_waits("default"):
+        with prompt_lock_waits("default"):
             assert Target.objects.count() == 0  # waited, then read
             waited = time.monotonic() - started
             assert busy_timeout() == 0

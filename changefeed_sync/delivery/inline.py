@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
-from django.db import OperationalError, connections
+from django.db import connections
 
 from .. import push
 from ..models import Target
+from ..sqlite_waits import prompt_lock_waits
 
 logger = logging.getLogger("changefeed_sync.push")
 
@@ -110,55 +108,6 @@ class _LateRecorder(push.Recorder):
                 connections.close_all()
 
 
-@contextmanager
-def _prompt_lock_waits(using: str) -> Iterator[None]:
-    """On SQLite, wait for the database's lock by trying again every millisecond.
-
-    SQLite's own busy handler sleeps longer and longer between attempts (up to
-    100 ms each). Against a source that commits many times per second, the
-    worker's reads then kept waking up inside the next commit: a one-row SELECT
-    waited up to 750 ms (measured at 100 commits/s), and the delivery with it.
-    Trying every millisecond gets in at the first gap between commits; readers
-    cannot starve writers this way (a committing writer blocks new readers).
-    Only statements outside a transaction are retried (SQLite allows that);
-    inside one, SQLite's busy handler waits as before. After the connection's
-    timeout the error goes through as before.
-    """
-    connection = connections[using]
-    if connection.vendor != "sqlite":
-        yield
-        return
-    timeout = float(connection.settings_dict.get("OPTIONS", {}).get("timeout", 5.0))
-    prompt: dict[int, bool] = {}  # id of the raw connection -> busy timeout is 0
-
-    def set_prompt(raw: Any, on: bool) -> None:
-        if prompt.get(id(raw), False) != on:
-            raw.execute(f"PRAGMA busy_timeout = {0 if on else int(timeout * 1000)}")
-            prompt[id(raw)] = on
-
-    def retry_when_locked(execute: Any, sql: Any, params: Any, many: bool, context: Any) -> Any:
-        wrapper = context["connection"]
-        if wrapper.in_atomic_block:  # a statement in a transaction: not retried
-            set_prompt(wrapper.connection, False)
-            return execute(sql, params, many, context)
-        set_prompt(wrapper.connection, True)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return execute(sql, params, many, context)
-            except OperationalError as exc:
-                if "database is locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.001)
-
-    try:
-        with connection.execute_wrapper(retry_when_locked):
-            yield
-    finally:
-        if connection.connection is not None:
-            set_prompt(connection.connection, False)
-
-
 class _Worker(threading.Thread):
     """One per target and database: keeps deliveries to a target in order."""
 
@@ -174,7 +123,7 @@ class _Worker(threading.Thread):
             self.wake.wait()
             self.wake.clear()
             try:
-                with _prompt_lock_waits(self.using):
+                with prompt_lock_waits(self.using):
                     retry_in = push.deliver_pending(
                         self.target_id, self.using, recorder=self.recorder
                     )
