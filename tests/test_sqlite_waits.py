@@ -11,7 +11,7 @@ import pytest
 from django.db import OperationalError, connection, transaction
 
 from changefeed_sync.models import Target
-from changefeed_sync.sqlite_waits import retry_transaction
+from changefeed_sync.sqlite_waits import prompt_lock_waits, retry_transaction
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -98,3 +98,22 @@ def test_inside_a_callers_transaction_work_just_runs(sqlite: None) -> None:
         retry_transaction("default", lambda: Target.objects.create(name="v", secrets="s"))
         assert _busy_timeout() != 0
     assert Target.objects.filter(name="v").exists()
+
+
+def test_prompt_waits_retry_statements_outside_transactions_only(sqlite: None) -> None:
+    """In ``prompt_lock_waits`` a statement that finds the database locked is tried
+    again every millisecond; in a transaction SQLite's own busy handler waits."""
+    normal = _busy_timeout()
+    holder = _Holder(0.3)  # readers are locked out until it commits
+    try:
+        started = time.monotonic()
+        with prompt_lock_waits("default"):
+            assert Target.objects.count() == 0  # waited, then read
+            waited = time.monotonic() - started
+            assert _busy_timeout() == 0
+            with transaction.atomic():
+                assert _busy_timeout() == normal
+    finally:
+        holder.close()
+    assert waited >= 0.25
+    assert _busy_timeout() == normal
