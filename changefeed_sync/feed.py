@@ -7,6 +7,7 @@ that commits late: reading is a plain indexed range scan.
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ def read(
         pending = events[:PENDING_CAP].count()
     else:
         pending = 0
-    return FeedPage(_splice(rows, connections[using].vendor), since, last, more, pending)
+    return FeedPage(_splice(rows, connections[using]), since, last, more, pending)
 
 
 def _rows(since: int, count: int, using: str, models: list[str] | None) -> list[tuple[Any, ...]]:
@@ -125,19 +126,23 @@ def _rows(since: int, count: int, using: str, models: list[str] | None) -> list[
     return rows
 
 
-def _timestamps(values: list[Any]) -> list[str]:
+def _timestamps(values: list[Any], connection: Any) -> list[str]:
     """``created_at`` values as ISO 8601 with their offset, whatever the driver returned."""
-    aware = settings.USE_TZ  # stored in UTC, without an offset where the database has none
+    aware = settings.USE_TZ
+    # Where the database keeps no offset, Django stores UTC, or the database's
+    # TIME_ZONE setting when it has one.
+    utc = connection.timezone_name == "UTC"
     out = []
     for value in values:
         if isinstance(value, str):
-            # SQLite keeps text: "YYYY-MM-DD HH:MM:SS[.ffffff]", isoformat's digits already.
-            out.append(value.replace(" ", "T") + ("+00:00" if aware else ""))
-            continue
+            if utc or not aware:
+                # SQLite keeps text: "YYYY-MM-DD HH:MM:SS[.ffffff]", isoformat's digits.
+                out.append(value.replace(" ", "T") + ("+00:00" if aware else ""))
+                continue
+            value = datetime.datetime.fromisoformat(value)
         if aware and value.tzinfo is None:
-            out.append(value.isoformat() + "+00:00")
-        else:
-            out.append(value.isoformat())
+            value = value.replace(tzinfo=connection.timezone)
+        out.append(value.isoformat())
     return out
 
 
@@ -150,7 +155,7 @@ def _text(value: Any) -> Any:
     return str(value)
 
 
-def _splice(rows: list[tuple[Any, ...]], vendor: str) -> str:
+def _splice(rows: list[tuple[Any, ...]], connection: Any) -> str:
     quoted: dict[str, str] = {}  # labels and ops repeat: quote each once
 
     def q(text: str) -> str:
@@ -159,8 +164,8 @@ def _splice(rows: list[tuple[Any, ...]], vendor: str) -> str:
             found = quoted[text] = json.dumps(text)
         return found
 
-    stamps = _timestamps([row[1] for row in rows])
-    if vendor not in ("sqlite", "postgresql"):  # those two hand back str (or None)
+    stamps = _timestamps([row[1] for row in rows], connection)
+    if connection.vendor not in ("sqlite", "postgresql"):  # those two hand back str (or None)
         rows = [(*row[:4], *(_text(v) for v in row[4:])) for row in rows]
     # A JSON column holding SQL NULL and one holding JSON null both read as null.
     parts = [

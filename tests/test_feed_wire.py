@@ -4,6 +4,7 @@ offset, keys, data of every JSON shape, NULL and JSON null)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import pytest
@@ -82,3 +83,27 @@ def test_feed_filters_models_and_counts_pending(db_alias: str) -> None:
     assert page.more is True and page.pending == 1
     rest = feed.read(page.last_seq, 10, using=db_alias, models=["testapp.tag"])
     assert [e["key"] for e in rest.events] == [["k5"]] and rest.more is False
+
+
+def test_timestamps_keep_the_databases_own_time_zone() -> None:
+    """Where the database keeps no offset and its DATABASES TIME_ZONE is not UTC,
+    stored times are that zone's (Django's rule); the feed must say so. A pure
+    function of the stored values and the connection's zone, so a stand-in
+    connection carries the zone."""
+    from types import SimpleNamespace
+    from zoneinfo import ZoneInfo
+
+    from changefeed_sync.feed import _timestamps
+
+    paris = SimpleNamespace(timezone_name="Europe/Paris", timezone=ZoneInfo("Europe/Paris"))
+    utc = SimpleNamespace(timezone_name="UTC", timezone=datetime.timezone.utc)
+    stored = "2026-01-02 03:04:05.000006"
+    naive = datetime.datetime(2026, 7, 2, 3, 4, 5)
+    assert _timestamps([stored, naive], paris) == [
+        "2026-01-02T03:04:05.000006+01:00",
+        "2026-07-02T03:04:05+02:00",
+    ]
+    assert _timestamps([stored, naive], utc) == [
+        "2026-01-02T03:04:05.000006+00:00",
+        "2026-07-02T03:04:05+00:00",
+    ]
