@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from tests import dbs
+from tests.site_settings import *  # noqa: F403 - apps, middleware, templates
 
 _DEFAULT_PORTS = {"postgresql": "5432", "mysql": "3306"}
 
@@ -68,57 +69,7 @@ if not _url:
 DATABASES = {"default": parse_database_url(_url)}
 
 SECRET_KEY = "changefeed-sync-e2e-not-a-secret"  # test value only
-DEBUG = False
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
-USE_TZ = True
-TIME_ZONE = "UTC"
-LANGUAGE_CODE = "en-us"
-USE_I18N = True
-
-INSTALLED_APPS = [
-    "django.contrib.admin",
-    "django.contrib.auth",
-    "django.contrib.contenttypes",
-    "django.contrib.sessions",
-    "django.contrib.messages",
-    "django.contrib.staticfiles",
-    "changefeed_sync",
-    "tests.testapp",
-]
-
-MIDDLEWARE = [
-    "django.middleware.security.SecurityMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
-]
-
-ROOT_URLCONF = "tests.urls"
-
-TEMPLATES = [
-    {
-        "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
-        "APP_DIRS": True,
-        "OPTIONS": {
-            "context_processors": [
-                "django.template.context_processors.debug",
-                "django.template.context_processors.request",
-                "django.contrib.auth.context_processors.auth",
-                "django.contrib.messages.context_processors.messages",
-            ],
-        },
-    },
-]
-
-STATIC_URL = "/static/"
-
-DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-
-PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast, tests only
 
 # A follower retries an unreachable source with backoff; the default ceiling (60 s) would
 # make the "source restarts" test wait for minutes.
