@@ -65,6 +65,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import pg  # noqa: E402
+
 N_COUNTRIES = 10
 N_LANGUAGES = 5  # per country
 SECRET = "bench-secret"
@@ -74,22 +76,13 @@ CLIENT = "bench-target"
 # ------------------------------------------------------------------ databases and settings
 
 
-def _pg_server() -> dict[str, str]:
-    return {
-        "HOST": os.environ.get("CFS_PG_HOST") or "127.0.0.1",
-        "PORT": os.environ.get("CFS_PG_PORT") or "5432",
-        "USER": os.environ.get("CFS_PG_USER") or "postgres",
-        "PASSWORD": os.environ.get("CFS_PG_PASSWORD") or "",
-    }
-
-
 def database(spec: str) -> dict[str, Any]:
     """``sqlite:PATH`` or ``postgres:DBNAME`` -> a DATABASES entry."""
     kind, _, name = spec.partition(":")
     if kind == "sqlite":
         return {"ENGINE": "django.db.backends.sqlite3", "NAME": name, "OPTIONS": {"timeout": 60}}
     if kind == "postgres":
-        return {"ENGINE": "django.db.backends.postgresql", "NAME": name, **_pg_server()}
+        return {"ENGINE": "django.db.backends.postgresql", "NAME": name, **pg.server()}
     raise ValueError(f"unknown database spec {spec!r}")
 
 
@@ -221,32 +214,6 @@ def register() -> None:
         natural_key=["language.country.code", "language.code", "key"],
         fields=("value", "key", "language"),
     )
-
-
-def _postgres_admin(sql: str) -> None:
-    import psycopg
-
-    server = _pg_server()
-    with psycopg.connect(
-        host=server["HOST"],
-        port=int(server["PORT"]),
-        user=server["USER"],
-        password=server["PASSWORD"] or None,
-        dbname="postgres",
-        autocommit=True,
-        connect_timeout=5,
-    ) as conn:
-        conn.execute(sql)
-
-
-def postgres_unavailable() -> str:
-    if os.environ.get("CFS_BENCH_PG", "1").strip().lower() in {"0", "false", "no"}:
-        return "disabled by CFS_BENCH_PG=0"
-    try:
-        _postgres_admin("SELECT 1")
-    except Exception as exc:
-        return " ".join(f"{type(exc).__name__}: {exc}".split())
-    return ""
 
 
 # ------------------------------------------------------------------ the child processes
@@ -768,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     large = 0 if args.no_memory else (args.large_rows or (50_000 if args.quick else 10 * rows))
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if "postgres" in backends:
-        why = postgres_unavailable()
+        why = pg.unavailable()
         if why:
             print(f"PostgreSQL left out: {why}")
             backends.remove("postgres")
@@ -781,8 +748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     missed: list[str] = []
     try:
         for name in pg_names:
-            _postgres_admin(f'DROP DATABASE IF EXISTS "{name}"')
-            _postgres_admin(f'CREATE DATABASE "{name}"')
+            pg.admin(f'DROP DATABASE IF EXISTS "{name}"')
+            pg.admin(f'CREATE DATABASE "{name}"')
         import django
 
         configure({"default": next(iter(specs.values())), **specs})
@@ -809,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         for name in pg_names:
             try:
-                _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                pg.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             except Exception as exc:
                 print(f"could not drop {name}: {exc}")
         shutil.rmtree(workdir, ignore_errors=True)

@@ -62,6 +62,8 @@ os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
 
 import django  # noqa: E402
 
+from bench import pg  # noqa: E402
+
 SOURCE = "default"
 TARGET = "target"
 SMALL_SOURCE = "small_source"  # O(changes): the small table lives in its own pair of
@@ -222,26 +224,10 @@ def setup_databases() -> list[str]:
     return aliases
 
 
-def _postgres_admin(bench_settings: Any, sql: str) -> None:
-    import psycopg
-
-    server = bench_settings.postgres_server()
-    with psycopg.connect(
-        host=server["HOST"],
-        port=int(server["PORT"]),
-        user=server["USER"],
-        password=server["PASSWORD"] or None,
-        dbname="postgres",
-        autocommit=True,
-        connect_timeout=5,
-    ) as conn:
-        conn.execute(sql)
-
-
 def _recreate_postgres_database(bench_settings: Any) -> None:
     name = bench_settings.PG_DATABASE
-    _postgres_admin(bench_settings, f'DROP DATABASE IF EXISTS "{name}"')
-    _postgres_admin(bench_settings, f'CREATE DATABASE "{name}"')
+    pg.admin(f'DROP DATABASE IF EXISTS "{name}"')
+    pg.admin(f'CREATE DATABASE "{name}"')
 
 
 def teardown(aliases: Sequence[str]) -> None:
@@ -253,9 +239,7 @@ def teardown(aliases: Sequence[str]) -> None:
         connections[alias].close()
     if POSTGRES in aliases:
         try:
-            _postgres_admin(
-                bench_settings, f'DROP DATABASE IF EXISTS "{bench_settings.PG_DATABASE}"'
-            )
+            pg.admin(f'DROP DATABASE IF EXISTS "{bench_settings.PG_DATABASE}"')
         except Exception as exc:  # leave it; the next run drops it anyway
             print(f"could not drop {bench_settings.PG_DATABASE}: {exc}")
     shutil.rmtree(bench_settings.BENCH_DIR, ignore_errors=True)

@@ -21,6 +21,8 @@ import os
 import tempfile
 from typing import Any
 
+from bench import pg
+
 SECRET_KEY = "changefeed-sync-bench-not-a-secret"  # benchmark value only
 DEBUG = False  # DEBUG=True would keep every query in memory and skew the figures
 USE_TZ = True
@@ -47,39 +49,6 @@ def _sqlite(name: str) -> dict[str, Any]:
     }
 
 
-def postgres_server() -> dict[str, Any]:
-    """Connection parameters of the PostgreSQL server (not of a database on it)."""
-    return {
-        "HOST": os.environ.get("CFS_PG_HOST") or "127.0.0.1",
-        "PORT": os.environ.get("CFS_PG_PORT") or "5432",
-        "USER": os.environ.get("CFS_PG_USER") or "postgres",
-        "PASSWORD": os.environ.get("CFS_PG_PASSWORD") or "",
-    }
-
-
-def _postgres_reachable() -> str:
-    """ "" when the server accepts a login, else why not."""
-    if os.environ.get("CFS_BENCH_PG", "1").strip().lower() in {"0", "false", "no"}:
-        return "disabled by CFS_BENCH_PG=0"
-    try:
-        import psycopg
-    except ImportError as exc:
-        return f"psycopg is not importable ({exc})"
-    server = postgres_server()
-    try:
-        with psycopg.connect(
-            host=server["HOST"],
-            port=int(server["PORT"]),
-            user=server["USER"],
-            password=server["PASSWORD"] or None,
-            dbname="postgres",
-            connect_timeout=3,
-        ):
-            return ""
-    except Exception as exc:  # any failure means "not usable"
-        return " ".join(f"{type(exc).__name__}: {exc}".split())
-
-
 DATABASES: dict[str, dict[str, Any]] = {
     "default": _sqlite("source"),
     "target": _sqlite("target"),
@@ -87,10 +56,10 @@ DATABASES: dict[str, dict[str, Any]] = {
     "small_target": _sqlite("small_target"),
 }
 
-POSTGRES_UNAVAILABLE = _postgres_reachable()
+POSTGRES_UNAVAILABLE = pg.unavailable()
 if not POSTGRES_UNAVAILABLE:
     DATABASES["postgres"] = {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": PG_DATABASE,
-        **postgres_server(),
+        **pg.server(),
     }
