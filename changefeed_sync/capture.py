@@ -13,6 +13,11 @@ Three ways a row changes, three hooks:
   receivers, so it needs nothing extra.
 - Rows written by ``apply`` (changes coming from a source) are not captured
   again: ``applying()`` marks them, like Django's ``raw=True``.
+
+On PostgreSQL a save in autocommit whose event needs nothing but the
+instance (no relations) skips the atomic block: its row statement is
+rewritten to carry the lock and the event (``outbox.with_event``), one round
+trip instead of five, still one transaction.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from django.db import models, router, transaction
+from django.db import connections, models, router, transaction
 from django.db.models import QuerySet, signals
 
 from . import outbox, registry
@@ -68,6 +73,7 @@ def connect(options: ModelOptions) -> None:
     if not getattr(model, "_changefeed_hooked", False):
         _wrap_from_db(model)
         _wrap_save_base(model)
+        _wrap_row_writes(model)
         model._changefeed_hooked = True  # type: ignore[attr-defined]
     uid = f"changefeed_sync:{model._meta.label}"
     signals.pre_save.connect(_pre_write, sender=model, dispatch_uid=uid)
@@ -127,6 +133,13 @@ def _wrap_save_base(model: type[models.Model]) -> None:
         if not registry.is_registered(type(self)) and not registry.is_registered(model):
             return original(self, *args, **kwargs)
         using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
+        plan = _one_statement_plan(self, using, args, kwargs)
+        if plan is not None:
+            self.__dict__[PLAN_ATTR] = plan
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                del self.__dict__[PLAN_ATTR]
         # savepoint=False: free inside an existing transaction, a real one in autocommit.
         with transaction.atomic(using=using, savepoint=False):
             return original(self, *args, **kwargs)
@@ -134,12 +147,117 @@ def _wrap_save_base(model: type[models.Model]) -> None:
     model.save_base = save_base  # type: ignore[method-assign]
 
 
+# ------------------------------------------------------------ one statement
+
+
+PLAN_ATTR = "_changefeed_one_statement"
+
+
+class _Plan:
+    """A save whose row statements carry their own event (PostgreSQL, autocommit)."""
+
+    __slots__ = ("options", "using", "rewritten")
+
+    def __init__(self, options: ModelOptions, using: str) -> None:
+        self.options = options
+        self.using = using
+        self.rewritten = 0  # row statements sent with their event
+
+
+def _one_statement_plan(
+    instance: models.Model, using: str, args: Any, kwargs: dict[str, Any]
+) -> _Plan | None:
+    """A plan when this save can be one statement, else None (the atomic path).
+
+    Only where the event follows from the instance and the row statement
+    alone: no relations to look up, not raw, every field saved, no parent
+    tables (several statements), no expression values (F(), a database
+    default: the stored value is not in memory), and a known "before" for an
+    update (an instance that was never loaded is read first, in a transaction).
+    """
+    options = _capturing(type(instance))
+    if options is None or args or kwargs.get("raw") or kwargs.get("update_fields") is not None:
+        return None
+    concrete: Any = instance._meta.concrete_model  # a proxy's parents are not tables
+    if not options.payload_in_memory or concrete._meta.parents:
+        return None
+    connection = connections[using]
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        return None
+    if not connection.get_autocommit():
+        return None
+    if not instance._state.adding and SNAPSHOT_ATTR not in instance.__dict__:
+        return None
+    if _has_expression(instance):
+        return None
+    return _Plan(options, using)
+
+
+def _has_expression(instance: models.Model) -> bool:
+    """Whether a field is saved as an expression (F(), a database default), whose
+    stored value only the database knows."""
+    values = instance.__dict__
+    return any(
+        hasattr(values.get(f.attname), "resolve_expression") for f in instance._meta.concrete_fields
+    )
+
+
+class _Rewriter:
+    """Execute wrapper for one ``_do_insert`` / ``_do_update``: sends its row
+    statement with the event (``outbox.with_event``)."""
+
+    def __init__(self, instance: models.Model, plan: _Plan) -> None:
+        self.instance = instance
+        self.plan = plan
+        self.done = False
+
+    def __call__(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if self.done or many or not sql.startswith(("INSERT INTO ", "UPDATE ")):
+            return execute(sql, params, many, context)
+        self.done = True
+        plan = self.plan
+        # The row's values are final here: Django's pre_save (auto_now and the
+        # like) ran while compiling this statement.
+        change = _upsert_change(plan.options, self.instance, sql.startswith("I"), plan.using)
+        combined = outbox.with_event(context["connection"], sql, params, change)
+        plan.rewritten += 1
+        if combined is None:
+            # A shape with_event does not know: row and event in one transaction.
+            with transaction.atomic(using=plan.using, savepoint=False):
+                outbox.lock(plan.using)
+                result = execute(sql, params, many, context)
+                if context["cursor"].rowcount:
+                    outbox.write(plan.using, [change.event()], locked=True)
+            return result
+        result = execute(*combined, many, context)
+        outbox.after_commit(plan.using)  # committed with the statement (autocommit)
+        return result
+
+
+def _wrap_row_writes(model: type[models.Model]) -> None:
+    """Wrap the two methods that send a save's row statement (for ``_Rewriter``)."""
+    for name in ("_do_insert", "_do_update"):
+        original = getattr(model, name)
+
+        def method(
+            self: models.Model, *args: Any, __original: Any = original, **kwargs: Any
+        ) -> Any:
+            plan = self.__dict__.get(PLAN_ATTR)
+            if plan is None:
+                return __original(self, *args, **kwargs)
+            with connections[plan.using].execute_wrapper(_Rewriter(self, plan)):
+                return __original(self, *args, **kwargs)
+
+        functools.update_wrapper(method, original)
+        setattr(model, name, method)
+
+
 # ------------------------------------------------------------ signals
 
 
 def _pre_write(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
-    if _capturing(sender) is None:
-        return
+    if _capturing(sender) is None or PLAN_ATTR in instance.__dict__:
+        return  # a one-statement save takes the lock in its statement
     using = kwargs.get("using") or instance._state.db or "default"
     # Lock before the row is written: every writer then takes the outbox lock
     # before its row locks, which keeps lock order consistent (no deadlock with
@@ -168,9 +286,29 @@ def _post_save(
     options = _capturing(sender)
     if options is None:
         return
+    plan = instance.__dict__.get(PLAN_ATTR)
+    if plan is None or not plan.rewritten:
+        change = _upsert_change(options, instance, created, using, update_fields, raw)
+        # Outside a plan the lock was taken in pre_save; a plan whose row
+        # statement was never seen (not expected) writes in its own transaction.
+        outbox.write(using, [change.event()], locked=plan is None)
+    # Later saves of this instance compare with what is stored now.
+    instance.__dict__[SNAPSHOT_ATTR] = _snapshot(instance)
+
+
+def _upsert_change(
+    options: ModelOptions,
+    instance: models.Model,
+    created: bool,
+    using: str,
+    update_fields: Any = None,
+    raw: bool = False,
+) -> outbox.Change:
+    """The change one save made: what changed since the instance was loaded,
+    and the key it had before when the save renamed it."""
     loaded = instance.__dict__.get(SNAPSHOT_ATTR)
     if created or not loaded:
-        changed = sorted(options.field_names - {m.name for m in options.m2m_fields})
+        changed = list(options.all_changed)
         old_key = None
     else:
         before = {
@@ -180,30 +318,15 @@ def _post_save(
         }
         changed = sorted(f.name for f in options.concrete_fields if f.attname in before)
         old_key = _old_key(options, instance, before, loaded, using)
-    if update_fields is not None or raw or needs_query(options):
+    if update_fields is not None or raw or needs_query(options) or _has_expression(instance):
         # One query reads the stored row with every related natural key (and
-        # fields not saved may be stale in memory).
+        # fields not saved, or saved as F() expressions, are not in memory).
         payload = payloads_from_db(options, [instance.pk], using)[instance.pk]
     else:
         payload = payload_from_instance(options, instance)
     if old_key == payload["key"]:
         old_key = None
-    # Later saves of this instance compare with what is stored now.
-    instance.__dict__[SNAPSHOT_ATTR] = _snapshot(instance)
-    outbox.write(
-        using,
-        [
-            outbox.make_event(
-                options.label,
-                Event.UPSERT,
-                payload["key"],
-                old_key=old_key,
-                data=payload["data"],
-                changed=changed,
-            )
-        ],
-        locked=True,
-    )
+    return outbox.Change(options.label, payload["key"], old_key, payload["data"], changed)
 
 
 def _old_key(

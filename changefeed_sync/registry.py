@@ -113,6 +113,23 @@ class ModelOptions:
         return frozenset(f.name for f in (*self.concrete_fields, *self.m2m_fields))
 
     @cached_property
+    def payload_in_memory(self) -> bool:
+        """Whether an instance alone gives its payload: no relation in the payload or
+        the key, and no synced column whose value only the database knows (a
+        generated column, or one read back after the write)."""
+        return not (
+            self.fk_fields
+            or self.m2m_fields
+            or any("." in p for p in self.natural_key)
+            or any(getattr(f, "db_returning", False) for f in self.plain_fields)
+        )
+
+    @cached_property
+    def all_changed(self) -> tuple[str, ...]:
+        """``changed`` of an event that sets every synced column (a new row)."""
+        return tuple(sorted(f.name for f in self.concrete_fields))
+
+    @cached_property
     def upsert_unique_fields(self) -> tuple[str, ...] | None:
         """Local fields whose unique constraint matches the natural key, if one does.
 

@@ -57,8 +57,6 @@ def encode_value(field: Any, value: Any) -> Any:
     return str(value)
 
 
-
-
 def decode_value(field: Any, value: Any) -> Any:
     """The JSON form of a value of ``field`` -> the Python value to store."""
     if value is None:
@@ -139,10 +137,9 @@ def key_from_attvalues(options: ModelOptions, values: dict[str, Any], using: str
 
 
 def needs_query(options: ModelOptions) -> bool:
-    """Whether a payload needs the database (foreign keys, keys through them, M2M)."""
-    return bool(
-        options.fk_fields or options.m2m_fields or any("." in p for p in options.natural_key)
-    )
+    """Whether a payload needs the database (foreign keys, keys through them, M2M,
+    columns the database fills)."""
+    return not options.payload_in_memory
 
 
 # --------------------------------------------------------------------------

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-from django.db import connections, transaction
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from changefeed_sync import applying, outbox
+import pytest
+from django.db import DatabaseError, connections, transaction
+from django.db.models import F, Value
+from django.db.models.functions import Concat
+
+from changefeed_sync import applying
+from changefeed_sync.models import Event
 from tests.helpers import events
 from tests.testapp.models import Category, Copy, Country, Language, Plain, Tag
 
@@ -66,27 +72,69 @@ def test_event_rolls_back_with_the_change(db_alias: str) -> None:
     assert not Country.objects.using(db_alias).exists()
 
 
+_REFUSE = "crash between row and outbox write"
+
+
+@contextmanager
+def _events_refused(alias: str) -> Iterator[None]:
+    """A real fault: while active, the database itself refuses every outbox row."""
+    connection = connections[alias]
+    table = Event._meta.db_table
+    create = {
+        "sqlite": [
+            f"CREATE TRIGGER cfs_refuse BEFORE INSERT ON {table} "
+            f"BEGIN SELECT RAISE(ABORT, '{_REFUSE}'); END"
+        ],
+        "postgresql": [
+            "CREATE FUNCTION cfs_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN RAISE EXCEPTION '{_REFUSE}'; END $$",
+            f"CREATE TRIGGER cfs_refuse BEFORE INSERT ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION cfs_refuse()",
+        ],
+        "mysql": [
+            f"CREATE TRIGGER cfs_refuse BEFORE INSERT ON {table} FOR EACH ROW "
+            f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{_REFUSE}'"
+        ],
+    }[connection.vendor]
+    drop = {
+        "sqlite": ["DROP TRIGGER cfs_refuse"],
+        "postgresql": [f"DROP TRIGGER cfs_refuse ON {table}", "DROP FUNCTION cfs_refuse()"],
+        "mysql": ["DROP TRIGGER cfs_refuse"],
+    }[connection.vendor]
+    with connection.cursor() as cursor:
+        for sql in create:
+            cursor.execute(sql)
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            for sql in drop:
+                cursor.execute(sql)
+
+
 def test_autocommit_save_and_event_are_one_transaction(db_alias: str) -> None:
     """A failure between the row write and the outbox write must undo the row too.
 
-    The crash is simulated by making the outbox insert fail (a real fault
-    cannot be timed to land between two statements otherwise)."""
+    The fault is the database refusing the event row (a trigger), after it
+    accepted the row: creates and updates, in autocommit as in a web request."""
     assert connections[db_alias].get_autocommit()
-    original = outbox._insert
-
-    def failing_insert(*args: object, **kwargs: object) -> None:
-        raise OSError("crash between row and outbox write")
-
-    outbox._insert = failing_insert  # type: ignore[assignment]
-    try:
-        with pytest.raises(OSError):
-            Country.objects.using(db_alias).create(code="it")
-    finally:
-        outbox._insert = original
-    assert not Country.objects.using(db_alias).filter(code="it").exists()
-    # And with the real insert the same save goes through, row and event.
-    Country.objects.using(db_alias).create(code="it")
+    italy = Country.objects.using(db_alias).create(code="it", name="Italy")
+    with _events_refused(db_alias):
+        with pytest.raises(DatabaseError, match=_REFUSE):
+            Country.objects.using(db_alias).create(code="es")
+        italy.name = "Italia"
+        with pytest.raises(DatabaseError, match=_REFUSE):
+            italy.save(using=db_alias)
+    assert not Country.objects.using(db_alias).filter(code="es").exists()
+    assert Country.objects.using(db_alias).get(code="it").name == "Italy"
     assert [e.key for e in events(db_alias)] == [["it"]]
+    # Without the fault the same saves go through, row and event.
+    Country.objects.using(db_alias).create(code="es")
+    italy.save(using=db_alias)
+    assert [(e.key, e.data["name"]) for e in events(db_alias)[1:]] == [
+        (["es"], ""),
+        (["it"], "Italia"),
+    ]
 
 
 def test_bulk_operations_are_captured(db_alias: str) -> None:
@@ -161,3 +209,12 @@ def test_update_fields_reads_the_stored_row(db_alias: str) -> None:
     other.parent = stale
     other.save(update_fields=["parent"])
     assert events(db_alias)[-1].data == {"slug": "kid", "parent": ["top"]}
+
+
+def test_a_field_saved_as_an_expression_carries_the_stored_value(db_alias: str) -> None:
+    """``obj.name = Concat(F("name"), ...)``: the instance holds the expression,
+    only the database knows the result; the event must carry the result."""
+    country = Country.objects.using(db_alias).create(code="aa", name="x")
+    country.name = Concat(F("name"), Value("y"))
+    country.save(using=db_alias)
+    assert events(db_alias)[-1].data == {"code": "aa", "name": "xy"}

@@ -8,7 +8,9 @@ until commit, so commit order equals id order. These tests use real
 transactions on separate connections (one per thread):
 
 * a deterministic interleaving per capture path: A holds the lock, B must
-  wait, a reader in between sees nothing, afterwards it sees both, in order;
+  wait (also a save in autocommit, which on PostgreSQL takes the lock inside
+  its one statement), a reader in between sees nothing, afterwards it sees
+  both, in order;
 * a control that writes events without the lock and shows the same reader
   really does lose A's event, so the method above can detect a gap;
 * a randomized stress run: overlapping writers and a reader following the
@@ -168,12 +170,19 @@ def _b_bulk_update(alias: str, old: Tag) -> None:
     Tag.objects.using(alias).bulk_update([old], ["slug"])
 
 
-# (A's write, how many events it makes, B's write)
-INTERLEAVINGS: dict[str, tuple[Callable[[str], None], int, Callable[[str, Tag], None]]] = {
-    "save-save": (_a_save, 1, _b_save),
-    "bulk_create-bulk_create": (_a_bulk_create, 2, _b_bulk_create),
-    "update-update": (_a_update, 1, _b_update),
-    "delete-bulk_update": (_a_delete, 1, _b_bulk_update),
+def _b_autocommit_save(alias: str, old: Tag) -> None:
+    # Outside any transaction: on PostgreSQL one statement that takes the lock itself.
+    old.slug = "b"
+    old.save(using=alias)
+
+
+# (A's write, how many events it makes, B's write, B in a transaction)
+INTERLEAVINGS: dict[str, tuple[Callable[[str], None], int, Callable[[str, Tag], None], bool]] = {
+    "save-save": (_a_save, 1, _b_save, True),
+    "bulk_create-bulk_create": (_a_bulk_create, 2, _b_bulk_create, True),
+    "update-update": (_a_update, 1, _b_update, True),
+    "delete-bulk_update": (_a_delete, 1, _b_bulk_update, True),
+    "save-autocommit_save": (_a_save, 1, _b_autocommit_save, False),
 }
 
 
@@ -183,7 +192,7 @@ def test_writers_commit_in_id_order_and_the_reader_misses_nothing(
 ) -> None:
     alias = db_alias
     ensure_lock_row(alias)
-    write_a, a_count, write_b = INTERLEAVINGS[writes]
+    write_a, a_count, write_b, b_atomic = INTERLEAVINGS[writes]
     # Rows the update and delete paths work on, written before the reader's cursor.
     Country.objects.using(alias).create(code="zz", name="before")
     b_row = Tag.objects.using(alias).create(slug="b0")
@@ -206,7 +215,11 @@ def test_writers_commit_in_id_order_and_the_reader_misses_nothing(
 
     def writer_b() -> None:
         b_started.set()
-        with transaction.atomic(using=alias):
+        if b_atomic:
+            with transaction.atomic(using=alias):
+                write_b(alias, b_row)
+        else:
+            assert connections[alias].get_autocommit()
             write_b(alias, b_row)
         b_committed.set()
 
@@ -328,10 +341,16 @@ def test_stress_overlapping_writers_reader_sees_every_event_once_in_order(db_ali
     pages_while_writing = 0
 
     def writer(number: int) -> None:
+        # Transactions of 1-3 rows, and saves in autocommit between them.
         rng = random.Random(seed + number)
         for t in range(TRANSACTIONS):
             if time.monotonic() > deadline:
                 raise AssertionError(f"writer {number} ran out of time at transaction {t}")
+            if rng.random() < 0.3:
+                # A save in autocommit (one statement on PostgreSQL).
+                Tag(slug=f"w{number}-t{t}").save(using=alias)
+                rows_written[number] += 1
+                continue
             count = rng.randint(1, 3)
             with transaction.atomic(using=alias):
                 # Sleeps before, between and after the writes make transactions
