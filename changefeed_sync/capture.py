@@ -16,8 +16,8 @@ Three ways a row changes, three hooks:
 
 On PostgreSQL a save in autocommit whose event needs nothing but the
 instance (no relations) skips the atomic block: its row statement is
-rewritten to carry the lock and the event (``outbox.with_event``), one round
-trip instead of five, still one transaction.
+rewritten to carry the lock and the event (``outbox_pg``), one round trip
+instead of five, still one transaction.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 from django.db import connections, models, router, transaction
 from django.db.models import QuerySet, signals
 
-from . import outbox, registry
+from . import outbox, outbox_pg, registry
 from .context import _applying
 from .models import Event
 from .registry import ModelOptions
@@ -204,7 +204,7 @@ def _has_expression(instance: models.Model) -> bool:
 
 class _Rewriter:
     """Execute wrapper for one ``_do_insert`` / ``_do_update``: sends its row
-    statement with the event (``outbox.with_event``)."""
+    statement with the event (``outbox_pg``)."""
 
     def __init__(self, instance: models.Model, plan: _Plan) -> None:
         self.instance = instance
@@ -219,17 +219,16 @@ class _Rewriter:
         # The row's values are final here: Django's pre_save (auto_now and the
         # like) ran while compiling this statement.
         change = _upsert_change(plan.options, self.instance, sql.startswith("I"), plan.using)
-        combined = outbox.with_event(context["connection"], sql, params, change)
         plan.rewritten += 1
-        if combined is None:
-            # A shape with_event does not know: row and event in one transaction.
+        result = outbox_pg.execute_with_event(execute, sql, params, context, change)
+        if result is outbox_pg.DECLINED:
+            # A shape outbox_pg does not know: row and event in one transaction.
             with transaction.atomic(using=plan.using, savepoint=False):
                 outbox.lock(plan.using)
                 result = execute(sql, params, many, context)
                 if context["cursor"].rowcount:
                     outbox.write(plan.using, [change.event()], locked=True)
             return result
-        result = execute(*combined, many, context)
         outbox.after_commit(plan.using)  # committed with the statement (autocommit)
         return result
 

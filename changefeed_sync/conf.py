@@ -41,6 +41,9 @@ DEFAULTS: dict[str, Any] = {
     "CLOUD_TASKS_SERVICE_ACCOUNT_EMAIL": "",
     # host:port of gcloud-tasks-emulator, for development and tests.
     "CLOUD_TASKS_EMULATOR_HOST": "",
+    # PostgreSQL: prepare the one statement an autocommit save is sent as
+    # (None: unless DISABLE_SERVER_SIDE_CURSORS or server_side_binding is set).
+    "PREPARE_STATEMENTS": None,
     # Target side: webhooks ----------------------------------------------
     # Database alias holding the Data Sources that webhooks are applied to.
     "TARGET_DATABASE": "default",

@@ -18,20 +18,17 @@ with each other from their first synced write until commit.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import threading
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from django.db import IntegrityError, connections, transaction
-from django.utils import timezone
 
 from .models import Event, OutboxState
 
 # "cfsy" in ASCII; any constant works, it only has to be ours.
-_ADVISORY_KEY = 0x63667379
+ADVISORY_KEY = 0x63667379
 
 _new_events = threading.Condition()
 
@@ -55,7 +52,7 @@ def lock(using: str) -> None:
             table = connection.ops.quote_name(OutboxState._meta.db_table)
             cursor.execute(f"DELETE FROM {table} WHERE id = -1")
         elif vendor == "postgresql":
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ADVISORY_KEY])
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [ADVISORY_KEY])
         elif vendor == "mysql":
             # Lock the row, creating it if a flush removed it, in one statement:
             # no locking read of a missing row (a gap lock), no shared lock on a
@@ -157,114 +154,6 @@ class Change(NamedTuple):
             data=self.data,
             changed=self.changed,
         )
-
-
-def with_event(
-    connection: Any, sql: str, params: Any, change: Change
-) -> tuple[str, list[Any]] | None:
-    """PostgreSQL: one save's row statement, the outbox lock and its event as one statement.
-
-    In autocommit a registered save would otherwise cost five round trips
-    (BEGIN, lock, row, event, COMMIT) where an unregistered one costs one.
-    A data-modifying ``WITH`` is one statement, hence one transaction: the
-    row and its event commit together or not at all, and the advisory lock,
-    taken inside it, is held until that commit. The row's statement reads
-    from the lock's result, so the lock is taken before the row is written
-    (the lock order every other writer follows: see ``capture._pre_write``),
-    and the event's id is drawn after both. The event is inserted only if
-    the row statement wrote a row (an UPDATE may match none).
-
-    ``sql`` is the single-row INSERT or UPDATE Django compiled for a save
-    (``%s`` placeholders, optional ``RETURNING``); the result returns what
-    it returned, or one row per row written, so Django reads it unchanged
-    (``fetchone`` for an INSERT, ``rowcount`` for an UPDATE). ``None`` for a
-    statement of another shape: the caller then uses a transaction.
-    """
-    statement = _combined.get(sql)
-    if statement is None:
-        statement = _combine(connection, sql)
-        if len(_combined) >= 512:  # one entry per model and statement shape
-            _combined.clear()
-        _combined[sql] = statement
-    if not statement:
-        return None
-    dumps = json.dumps
-    created_at = _created_at().get_db_prep_save(timezone.now(), connection)
-    return statement, [
-        *params,
-        created_at,
-        change.label,
-        Event.UPSERT,
-        dumps(change.key),
-        None if change.old_key is None else dumps(change.old_key),
-        dumps(change.data),
-        dumps(change.changed),
-    ]
-
-
-_combined: dict[str, str] = {}
-
-
-def _combine(connection: Any, sql: str) -> str:
-    """The statement ``with_event`` sends for ``sql`` ("" when it cannot)."""
-    row = _row_reading_lock(sql)
-    if row is None:
-        return ""
-    row_sql, returns = row
-    qn = connection.ops.quote_name
-    by_name = {f.name: f.column for f in Event._meta.concrete_fields}
-    columns = ", ".join(
-        qn(by_name[name])
-        for name in ("created_at", "model", "op", "key", "old_key", "data", "changed")
-    )
-    return (
-        f'WITH "_cfs_lock" AS (SELECT pg_advisory_xact_lock({_ADVISORY_KEY})), '
-        f'"_cfs_row" AS ({row_sql if returns else row_sql + " RETURNING 1"}), '
-        f'"_cfs_event" AS (INSERT INTO {qn(Event._meta.db_table)} ({columns}) '
-        'SELECT %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb FROM "_cfs_row") '
-        f'SELECT {"*" if returns else "1"} FROM "_cfs_row"'
-    )
-
-
-def _created_at() -> Any:
-    return Event._meta.get_field("created_at")
-
-
-# The WHERE of a save's UPDATE: the primary key, nothing else.
-_PK_WHERE = re.compile(r'"[^"]+"\."[^"]+" = %s( RETURNING .*)?', re.DOTALL)
-
-
-def _row_reading_lock(sql: str) -> tuple[str, bool] | None:
-    """``sql`` rewritten to read from ``"_cfs_lock"``, and whether it has RETURNING.
-
-    ``INSERT INTO t (a, b) VALUES (%s, %s) ...`` becomes ``INSERT INTO t (a, b)
-    SELECT %s, %s FROM "_cfs_lock" ...`` (an INSERT's SELECT gives untyped
-    literals the target columns' types, as VALUES does); ``UPDATE t SET ...
-    WHERE pk = %s`` gets ``FROM "_cfs_lock"`` before its WHERE. Anything else
-    (several rows, DEFAULT, a WHERE beyond the primary key) is not rewritten.
-    """
-    if sql.startswith("INSERT INTO "):
-        head, sep, rest = sql.partition(") VALUES (")
-        if not sep or ") VALUES (" in rest:
-            return None
-        end = rest.rfind(") RETURNING ")
-        if end < 0:
-            if not rest.endswith(")"):
-                return None
-            values, tail = rest[:-1], ""
-        else:
-            values, tail = rest[:end], rest[end + 1 :]
-        if "), (" in values or re.search(r"\bDEFAULT\b", values, re.IGNORECASE):
-            return None
-        return f'{head}) SELECT {values} FROM "_cfs_lock"{tail}', bool(tail)
-    if sql.startswith("UPDATE "):
-        at = sql.rfind(" WHERE ")
-        where = sql[at + len(" WHERE ") :]
-        match = _PK_WHERE.fullmatch(where)
-        if at < 0 or match is None:
-            return None
-        return f'{sql[:at]} FROM "_cfs_lock"{sql[at:]}', match.group(1) is not None
-    return None
 
 
 _fields: list[Any] = []

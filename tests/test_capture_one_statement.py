@@ -1,7 +1,7 @@
 """PostgreSQL: a save in autocommit sends its row and its event as one statement.
 
 ``capture`` rewrites the row's INSERT / UPDATE into a data-modifying WITH that
-also takes the outbox lock and inserts the event (``outbox.with_event``). These
+also takes the outbox lock and inserts the event (``outbox_pg``). These
 tests pin what that must keep: one statement, the same event the transaction
 path writes, all or nothing (tests/test_capture.py refuses the event row with
 a trigger), the lock taken before the row, and every other kind of save left
@@ -10,7 +10,11 @@ on the transaction path.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import threading
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,10 +23,11 @@ from django.db.models import F, Value
 from django.db.models.functions import Concat
 from django.test.utils import CaptureQueriesContext
 
-from changefeed_sync import outbox
+from changefeed_sync import outbox_pg, registry
 from changefeed_sync.models import Event
+from changefeed_sync.serialization import payloads_from_db
 from tests.helpers import events
-from tests.testapp.models import Country, Language
+from tests.testapp.models import Country, Kinds, Language
 
 pytestmark = [
     pytest.mark.django_db(transaction=True, databases="__all__"),
@@ -60,11 +65,30 @@ def _content(event: Event, code: str) -> tuple[Any, ...]:
             event.changed)  # fmt: skip
 
 
+def _prepared(alias: str) -> dict[str, str]:
+    """Statements prepared on ``alias``'s current session: name -> text."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT name, statement FROM pg_prepared_statements")
+        return dict(cursor.fetchall())
+
+
+@pytest.fixture(autouse=True)
+def _fresh_preparing() -> Iterator[None]:
+    """Each test starts with preparing on (a test may switch it off for its alias)."""
+    outbox_pg._not_preparing.clear()
+    yield
+    outbox_pg._not_preparing.clear()
+
+
 def test_an_autocommit_save_is_one_statement(db_alias: str) -> None:
     country = Country(code="aa", name="created")
     sent = _statements(db_alias, lambda: country.save(using=db_alias))
     assert len(sent) == 1, sent
-    assert sent[0].startswith("WITH ") and "pg_advisory_xact_lock" in sent[0]
+    # Sent as EXECUTE of the WITH statement, prepared on this connection.
+    name = sent[0].removeprefix("EXECUTE ").partition("(")[0]
+    text = _prepared(db_alias)[name]
+    assert text.startswith("PREPARE cfs_") and " AS WITH " in text, text
+    assert "pg_advisory_xact_lock" in text
     assert country.pk == Country.objects.using(db_alias).get(code="aa").pk  # RETURNING read back
     country.name = "edited"
     sent = _statements(db_alias, lambda: country.save(using=db_alias))
@@ -143,8 +167,8 @@ def test_a_statement_of_an_unknown_shape_falls_back_to_a_transaction(
     version send another, the save must still write row and event together.
     Faked here by making the rewrite decline every statement (no database
     produces an unknown shape today)."""
-    monkeypatch.setattr(outbox, "_row_reading_lock", lambda sql: None)
-    outbox._combined.clear()
+    monkeypatch.setattr(outbox_pg, "row_reading_lock", lambda sql: None)
+    outbox_pg._statements.clear()
     try:
         country = Country(code="ee", name="created")
         sent = _statements(db_alias, lambda: country.save(using=db_alias))
@@ -161,7 +185,7 @@ def test_a_statement_of_an_unknown_shape_falls_back_to_a_transaction(
         country.name = "edited"
         country.save(using=db_alias)
     finally:
-        outbox._combined.clear()
+        outbox_pg._statements.clear()
     assert [(e.key, e.data["name"]) for e in events(db_alias)] == [
         (["ee"], "created"),
         (["ee"], "edited"),
@@ -198,7 +222,7 @@ def test_a_statement_of_an_unknown_shape_falls_back_to_a_transaction(
     ],
 )
 def test_which_statements_are_rewritten(db_alias: str, sql: str, expected: Any) -> None:
-    assert outbox._row_reading_lock(sql) == expected
+    assert outbox_pg.row_reading_lock(sql) == expected
 
 
 def test_the_lock_is_taken_before_the_row(db_alias: str) -> None:
@@ -243,3 +267,76 @@ def test_the_lock_is_taken_before_the_row(db_alias: str) -> None:
     assert Country.objects.using(alias).get(code="aa").name == "autocommit"
     tail = [(e.key, e.data.get("name")) for e in events(alias)[1:]]
     assert tail == [(["bb"], ""), (["aa"], "transaction"), (["aa"], "autocommit")]
+
+
+def test_a_prepared_statement_that_went_missing_is_sent_unprepared(
+    db_alias: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pooler's reset (DISCARD ALL) or another server session leaves the name
+    unknown: the save still goes through, once, unprepared, and preparing stops
+    for that database with a warning."""
+    country = Country.objects.using(db_alias).create(code="aa", name="created")
+    country.name = "edited"
+    country.save(using=db_alias)  # the UPDATE's statement is prepared too now
+    assert len([n for n in _prepared(db_alias) if n.startswith("cfs_")]) == 2
+    with connections[db_alias].cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    country.name = "after reset"
+    with caplog.at_level("WARNING", logger="changefeed_sync.capture"):
+        sent = _statements(db_alias, lambda: country.save(using=db_alias))
+    assert [s.split()[0] for s in sent] == ["WITH"], sent  # logged: what finally went through
+    assert "went missing" in caplog.text and "DISABLE_SERVER_SIDE_CURSORS" in caplog.text
+    Country(code="bb").save(using=db_alias)
+    assert _prepared(db_alias) == {}
+    assert [(e.key, e.data["name"]) for e in events(db_alias)] == [
+        (["aa"], "created"),
+        (["aa"], "edited"),
+        (["aa"], "after reset"),
+        (["bb"], ""),
+    ]
+
+
+@pytest.mark.parametrize("setting", [False, True, None], ids=["unprepared", "prepared", "default"])
+def test_every_field_type_reaches_the_event_as_stored(
+    db_alias: str, setting: bool | None, settings: Any
+) -> None:
+    """Values bound into the one statement (prepared or not) are stored as the
+    ORM stores them, and the event carries what the stored row serializes to."""
+    settings.CHANGEFEED_SYNC_PREPARE_STATEMENTS = setting
+    # UTC: an event from memory writes the offset the value has, one read back UTC's.
+    tz = datetime.timezone.utc
+    values = dict(
+        big=2**62 + 1,
+        dec=decimal.Decimal("123456.123456"),
+        when=datetime.datetime(2024, 2, 29, 23, 59, 58, 123456, tzinfo=tz),
+        day=datetime.date(1999, 12, 31),
+        uid=uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        blob=b"\x00\xffbinary",
+        doc={"a": [1, 2, {"b": None}], "c": "é", "q": "it's 100%"},
+        flag=True,
+        ratio=0.1,
+        span=datetime.timedelta(days=2, microseconds=7),
+        color="blue",
+    )
+    full = Kinds(slug="all", **values)
+    empty = Kinds(slug="empty")
+    for obj in (full, empty):
+        assert len(_statements(db_alias, lambda obj=obj: obj.save(using=db_alias))) == 1
+    full.doc = ["changed", None]
+    full.span = datetime.timedelta(seconds=-1)
+    assert len(_statements(db_alias, lambda: full.save(using=db_alias))) == 1
+    options = registry.get_options(Kinds)
+    assert options is not None
+    stored = payloads_from_db(options, [full.pk, empty.pk], db_alias)
+    got = events(db_alias)
+    assert [e.data for e in got] == [
+        {**stored[full.pk]["data"], "doc": values["doc"], "span": "P2DT00H00M00.000007S"},
+        stored[empty.pk]["data"],
+        stored[full.pk]["data"],
+    ]
+    assert got[-1].changed == ["doc", "span"]
+    assert Kinds.objects.using(db_alias).get(slug="all").blob == values["blob"]
+    if setting is False:
+        assert _prepared(db_alias) == {}
+    else:
+        assert any(n.startswith("cfs_") for n in _prepared(db_alias))

@@ -1,0 +1,254 @@
+"""PostgreSQL: one save's row, the outbox lock and its event in one statement.
+
+In autocommit a registered save would otherwise cost five round trips
+(BEGIN, lock, row, event, COMMIT) where an unregistered one costs one.
+``capture`` hands the row's INSERT or UPDATE, as Django compiled it, to
+``execute_with_event``, which sends instead::
+
+    WITH "_cfs_lock" AS (SELECT pg_advisory_xact_lock(...)),
+         "_cfs_row" AS (<the row statement, reading from "_cfs_lock">),
+         "_cfs_event" AS (INSERT INTO <outbox> ... SELECT ... FROM "_cfs_row")
+    SELECT ... FROM "_cfs_row"
+
+One statement is one transaction: the row and its event commit together or
+not at all, and the advisory lock, taken inside it, is held until that
+commit. The row statement reads from the lock's result, so the lock is taken
+before the row is written (the lock order every other writer follows, see
+``capture._pre_write``) and the event's id is drawn after both. The event is
+inserted only if the row statement wrote a row (an UPDATE may match none).
+The statement returns what the row statement returned, or one row per row
+written, so Django reads it unchanged (``fetchone`` after an INSERT,
+``rowcount`` after an UPDATE).
+
+Planning that statement costs about as much as running it, so each shape is
+prepared once per connection (``PREPARE``, then ``EXECUTE`` with the values).
+A prepared statement belongs to a server session, which a transaction-mode
+connection pooler (PgBouncer) swaps under the client: where Django is told
+about such a pooler (``DISABLE_SERVER_SIDE_CURSORS``) or binds parameters
+server-side (psycopg then prepares by itself), nothing is prepared, and a
+prepared statement found missing switches preparing off for that database
+(``CHANGEFEED_SYNC_PREPARE_STATEMENTS`` decides explicitly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import DatabaseError
+from django.utils import timezone
+
+from . import conf
+from .models import Event
+from .outbox import ADVISORY_KEY, Change
+
+logger = logging.getLogger("changefeed_sync.capture")
+
+# The event's columns, in the order of the parameters _event_params gives.
+_EVENT_FIELDS = ("created_at", "model", "op", "key", "old_key", "data", "changed")
+
+
+@dataclass(frozen=True)
+class _Statement:
+    text: str  # with %s placeholders, sent as it is when not prepared
+    name: str  # of the prepared statement: a digest of its text, the same in every session
+    prepare: str  # PREPARE name AS ... with $n placeholders
+    execute: str  # EXECUTE name(%s, ...)
+
+
+Execute = Callable[[str, Any, bool, Any], Any]
+
+# Returned by execute_with_event when it sent nothing.
+DECLINED: Any = object()
+
+
+def execute_with_event(
+    execute: Execute, sql: str, params: Any, context: dict[str, Any], change: Change
+) -> Any:
+    """Send ``sql`` (a save's row statement) with ``change``'s event as one
+    statement, through ``execute`` (an execute wrapper's), and return what it
+    returns; ``DECLINED``, having sent nothing, for a statement of a shape
+    this does not know (the caller then uses a transaction)."""
+    connection = context["connection"]
+    try:
+        statement = _statements[sql]
+    except KeyError:
+        if len(_statements) >= 512:  # one entry per model and statement shape
+            _statements.clear()
+        statement = _statements[sql] = _statement(connection, sql)
+    if statement is None:
+        return DECLINED
+    values = [*params, *_event_params(connection, change)]
+    if _prepares(connection):
+        prepared = _prepared_on(connection)
+        if statement.name not in prepared:
+            _prepare(execute, statement, context)
+            prepared.add(statement.name)
+        try:
+            return execute(statement.execute, values, False, context)
+        except DatabaseError as exc:
+            if _sqlstate(exc) not in _GONE:
+                raise
+            # In autocommit the failed statement changed nothing: send it unprepared.
+            _stop_preparing(connection, exc)
+    return execute(statement.text, values, False, context)
+
+
+_statements: dict[str, _Statement | None] = {}
+
+
+def _event_params(connection: Any, change: Change) -> list[Any]:
+    dumps = json.dumps
+    created_at: Any = Event._meta.get_field("created_at")
+    return [
+        created_at.get_db_prep_save(timezone.now(), connection),
+        change.label,
+        Event.UPSERT,
+        dumps(change.key),
+        None if change.old_key is None else dumps(change.old_key),
+        dumps(change.data),
+        dumps(change.changed),
+    ]
+
+
+def _statement(connection: Any, sql: str) -> _Statement | None:
+    """The one statement for ``sql``, or None when ``sql`` is of another shape."""
+    row = row_reading_lock(sql)
+    if row is None:
+        return None
+    row_sql, returns = row
+    qn = connection.ops.quote_name
+    column = {f.name: f.column for f in Event._meta.concrete_fields}
+    columns = ", ".join(qn(column[name]) for name in _EVENT_FIELDS)
+    text = (
+        f'WITH "_cfs_lock" AS (SELECT pg_advisory_xact_lock({ADVISORY_KEY})), '
+        f'"_cfs_row" AS ({row_sql if returns else row_sql + " RETURNING 1"}), '
+        f'"_cfs_event" AS (INSERT INTO {qn(Event._meta.db_table)} ({columns}) '
+        'SELECT %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb FROM "_cfs_row") '
+        f'SELECT {"*" if returns else "1"} FROM "_cfs_row"'
+    )
+    numbered, count = _numbered(text)
+    name = "cfs_" + hashlib.sha256(text.encode()).hexdigest()[:24]
+    return _Statement(
+        text=text,
+        name=name,
+        prepare=f"PREPARE {name} AS {numbered}",
+        execute=f"EXECUTE {name}({', '.join(['%s'] * count)})",
+    )
+
+
+def _numbered(text: str) -> tuple[str, int]:
+    """``%s`` placeholders -> ``$1``, ``$2``...; ``%%`` -> ``%``."""
+    count = 0
+
+    def number(match: re.Match[str]) -> str:
+        nonlocal count
+        if match.group() == "%%":
+            return "%"
+        count += 1
+        return f"${count}"
+
+    return re.sub(r"%%|%s", number, text), count
+
+
+# The WHERE of a save's UPDATE: the primary key, nothing else.
+_PK_WHERE = re.compile(r'"[^"]+"\."[^"]+" = %s( RETURNING .*)?', re.DOTALL)
+
+
+def row_reading_lock(sql: str) -> tuple[str, bool] | None:
+    """``sql`` rewritten to read from ``"_cfs_lock"``, and whether it has RETURNING.
+
+    ``INSERT INTO t (a, b) VALUES (%s, %s) ...`` becomes ``INSERT INTO t (a, b)
+    SELECT %s, %s FROM "_cfs_lock" ...`` (an INSERT's SELECT gives untyped
+    values the target columns' types, as VALUES does); ``UPDATE t SET ...
+    WHERE pk = %s`` gets ``FROM "_cfs_lock"`` before its WHERE. Anything else
+    (several rows, DEFAULT, a WHERE beyond the primary key) is not rewritten.
+    """
+    if sql.startswith("INSERT INTO "):
+        head, sep, rest = sql.partition(") VALUES (")
+        if not sep or ") VALUES (" in rest:
+            return None
+        end = rest.rfind(") RETURNING ")
+        if end < 0:
+            if not rest.endswith(")"):
+                return None
+            values, tail = rest[:-1], ""
+        else:
+            values, tail = rest[:end], rest[end + 1 :]
+        if "), (" in values or re.search(r"\bDEFAULT\b", values, re.IGNORECASE):
+            return None
+        return f'{head}) SELECT {values} FROM "_cfs_lock"{tail}', bool(tail)
+    if sql.startswith("UPDATE "):
+        at = sql.rfind(" WHERE ")
+        match = _PK_WHERE.fullmatch(sql[at + len(" WHERE ") :]) if at >= 0 else None
+        if match is None:
+            return None
+        return f'{sql[:at]} FROM "_cfs_lock"{sql[at:]}', match.group(1) is not None
+    return None
+
+
+# ------------------------------------------------------------ preparing
+
+# SQLSTATEs meaning "the prepared statement is not (or no longer) what was
+# prepared": missing (another server session, DISCARD ALL, DEALLOCATE), or
+# its result changed with the table.
+_GONE = {"26000", "0A000"}
+
+# Aliases where a prepared statement went missing: not prepared again in this process.
+_not_preparing: set[str] = set()
+
+
+def _prepares(connection: Any) -> bool:
+    setting = conf.get("PREPARE_STATEMENTS")
+    if setting is not None:
+        return bool(setting)
+    if connection.alias in _not_preparing:
+        return False
+    settings = connection.settings_dict
+    if settings.get("DISABLE_SERVER_SIDE_CURSORS"):
+        return False  # Django was told a transaction-mode pooler is in between
+    return not (settings.get("OPTIONS") or {}).get("server_side_binding")
+
+
+def _prepared_on(connection: Any) -> set[str]:
+    """Names prepared on the current server session of ``connection`` (a new
+    session, after a reconnect, starts with none)."""
+    raw = connection.connection
+    held = getattr(connection, "_changefeed_prepared", None)
+    if held is None or held[0] is not raw:
+        held = (raw, set())
+        connection._changefeed_prepared = held
+    names: set[str] = held[1]
+    return names
+
+
+def _prepare(execute: Execute, statement: _Statement, context: dict[str, Any]) -> None:
+    try:
+        execute(statement.prepare, None, False, context)
+    except DatabaseError as exc:
+        # Already there (a pooler handed over a session that has it): the
+        # name is a digest of the text, so it is the same statement.
+        if _sqlstate(exc) != "42P05":
+            raise
+
+
+def _stop_preparing(connection: Any, exc: DatabaseError) -> None:
+    _not_preparing.add(connection.alias)
+    _prepared_on(connection).clear()
+    logger.warning(
+        "database %r: a prepared capture statement went missing (%s); sending saves "
+        "unprepared from now on. Behind a transaction-mode pooler set "
+        "DISABLE_SERVER_SIDE_CURSORS or CHANGEFEED_SYNC_PREPARE_STATEMENTS = False.",
+        connection.alias,
+        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+    )
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    cause = exc.__cause__
+    return getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
