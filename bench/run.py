@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import itertools
 import json
 import os
 import pstats
@@ -391,14 +392,19 @@ CODES = [a + b for a in ALPHABET for b in ALPHABET]  # 3844 distinct two-charact
 
 # The contenders, measured save by save in alternation (a, b, b, a, a, b, ...) so
 # that a disk or CPU hiccup from another process hits all of them alike.
-CAPTURE_CASES = ("plain", "registered", "raw autocommit", "raw outbox")
+CAPTURE_CASES = ("plain", "registered", "raw autocommit", "raw outbox", "raw one statement")
+
+
+_RAW_WRITERS = itertools.count()
 
 
 class _RawWriter:
     """The floor of any same-transaction outbox, in plain SQL with no ORM and no Python
     work around it: the row's INSERT alone in autocommit ("raw autocommit"), against
     BEGIN + (PostgreSQL: one advisory lock) + the same INSERT + one event INSERT +
-    COMMIT ("raw outbox")."""
+    COMMIT ("raw outbox"), and on PostgreSQL against the lock, the INSERT and the
+    event INSERT as one prepared WITH statement ("raw one statement", what a
+    registered save in autocommit sends there)."""
 
     def __init__(self, alias: str) -> None:
         from django.db import connections
@@ -430,6 +436,21 @@ class _RawWriter:
         self.lock_sql = (
             "SELECT pg_advisory_xact_lock(1)" if self.connection.vendor == "postgresql" else ""
         )
+        # The statement changefeed_sync/outbox_pg.py sends, prepared once, with the same
+        # event parameters.
+        row_from_lock = self.row_sql.replace(" VALUES (%s, %s)", ' SELECT %s, %s FROM "l"')
+        event_from_row = self.event_sql.replace(" VALUES (", " SELECT ")[:-1] + ' FROM "r"'
+        one_sql = (
+            'WITH "l" AS (SELECT pg_advisory_xact_lock(1)), '
+            f'"r" AS ({row_from_lock} RETURNING {qn("id")}), '
+            f'"e" AS ({event_from_row}) SELECT * FROM "r"'
+        )
+        count = one_sql.count("%s")
+        for n in range(1, count + 1):
+            one_sql = one_sql.replace("%s", f"${n}", 1)
+        name = f"bench_one_{next(_RAW_WRITERS)}"  # a new name per repetition's writer
+        self.prepare_sql = f"PREPARE {name} AS {one_sql}"
+        self.one_sql = f"EXECUTE {name}({', '.join(['%s'] * count)})"
 
     def autocommit(self, code: str) -> None:
         with self.connection.cursor() as cursor:
@@ -443,6 +464,13 @@ class _RawWriter:
                 cursor.execute(self.lock_sql)
             cursor.execute(self.row_sql, [code, "created"])
             cursor.execute(self.event_sql, self.event_params)
+
+    def one_statement(self, code: str) -> None:
+        with self.connection.cursor() as cursor:
+            if self.prepare_sql:  # the first call of a repetition, as a save's first
+                cursor.execute(self.prepare_sql)
+                self.prepare_sql = ""
+            cursor.execute(self.one_sql, [code, "created", *self.event_params])
 
 
 def _capture_rep(alias: str, n: int) -> dict[str, float]:
@@ -462,6 +490,8 @@ def _capture_rep(alias: str, n: int) -> dict[str, float]:
     models = {"plain": Plain, "registered": Country}
     raw = _RawWriter(alias)
     raw_ops = {"raw autocommit": raw.autocommit, "raw outbox": raw.outbox}
+    if connection.vendor == "postgresql":
+        raw_ops["raw one statement"] = raw.one_statement
     # Distinct codes per case: they share the Plain table's unique column.
     codes = {case: CODES[i * n : (i + 1) * n] for i, case in enumerate(CAPTURE_CASES)}
     spent = {f"{m} {op}": 0.0 for m in models for op in ("create", "update")}
@@ -474,6 +504,8 @@ def _capture_rep(alias: str, n: int) -> dict[str, float]:
     for i in range(n):
         for case in CAPTURE_CASES if i % 2 else reversed(CAPTURE_CASES):
             code = codes[case][i]
+            if case.startswith("raw") and case not in raw_ops:
+                continue
             if case in raw_ops:
                 start = clock()
                 raw_ops[case](code)
@@ -494,7 +526,8 @@ def _capture_rep(alias: str, n: int) -> dict[str, float]:
     if PROFILER is not None:
         PROFILER.disable()
     events = Event.objects.using(alias).count()
-    check(events == 3 * n, f"{events} events on {alias}, expected {3 * n} (2 per Country, 1 raw)")
+    expected = (2 + len(raw_ops) - 1) * n  # 2 per Country, 1 per raw writer with an event
+    check(events == expected, f"{events} events on {alias}, expected {expected}")
     check(Plain.objects.using(alias).filter(name="updated").count() == n, "Plain updates lost")
     return spent
 
@@ -552,8 +585,15 @@ def bench_capture(aliases: Sequence[str], sizes: Sizes) -> None:
         record(
             Row("capture", f"{vendor} raw SQL INSERT + event, one txn",
                 n / median(times["raw outbox"]), "rows/s", ratio=floor,
-                ratio_of="floor of any outbox", samples=times["raw outbox"])
+                ratio_of="floor, BEGIN..COMMIT", samples=times["raw outbox"])
         )  # fmt: skip
+        if "raw one statement" in times:
+            one = times["raw one statement"]
+            record(
+                Row("capture", f"{vendor} raw SQL INSERT + event, one statement",
+                    n / median(one), "rows/s", ratio=median(one) / median(times["raw autocommit"]),
+                    ratio_of="floor, one statement", samples=one)
+            )  # fmt: skip
         print(
             f"    statements per save (create/update, BEGIN and COMMIT included): "
             f"Plain {counts['Plain']}, Country {counts['Country']}",
