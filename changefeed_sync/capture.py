@@ -117,8 +117,11 @@ def _snapshot(instance: models.Model) -> dict[str, Any]:
 def _wrap_from_db(model: type[models.Model]) -> None:
     original = model.from_db.__func__  # type: ignore[attr-defined]
 
-    def from_db(cls: type[models.Model], db: str | None, field_names: Any, values: Any) -> Any:
-        instance = original(cls, db, field_names, values)
+    def from_db(
+        cls: type[models.Model], db: str | None, field_names: Any, values: Any, **kwargs: Any
+    ) -> Any:
+        # **kwargs: Django 6.1 passes fetch_mode to a from_db that accepts it.
+        instance = original(cls, db, field_names, values, **kwargs)
         instance.__dict__[SNAPSHOT_ATTR] = _snapshot(instance)
         return instance
 
