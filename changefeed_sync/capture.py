@@ -137,15 +137,20 @@ def _wrap_save_base(model: type[models.Model]) -> None:
             return original(self, *args, **kwargs)
         using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
         plan = _one_statement_plan(self, using, args, kwargs)
-        if plan is not None:
-            self.__dict__[PLAN_ATTR] = plan
-            try:
+        # Per save: a receiver may save the same instance again, inside this one.
+        outer = self.__dict__.get(PLAN_ATTR)
+        self.__dict__[PLAN_ATTR] = plan
+        try:
+            if plan is not None:
                 return original(self, *args, **kwargs)
-            finally:
-                del self.__dict__[PLAN_ATTR]
-        # savepoint=False: free inside an existing transaction, a real one in autocommit.
-        with transaction.atomic(using=using, savepoint=False):
-            return original(self, *args, **kwargs)
+            # savepoint=False: free inside an existing transaction, a real one in autocommit.
+            with transaction.atomic(using=using, savepoint=False):
+                return original(self, *args, **kwargs)
+        finally:
+            if outer is None:
+                self.__dict__.pop(PLAN_ATTR, None)
+            else:
+                self.__dict__[PLAN_ATTR] = outer
 
     model.save_base = save_base  # type: ignore[method-assign]
 
@@ -258,7 +263,7 @@ def _wrap_row_writes(model: type[models.Model]) -> None:
 
 
 def _pre_write(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
-    if _capturing(sender) is None or PLAN_ATTR in instance.__dict__:
+    if _capturing(sender) is None or instance.__dict__.get(PLAN_ATTR) is not None:
         return  # a one-statement save takes the lock in its statement
     using = kwargs.get("using") or instance._state.db or "default"
     # Lock before the row is written: every writer then takes the outbox lock

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from django.db import connections, transaction
-from django.db.models import F, Value
+from django.db.models import F, Value, signals
 from django.db.models.functions import Concat
 
 from changefeed_sync import outbox_pg, registry
@@ -366,3 +366,30 @@ def test_every_field_type_reaches_the_event_as_stored(
     assert Kinds.objects.using(db_alias).get(slug="all").blob == values["blob"]
     kinds_prepared = [t for t in _prepared(db_alias).values() if '"testapp_kinds"' in t]
     assert len(kinds_prepared) == (0 if setting is False else 2)  # INSERT, UPDATE
+
+
+def test_a_receiver_that_saves_the_instance_again(db_alias: str) -> None:
+    """A post_save receiver saving the same instance: two saves, two events, each
+    sent as its own statement, and the outer save's state survives the inner one."""
+
+    def again(sender: Any, instance: Country, created: bool, **kwargs: Any) -> None:
+        if instance.name == "first":
+            instance.name = "second"
+            instance.save(using=db_alias)
+
+    signals.post_save.connect(again, sender=Country, dispatch_uid="test-again")
+    try:
+        country = Country(code="aa", name="first")
+        sent = _statements(db_alias, lambda: country.save(using=db_alias))
+        with transaction.atomic(using=db_alias):
+            Country(code="bb", name="first").save(using=db_alias)
+    finally:
+        signals.post_save.disconnect(sender=Country, dispatch_uid="test-again")
+    assert _sent_per_save(sent) == ["EXECUTE", "EXECUTE"], sent
+    assert [(e.key, e.data["name"], e.changed) for e in events(db_alias)] == [
+        (["aa"], "first", ["code", "name"]),
+        (["aa"], "second", ["name"]),
+        (["bb"], "first", ["code", "name"]),
+        (["bb"], "second", ["name"]),
+    ]
+    assert "_changefeed_one_statement" not in country.__dict__
