@@ -84,18 +84,17 @@ def execute_with_event(
     if statement is None:
         return DECLINED
     values = [*params, *_event_params(connection, change)]
-    if _prepares(connection):
+    if _prepares(connection) and statement.name not in _unpreparable:
         prepared = _prepared_on(connection)
-        if statement.name not in prepared:
-            _prepare(execute, statement, context)
+        if statement.name in prepared or _prepare(execute, statement, context):
             prepared.add(statement.name)
-        try:
-            return execute(statement.execute, values, False, context)
-        except DatabaseError as exc:
-            if _sqlstate(exc) not in _GONE:
-                raise
-            # In autocommit the failed statement changed nothing: send it unprepared.
-            _stop_preparing(connection, exc)
+            try:
+                return execute(statement.execute, values, False, context)
+            except DatabaseError as exc:
+                if _sqlstate(exc) not in _GONE:
+                    raise
+                # In autocommit the failed statement changed nothing: send it unprepared.
+                _stop_preparing(connection, exc)
     return execute(statement.text, values, False, context)
 
 
@@ -227,14 +226,25 @@ def _prepared_on(connection: Any) -> set[str]:
     return names
 
 
-def _prepare(execute: Execute, statement: _Statement, context: dict[str, Any]) -> None:
+# Statements PostgreSQL would not prepare: sent unprepared from then on.
+_unpreparable: set[str] = set()
+
+
+def _prepare(execute: Execute, statement: _Statement, context: dict[str, Any]) -> bool:
+    """PREPARE ``statement`` on the session; False if PostgreSQL refused it."""
     try:
         execute(statement.prepare, None, False, context)
     except DatabaseError as exc:
-        # Already there (a pooler handed over a session that has it): the
-        # name is a digest of the text, so it is the same statement.
-        if _sqlstate(exc) != "42P05":
-            raise
+        if _sqlstate(exc) == "42P05":
+            # Already there (a pooler handed over a session that has it): the
+            # name is a digest of the text, so it is the same statement.
+            return True
+        # Not preparable (a parameter whose type cannot be inferred, say); the
+        # statement itself may still run, unprepared, like any other.
+        _unpreparable.add(statement.name)
+        logger.warning("could not prepare %s (%s); sending it unprepared", statement.name, exc)
+        return False
+    return True
 
 
 def _stop_preparing(connection: Any, exc: DatabaseError) -> None:

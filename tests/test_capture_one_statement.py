@@ -10,6 +10,7 @@ on the transaction path.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import decimal
 import threading
@@ -393,3 +394,34 @@ def test_a_receiver_that_saves_the_instance_again(db_alias: str) -> None:
         (["bb"], "second", ["name"]),
     ]
     assert "_changefeed_one_statement" not in country.__dict__
+
+
+def test_a_statement_postgresql_will_not_prepare_is_sent_unprepared(
+    db_alias: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every statement Django compiles for a save prepares; should one not, the
+    save still goes through unprepared. The refusal is PostgreSQL's own, to a
+    PREPARE made invalid here (a type that does not exist)."""
+    real = outbox_pg._statement
+
+    def broken(connection: Any, sql: str) -> Any:
+        statement = real(connection, sql)
+        return dataclasses.replace(
+            statement,
+            name=statement.name + "_x",
+            prepare=statement.prepare.replace(" AS WITH ", " AS SELECT $1::no_such_type; WITH "),
+        )
+
+    monkeypatch.setattr(outbox_pg, "_statement", broken)
+    outbox_pg._statements.clear()
+    try:
+        with caplog.at_level("WARNING", logger="changefeed_sync.capture"):
+            sent = _statements(db_alias, lambda: Country(code="aa").save(using=db_alias))
+            again = _statements(db_alias, lambda: Country(code="ab").save(using=db_alias))
+    finally:
+        outbox_pg._statements.clear()
+        outbox_pg._unpreparable.clear()
+    assert [q.split()[0] for q in sent] == ["PREPARE", "WITH"], sent
+    assert [q.split()[0] for q in again] == ["WITH"], again  # not tried twice
+    assert "could not prepare" in caplog.text
+    assert [e.key for e in events(db_alias)] == [["aa"], ["ab"]]
