@@ -218,26 +218,44 @@ class _Rewriter:
         self.instance = instance
         self.plan = plan
         self.done = False
+        # The row's own statement, not one a field's pre_save may send while
+        # Django compiles it (a storage writing to the same database, say).
+        qn = connections[plan.using].ops.quote_name
+        table = qn(instance._meta.db_table)
+        self.heads = (f"INSERT INTO {table} ", f"UPDATE {table} SET ")
 
     def __call__(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        if self.done or many or not sql.startswith(("INSERT INTO ", "UPDATE ")):
+        if self.done or many or not sql.startswith(self.heads):
             return execute(sql, params, many, context)
         self.done = True
         plan = self.plan
-        # The row's values are final here: Django's pre_save (auto_now and the
-        # like) ran while compiling this statement.
-        change = _upsert_change(plan.options, self.instance, sql.startswith("I"), plan.using)
         plan.rewritten += 1
-        result = outbox_pg.execute_with_event(execute, sql, params, context, change)
-        if result is outbox_pg.DECLINED:
-            # A shape outbox_pg does not know: row and event in one transaction.
-            with transaction.atomic(using=plan.using, savepoint=False):
-                outbox.lock(plan.using)
-                result = execute(sql, params, many, context)
-                if context["cursor"].rowcount:
-                    outbox.write(plan.using, [change.event()], locked=True)
-            return result
-        outbox.after_commit(plan.using)  # committed with the statement (autocommit)
+        created = sql.startswith("INSERT")
+        expression = _has_expression(self.instance)
+        if not expression:
+            # The row's values are final here: Django's pre_save (auto_now and the
+            # like) ran while compiling this statement.
+            change = _upsert_change(plan.options, self.instance, created, plan.using)
+            model = type(self.instance)
+            result = outbox_pg.execute_with_event(execute, sql, params, context, model, change)
+            if result is not outbox_pg.DECLINED:
+                outbox.after_commit(plan.using)  # committed with the statement (autocommit)
+                return result
+        # A value only the database knows (an expression a pre_save receiver
+        # set), or a statement shape outbox_pg does not know: in one transaction,
+        # the lock, the row, then the event from what was stored.
+        with transaction.atomic(using=plan.using, savepoint=False):
+            outbox.lock(plan.using)
+            result = execute(sql, params, many, context)
+            if context["cursor"].rowcount:
+                pk = self.instance.pk
+                if expression and (pk is None or hasattr(pk, "resolve_expression")):
+                    # An INSERT whose RETURNING Django has not read yet.
+                    with connections[plan.using].cursor() as cursor:
+                        cursor.execute("SELECT lastval()")
+                        pk = cursor.fetchone()[0]
+                change = _upsert_change(plan.options, self.instance, created, plan.using, pk=pk)
+                outbox.write(plan.using, [change.event()], locked=True)
         return result
 
 
@@ -310,9 +328,12 @@ def _upsert_change(
     using: str,
     update_fields: Any = None,
     raw: bool = False,
+    *,
+    pk: Any = None,
 ) -> outbox.Change:
     """The change one save made: what changed since the instance was loaded,
-    and the key it had before when the save renamed it."""
+    and the key it had before when the save renamed it. ``pk``: the row's, where
+    the instance does not know it yet."""
     loaded = instance.__dict__.get(SNAPSHOT_ATTR)
     if created or not loaded:
         changed = list(options.all_changed)
@@ -328,7 +349,8 @@ def _upsert_change(
     if update_fields is not None or raw or needs_query(options) or _has_expression(instance):
         # One query reads the stored row with every related natural key (and
         # fields not saved, or saved as F() expressions, are not in memory).
-        payload = payloads_from_db(options, [instance.pk], using)[instance.pk]
+        pk = instance.pk if pk is None else pk
+        payload = payloads_from_db(options, [pk], using)[pk]
     else:
         payload = payload_from_instance(options, instance)
     if old_key == payload["key"]:

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import DatabaseError
+from django.db import DatabaseError, models
 from django.utils import timezone
 
 from . import conf
@@ -68,7 +68,12 @@ DECLINED: Any = object()
 
 
 def execute_with_event(
-    execute: Execute, sql: str, params: Any, context: dict[str, Any], change: Change
+    execute: Execute,
+    sql: str,
+    params: Any,
+    context: dict[str, Any],
+    model: type[models.Model],
+    change: Change,
 ) -> Any:
     """Send ``sql`` (a save's row statement) with ``change``'s event as one
     statement, through ``execute`` (an execute wrapper's), and return what it
@@ -80,7 +85,7 @@ def execute_with_event(
     except KeyError:
         if len(_statements) >= 512:  # one entry per model and statement shape
             _statements.clear()
-        statement = _statements[sql] = _statement(connection, sql)
+        statement = _statements[sql] = _statement(connection, sql, model)
     if statement is None:
         return DECLINED
     values = [*params, *_event_params(connection, change)]
@@ -91,7 +96,7 @@ def execute_with_event(
             try:
                 return execute(statement.execute, values, False, context)
             except DatabaseError as exc:
-                if _sqlstate(exc) not in _GONE:
+                if not _gone(exc):
                     raise
                 # In autocommit the failed statement changed nothing: send it unprepared.
                 _stop_preparing(connection, exc)
@@ -115,8 +120,9 @@ def _event_params(connection: Any, change: Change) -> list[Any]:
     ]
 
 
-def _statement(connection: Any, sql: str) -> _Statement | None:
-    """The one statement for ``sql``, or None when ``sql`` is of another shape."""
+def _statement(connection: Any, sql: str, model: type[models.Model]) -> _Statement | None:
+    """The one statement for ``sql`` (a save of ``model``), or None when ``sql`` is
+    of another shape."""
     row = row_reading_lock(sql)
     if row is None:
         return None
@@ -132,7 +138,14 @@ def _statement(connection: Any, sql: str) -> _Statement | None:
         f'SELECT {"*" if returns else "1"} FROM "_cfs_row"'
     )
     numbered, count = _numbered(text)
-    name = "cfs_" + hashlib.sha256(text.encode()).hexdigest()[:24]
+    # A prepared statement's parameter types are fixed when it is prepared: the
+    # name covers the column types too, so that a statement prepared (on a
+    # pooled session, say) before a migration changed a type is not taken for
+    # the same statement after it.
+    types = "|".join(
+        str(f.db_type(connection)) for m in (model, Event) for f in m._meta.concrete_fields
+    )
+    name = "cfs_" + hashlib.sha256(f"{text}\n{types}".encode()).hexdigest()[:24]
     return _Statement(
         text=text,
         name=name,
@@ -193,10 +206,14 @@ def row_reading_lock(sql: str) -> tuple[str, bool] | None:
 
 # ------------------------------------------------------------ preparing
 
-# SQLSTATEs meaning "the prepared statement is not (or no longer) what was
-# prepared": missing (another server session, DISCARD ALL, DEALLOCATE), or
-# its result changed with the table.
-_GONE = {"26000", "0A000"}
+
+def _gone(exc: DatabaseError) -> bool:
+    """Whether the prepared statement is not (or no longer) what was prepared:
+    missing (another server session, DISCARD ALL, DEALLOCATE), or its result
+    changed with the table."""
+    state = _sqlstate(exc)
+    return state == "26000" or (state == "0A000" and "must not change result type" in str(exc))
+
 
 # Aliases where a prepared statement went missing: not prepared again in this process.
 _not_preparing: set[str] = set()
@@ -235,10 +252,14 @@ def _prepare(execute: Execute, statement: _Statement, context: dict[str, Any]) -
     try:
         execute(statement.prepare, None, False, context)
     except DatabaseError as exc:
-        if _sqlstate(exc) == "42P05":
+        state = _sqlstate(exc) or ""
+        if state == "42P05":
             # Already there (a pooler handed over a session that has it): the
-            # name is a digest of the text, so it is the same statement.
+            # name is a digest of the text and the column types, so it is the
+            # same statement.
             return True
+        if not state.startswith("42"):
+            raise  # not about the statement (a timeout, a lost connection): as any error
         # Not preparable (a parameter whose type cannot be inferred, say); the
         # statement itself may still run, unprepared, like any other.
         _unpreparable.add(statement.name)

@@ -115,13 +115,14 @@ class ModelOptions:
     @cached_property
     def payload_in_memory(self) -> bool:
         """Whether an instance alone gives its payload: no relation in the payload or
-        the key, and no synced column whose value only the database knows (a
-        generated column, or one read back after the write)."""
+        the key, and no synced or key column whose value only the database knows (a
+        generated column, an auto-increment key, one read back after the write)."""
         return not (
             self.fk_fields
             or self.m2m_fields
             or any("." in p for p in self.natural_key)
             or any(getattr(f, "db_returning", False) for f in self.plain_fields)
+            or any(getattr(f, "db_returning", False) for f in self.key_fields)
         )
 
     @cached_property

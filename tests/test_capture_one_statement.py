@@ -23,11 +23,12 @@ from django.db import connections, transaction
 from django.db.models import F, Value, signals
 from django.db.models.functions import Concat
 
+import changefeed_sync
 from changefeed_sync import outbox_pg, registry
 from changefeed_sync.models import Event
 from changefeed_sync.serialization import payloads_from_db
 from tests.helpers import events
-from tests.testapp.models import Country, Kinds, Language
+from tests.testapp.models import Country, Kinds, Language, Plain
 
 pytestmark = [
     pytest.mark.django_db(transaction=True, databases="__all__"),
@@ -404,8 +405,8 @@ def test_a_statement_postgresql_will_not_prepare_is_sent_unprepared(
     PREPARE made invalid here (a type that does not exist)."""
     real = outbox_pg._statement
 
-    def broken(connection: Any, sql: str) -> Any:
-        statement = real(connection, sql)
+    def broken(connection: Any, sql: str, model: Any) -> Any:
+        statement = real(connection, sql, model)
         return dataclasses.replace(
             statement,
             name=statement.name + "_x",
@@ -425,3 +426,84 @@ def test_a_statement_postgresql_will_not_prepare_is_sent_unprepared(
     assert [q.split()[0] for q in again] == ["WITH"], again  # not tried twice
     assert "could not prepare" in caplog.text
     assert [e.key for e in events(db_alias)] == [["aa"], ["ab"]]
+
+
+def test_an_expression_set_by_a_pre_save_receiver(db_alias: str) -> None:
+    """The plan is made before pre_save; a receiver may still set an expression
+    there. Only the database knows the stored value: the save becomes a
+    transaction again and the event carries what was stored (an INSERT's id,
+    which Django reads back only afterwards, comes from lastval())."""
+
+    def shout(sender: Any, instance: Country, **kwargs: Any) -> None:
+        instance.name = Concat(Value("<"), Value(instance.code), Value(">"))
+
+    signals.pre_save.connect(shout, sender=Country, dispatch_uid="test-shout")
+    try:
+        country = Country(code="aa")
+        created = _statements(db_alias, lambda: country.save(using=db_alias))
+        country = Country.objects.using(db_alias).get(code="aa")
+        country.code = "ab"
+        updated = _statements(db_alias, lambda: country.save(using=db_alias))
+    finally:
+        signals.pre_save.disconnect(sender=Country, dispatch_uid="test-shout")
+    for sent in (created, updated):
+        assert _locks(sent) == 1 and not any(q.startswith("EXECUTE") for q in sent), sent
+    assert [(e.key, e.old_key, e.data) for e in events(db_alias)] == [
+        (["aa"], None, {"code": "aa", "name": "<aa>"}),
+        (["ab"], ["aa"], {"code": "ab", "name": "<ab>"}),
+    ]
+
+
+def test_a_statement_a_field_sends_while_compiling_the_row_is_left_alone(
+    db_alias: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A field's pre_save runs while Django compiles the row's INSERT, and may
+    write to the same database itself (a storage keeping files in a table). Only
+    the row's own statement may carry the event. Faked with a pre_save that
+    writes a Plain row (no field of the test app writes to the database)."""
+    field = Country._meta.get_field("name")
+    original = field.pre_save
+
+    def pre_save(instance: Any, add: bool) -> Any:
+        if add:
+            Plain.objects.using(db_alias).create(code=instance.code)
+        return original(instance, add)
+
+    monkeypatch.setattr(field, "pre_save", pre_save)
+    sent = _statements(db_alias, lambda: Country(code="aa").save(using=db_alias))
+    plain = [q for q in sent if q.startswith('INSERT INTO "testapp_plain" ')]
+    rest = [q.split()[0] for q in sent if q not in plain and not q.startswith("PREPARE")]
+    assert len(plain) == 1 and rest == ["EXECUTE"], sent
+    assert Plain.objects.using(db_alias).filter(code="aa").exists()
+    assert [(e.model, e.key) for e in events(db_alias)] == [("testapp.country", ["aa"])]
+
+
+def test_a_natural_key_the_database_assigns(db_alias: str) -> None:
+    """natural_key=["id"] on an auto-increment id: the key is known only after the
+    INSERT, so such a model keeps the transaction path and its event names the id."""
+    changefeed_sync.register(Plain, natural_key=["id"])
+    try:
+        options = registry.get_options(Plain)
+        assert options is not None and not options.payload_in_memory
+        row = Plain(code="aa")
+        sent = _statements(db_alias, lambda: row.save(using=db_alias))
+    finally:
+        changefeed_sync.unregister(Plain)
+    assert _locks(sent) == 1, sent
+    assert [(e.model, e.key) for e in events(db_alias)] == [("testapp.plain", [row.pk])]
+
+
+def test_a_prepared_name_covers_the_column_types(
+    db_alias: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parameter types are fixed when a statement is prepared: after a migration
+    changes a column's type the statement must get another name, or a session
+    that still has the old one (a pooled one) would run it with the old types."""
+    connection = connections[db_alias]
+    sql = 'INSERT INTO "testapp_country" ("code", "name") VALUES (%s, %s) RETURNING "id"'
+    before = outbox_pg._statement(connection, sql, Country)
+    field = Country._meta.get_field("name")
+    monkeypatch.setattr(field, "db_type", lambda connection: "text")
+    after = outbox_pg._statement(connection, sql, Country)
+    assert before is not None and after is not None
+    assert before.text == after.text and before.name != after.name
