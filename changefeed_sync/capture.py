@@ -183,14 +183,14 @@ def _one_statement_plan(
     default: the stored value is not in memory), and a known "before" for an
     update (an instance that was never loaded is read first, in a transaction).
     """
+    connection = connections[using]
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        return None
     options = _capturing(type(instance))
     if options is None or args or kwargs.get("raw") or kwargs.get("update_fields") is not None:
         return None
     concrete: Any = instance._meta.concrete_model  # a proxy's parents are not tables
     if not options.payload_in_memory or concrete._meta.parents:
-        return None
-    connection = connections[using]
-    if connection.vendor != "postgresql" or connection.in_atomic_block:
         return None
     if not connection.get_autocommit():
         return None
