@@ -5,7 +5,8 @@ commit after B took 102, so a reader that saw 102 would never see 101 (the
 "visibility gap"). Holding one lock from the first event until commit makes
 commit order equal id order:
 
-- PostgreSQL: a transaction-scoped advisory lock;
+- PostgreSQL: a transaction-scoped advisory lock (a save sent as one
+  statement takes it inside that statement: ``outbox_pg``);
 - MySQL/MariaDB: the row lock of the single ``OutboxState`` row, taken by
   an ``INSERT ... ON DUPLICATE KEY UPDATE`` that also recreates a flushed row;
 - other databases: ``SELECT ... FOR UPDATE`` on that row;

@@ -194,7 +194,7 @@ def test_other_saves_keep_the_transaction(db_alias: str) -> None:
 def test_a_statement_of_an_unknown_shape_falls_back_to_a_transaction(
     db_alias: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Django compiles saves into shapes ``with_event`` knows; should a future
+    """Django compiles saves into shapes ``outbox_pg`` knows; should a future
     version send another, the save must still write row and event together.
     Faked here by making the rewrite decline every statement (no database
     produces an unknown shape today)."""
