@@ -21,6 +21,10 @@ nullable foreign key to a row not written yet (a self-reference to a later
 page, a cycle between models) is written null and set by a second pass
 over those models once every row is there.
 
+On a relay (a site with active targets of its own) the pull also writes, in
+its transaction and page by page, an event per row it created, updated or
+deleted, so that what it changed reaches the relay's targets through its feed.
+
 A running pull records its runner (host:pid) and, from a second thread
 with its own connection, a heartbeat and its progress. A pull whose runner
 is gone (its pid is dead on this host, or its heartbeat stopped) is marked
@@ -45,7 +49,7 @@ from django.conf import settings
 from django.db import DatabaseError, connections, models, transaction
 from django.utils import timezone
 
-from . import registry
+from . import outbox, registry
 from .apply import (
     ApplyStats,
     _apply_upserts,
@@ -53,6 +57,7 @@ from .apply import (
     _max_params,
     _parse,
     _write_m2m,
+    is_relay,
     resolve_keys,
 )
 from .client import SourceClient
@@ -61,7 +66,7 @@ from .exceptions import ApplyError, ChangefeedError, ProtocolError
 from .files import Stage
 from .models import DataPull, DataSource, Event
 from .registry import Key, ModelOptions
-from .serialization import chunked, decode_value
+from .serialization import chunked, decode_value, key_of_row
 from .snapshot import (
     DIGEST_VERSION,
     MAX_BUCKETS,
@@ -316,9 +321,11 @@ class _Model:
     unregistered model, a non-auto primary key, auto_now fields, inheritance, no unique
     constraint on the natural key) goes through apply.py's general path instead."""
 
-    def __init__(self, options: ModelOptions, using: str, index: int) -> None:
+    def __init__(self, options: ModelOptions, using: str, index: int, relay: bool) -> None:
         self.options = options
         self.using = using
+        # This site is a source for others too: what the pull writes goes into its outbox.
+        self.relay = relay
         self.seen = _Seen(options, using, index)
         self.connection = connections[using]
         self.reader = RowReader(options, using)
@@ -338,6 +345,9 @@ class _Model:
         # whether the second pass that sets them is running.
         self.deferred = False
         self.relinking = False
+        # Of the last write(): index of a change -> its foreign keys written null for
+        # now (what a relay's event of that write must say too).
+        self.nulled: dict[int, list[str]] = {}
         # After a digest comparison: the query parameters that ask the source for the
         # rows of the buckets that differ (None: every row is asked for).
         self.only: dict[str, Any] | None = None
@@ -424,11 +434,13 @@ class _Model:
     def write(self, changes: list[_Change], want_pks: bool = True) -> list[Any] | None:
         """Upsert the rows; return the primary keys written, or None when they are not
         known (MySQL), not wanted, or when the general path had to do the work."""
+        self.nulled = {}
         if self.insert_sql is None:
             _apply_upserts(changes, self.using, ApplyStats())
             return None
         rows = self._values(changes)
         if rows is None:  # a foreign key to a row not written yet: rounds, in apply.py
+            self.nulled = {}  # the general path writes every row as received
             _apply_upserts(changes, self.using, ApplyStats())
             return None
         returning = self.returning and want_pks
@@ -505,7 +517,7 @@ class _Model:
                 mapped = {k: to_attr[pk] for k, pk in mapped.items()}
             column: list[Any] = []
             prepare = not self.int_fk[fk]
-            for key in keys:
+            for index, key in enumerate(keys):
                 if key is None:
                     column.append(None)
                     continue
@@ -515,6 +527,7 @@ class _Model:
                         # A row not written yet (later in this page or a later one, or
                         # of a model pulled later): null for now, set by a second pass.
                         self.deferred = True
+                        self.nulled.setdefault(index, []).append(fk.name)
                         column.append(None)
                         continue
                     return None
@@ -578,10 +591,29 @@ def _pull_page(
             seen.extend(written)
         elif created:
             seen.extend(resolve_keys(options, created, model.using).values())
+        if model.relay:
+            _relay_upserts(model, changes)
     if not model.relinking:
         model.seen.add(seen)
     if stage is not None and options.file_fields:
         stage.check(options, rows, counts)
+
+
+def _relay_upserts(model: _Model, changes: list[_Change]) -> None:
+    """A relay's events for the rows one write of the pull created or updated, with
+    their key and data as received. A foreign key written null for now (its row comes
+    later) is null in the event too, as it is in the row: a target of this site then
+    never meets a key to a row it does not have yet, even in a cycle; the second pass
+    that sets it writes the row again, and its event carries the final data."""
+    label = model.options.label
+    nulled = model.nulled
+    events = []
+    for index, change in enumerate(changes):
+        data = change.raw["data"]
+        if index in nulled:
+            data = {**data, **dict.fromkeys(nulled[index])}
+        events.append(outbox.make_event(label, Event.UPSERT, change.raw["key"], data=data))
+    outbox.write(model.using, events, locked=True)
 
 
 def _delete_missing(
@@ -603,11 +635,20 @@ def _delete_missing(
             f"(more than {MAX_DELETE_SHARE:.0%}); if the source really is that empty, pull again "
             "with --allow-mass-delete (or the admin option), or use --keep-missing"
         )
-    manager = seen.options.model._base_manager.using(using)
+    options = seen.options
+    manager = options.model._base_manager.using(using)
     deleted = 0
     # Through the ORM, a chunk at a time: cascades and delete signals apply,
     # and no statement carries more than a chunk of ids.
     for chunk in seen.missing():
+        if model.relay:
+            # Targets delete by natural key: read the rows' keys while they are there.
+            keys = manager.filter(pk__in=chunk).values_list(*options.lookups)
+            outbox.write(
+                using,
+                [outbox.make_event(label, Event.DELETE, key_of_row(options, k)) for k in keys],
+                locked=True,
+            )
         manager.filter(pk__in=chunk).delete()
         deleted += len(chunk)
         report(deleted)
@@ -763,9 +804,16 @@ def run_pull(
     source_digests = _SourceDigests(client, {})
     try:
         with transaction.atomic(using=using), applying():
+            # A relay passes on what the pull writes (chained replication), in this
+            # transaction. The outbox lock comes before any row is written, as every
+            # event writer takes it (lock order). A dry run passes nothing on, and
+            # would hold the lock (every local writer here waiting) for nothing.
+            relay = not dry_run and is_relay(using)
+            if relay:
+                outbox.lock(using)
             pullers = {}
             for i, options in enumerate(all_options):
-                pullers[options.label] = _Model(options, using, i)
+                pullers[options.label] = _Model(options, using, i, relay)
                 seen[options.label] = pullers[options.label].seen
             done = dict.fromkeys(labels, 0)
             if digests:
