@@ -30,25 +30,29 @@ def _error(status: int, message: str, **extra: Any) -> JsonResponse:
     return response
 
 
-def _secrets_for(using: str) -> Any:
-    def lookup(name: str) -> list[str] | None:
-        target = Target.objects.using(using).filter(name=name, active=True).first()
-        return target.secret_list() if target is not None else None
-
-    return lookup
-
-
-def verify(request: HttpRequest, using: str) -> tuple[str, str]:
-    """(target name, nonce) of a signed feed or snapshot request, or SignatureError."""
+def verify(request: HttpRequest, using: str) -> tuple[str, str, Target]:
+    """(target name, nonce, the Target) of a signed feed or snapshot request, or
+    SignatureError."""
     from .signing import verify_request
 
-    return verify_request(
+    found: list[Target] = []
+
+    def secrets_for(name: str) -> list[str] | None:
+        target = Target.objects.using(using).filter(name=name, active=True).first()
+        if target is None:
+            return None
+        found.append(target)  # kept: the feed needs its models too (one read per request)
+        secrets: list[str] = target.secret_list()
+        return secrets
+
+    name, nonce = verify_request(
         request.headers.get("Authorization"),
         request.method or "GET",
         request.get_full_path(),
         request.body,
-        _secrets_for(using),
+        secrets_for,
     )
+    return name, nonce, found[-1]
 
 
 def record_request(name: str, nonce: str, using: str, seq: int | None = None) -> None:
@@ -86,7 +90,7 @@ def _refused(request: HttpRequest, exc: SignatureError) -> JsonResponse:
 
 def _authenticated(request: HttpRequest, using: str) -> str | JsonResponse:
     try:
-        name, nonce = verify(request, using)
+        name, nonce, _ = verify(request, using)
         record_request(name, nonce, using)
         return name
     except SignatureError as exc:
@@ -157,7 +161,7 @@ def feed_view(request: HttpRequest) -> HttpResponse:
 
 def _feed(request: HttpRequest, using: str) -> HttpResponse:
     try:
-        name, nonce = verify(request, using)
+        name, nonce, target = verify(request, using)
     except SignatureError as exc:
         return _refused(request, exc)
     try:
@@ -174,10 +178,7 @@ def _feed(request: HttpRequest, using: str) -> HttpResponse:
         record_request(name, nonce, using, seq=since)
     except SignatureError as exc:
         return _refused(request, exc)
-    models = (
-        Target.objects.using(using).filter(name=name).values_list("model_labels", flat=True).first()
-        or None
-    )
+    models = target.model_labels or None
     try:
         page = feed.read_or_wait(since, limit, wait, using=using, models=models)
     except CursorExpired as exc:
