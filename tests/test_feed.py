@@ -135,3 +135,18 @@ def test_long_poll_times_out_empty(target: Target) -> None:
     r = _get(Client(), f"{URL}?since=0&wait=0.3", ["new-secret"])
     assert r.json()["events"] == [] and r.json()["last_seq"] == 0
     assert time.monotonic() - start >= 0.3
+
+
+def test_a_target_limited_to_some_models_reads_only_theirs(target: Target) -> None:
+    """Target.model_labels (the admin's "models" of a target) filters its feed."""
+    from tests.testapp.models import Tag
+
+    Country.objects.create(code="aa")
+    Tag.objects.create(slug="red")
+    Country.objects.create(code="bb")
+    client = Client()
+    everything = _get(client, f"{URL}?since=0", ["new-secret"]).json()["events"]
+    assert [e["model"] for e in everything] == ["testapp.country", "testapp.tag", "testapp.country"]
+    Target.objects.filter(pk=target.pk).update(model_labels=["testapp.tag"])
+    only = _get(client, f"{URL}?since=0", ["new-secret"]).json()
+    assert [(e["model"], e["key"]) for e in only["events"]] == [("testapp.tag", ["red"])]
