@@ -39,7 +39,6 @@ from .registry import ModelOptions
 from .serialization import (
     key_from_attvalues,
     key_of_instance,
-    needs_query,
     payload_from_instance,
     payloads_from_db,
 )
@@ -231,8 +230,8 @@ class _Rewriter:
         plan = self.plan
         plan.rewritten += 1
         created = sql.startswith("INSERT")
-        expression = _has_expression(self.instance)
-        if not expression:
+        change = None
+        if not _has_expression(self.instance):
             # The row's values are final here: Django's pre_save (auto_now and the
             # like) ran while compiling this statement.
             change = _upsert_change(plan.options, self.instance, created, plan.using)
@@ -243,18 +242,19 @@ class _Rewriter:
                 return result
         # A value only the database knows (an expression a pre_save receiver
         # set), or a statement shape outbox_pg does not know: in one transaction,
-        # the lock, the row, then the event from what was stored.
+        # the lock, the row, then the event (for an expression, from what was stored).
         with transaction.atomic(using=plan.using, savepoint=False):
             outbox.lock(plan.using)
             result = execute(sql, params, many, context)
             if context["cursor"].rowcount:
-                pk = self.instance.pk
-                if expression and (pk is None or hasattr(pk, "resolve_expression")):
-                    # An INSERT whose RETURNING Django has not read yet.
-                    with connections[plan.using].cursor() as cursor:
-                        cursor.execute("SELECT lastval()")
-                        pk = cursor.fetchone()[0]
-                change = _upsert_change(plan.options, self.instance, created, plan.using, pk=pk)
+                if change is None:
+                    pk = self.instance.pk
+                    if pk is None or hasattr(pk, "resolve_expression"):
+                        # An INSERT whose RETURNING Django has not read yet.
+                        with connections[plan.using].cursor() as cursor:
+                            cursor.execute("SELECT lastval()")
+                            pk = cursor.fetchone()[0]
+                    change = _upsert_change(plan.options, self.instance, created, plan.using, pk=pk)
                 outbox.write(plan.using, [change.event()], locked=True)
         return result
 
@@ -346,7 +346,12 @@ def _upsert_change(
         }
         changed = sorted(f.name for f in options.concrete_fields if f.attname in before)
         old_key = _old_key(options, instance, before, loaded, using)
-    if update_fields is not None or raw or needs_query(options) or _has_expression(instance):
+    if (
+        update_fields is not None
+        or raw
+        or not options.payload_in_memory
+        or _has_expression(instance)
+    ):
         # One query reads the stored row with every related natural key (and
         # fields not saved, or saved as F() expressions, are not in memory).
         pk = instance.pk if pk is None else pk

@@ -136,12 +136,6 @@ def key_from_attvalues(options: ModelOptions, values: dict[str, Any], using: str
     return key_of_row(options, parts)
 
 
-def needs_query(options: ModelOptions) -> bool:
-    """Whether a payload needs the database (foreign keys, keys through them, M2M,
-    columns the database fills)."""
-    return not options.payload_in_memory
-
-
 # --------------------------------------------------------------------------
 # Foreign keys: how a related row is named on the wire.
 
@@ -163,9 +157,9 @@ def encode_django_natural_key(related: models.Model) -> list[Any]:
 
 
 def payload_from_instance(options: ModelOptions, instance: models.Model) -> dict[str, Any]:
-    """Payload of an instance in memory, for models without relations (``needs_query``
-    is False); anything with relations is read with ``payloads_from_db``."""
-    assert not needs_query(options), options.label
+    """Payload of an instance in memory, for models whose options say it can be
+    (``payload_in_memory``); anything else is read with ``payloads_from_db``."""
+    assert options.payload_in_memory, options.label
     data = {f.name: encode_value(f, f.value_from_object(instance)) for f in options.plain_fields}
     return {"key": list(key_of_instance(options, instance)), "data": data}
 
