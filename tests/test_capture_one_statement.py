@@ -83,9 +83,8 @@ def _saves(alias: str, code: str) -> None:
 def _content(event: Event, code: str) -> tuple[Any, ...]:
     """An event with its own code replaced, to compare two runs of ``_saves``."""
 
-    def plain(value: Any) -> Any:
-        text = repr(value).replace(repr(code), "'C'").replace(repr(code.upper()), "'U'")
-        return text
+    def plain(value: Any) -> str:
+        return repr(value).replace(repr(code), "'C'").replace(repr(code.upper()), "'U'")
 
     return (event.model, event.op, plain(event.key), plain(event.old_key), plain(event.data),
             event.changed)  # fmt: skip
