@@ -84,3 +84,37 @@ class Document(models.Model):
 
     slug = models.SlugField(unique=True)
     attachment = models.FileField(upload_to="docs/", blank=True, max_length=200)
+
+
+# An atlas of reference data, shaped as users' real ones are: rows that point at each
+# other (a nation's capital region is one of its regions), unique fields that are not
+# the natural key (alpha-3 and numeric codes, swapped and reused between rows), a
+# self-reference and a many-to-many field.
+
+
+@changefeed_sync.register_model(natural_key=["code"])
+class Nation(models.Model):
+    code = models.CharField(max_length=8, unique=True)
+    alpha_3 = models.CharField(max_length=8, unique=True)
+    numeric = models.IntegerField(unique=True, null=True, blank=True)
+    name = models.CharField(max_length=100, default="")
+    capital_region = models.ForeignKey(
+        "Region", null=True, blank=True, on_delete=models.SET_NULL, related_name="capital_of"
+    )
+    neighbours = models.ManyToManyField("self", symmetrical=False, blank=True)
+
+    def __str__(self) -> str:
+        return self.code
+
+
+@changefeed_sync.register_model(natural_key=["nation.code", "code"])
+class Region(models.Model):
+    nation = models.ForeignKey(Nation, on_delete=models.CASCADE, related_name="regions")
+    code = models.CharField(max_length=8)
+    name = models.CharField(max_length=100, default="")
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
+    )
+
+    class Meta:
+        unique_together = [("nation", "code")]
