@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -784,11 +784,14 @@ def apply_page(
     last_seq: int,
     using: str | None = None,
     nonce: str | None = None,
+    before_checkpoint: Callable[[str], None] | None = None,
 ) -> ApplyStats | None:
     """Apply one feed page and move the checkpoint from ``since`` to ``last_seq``, atomically.
 
     Returns None, writing nothing, when the checkpoint is no longer ``since``
-    (another process applied this page first).
+    (another process applied this page first). ``before_checkpoint(using)`` runs
+    inside the transaction once the rows are written, before the checkpoint
+    moves (file contents are written there): if it raises, nothing is kept.
     """
     using = using or source._state.db or "default"
     with transaction.atomic(using=using):
@@ -806,6 +809,8 @@ def apply_page(
 
             remember_nonce(nonce, using, max_age=conf.webhook_tolerance())
         stats = apply_events(events, using=using, relay=is_relay(using))
+        if before_checkpoint is not None:
+            before_checkpoint(using)
         now = timezone.now()
         DataSource.objects.using(using).filter(pk=source.pk).update(
             checkpoint=last_seq, last_sync_at=now, last_error="", last_error_at=None
