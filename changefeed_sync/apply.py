@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import connections, models, transaction
+from django.db import DataError, IntegrityError, connections, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -370,11 +370,17 @@ def _write_rows(
     """Upsert rows; return natural key -> primary key where the database told us."""
     model = options.model
     unique = options.upsert_unique_fields
-    if unique is not None and connections[using].vendor in ("postgresql", "sqlite", "mysql"):
+    vendor = connections[using].vendor
+    # MySQL's ON DUPLICATE KEY UPDATE matches a row on ANY unique key: with another
+    # unique field, a new row taking a value that another row holds would overwrite
+    # that row. Such models are written by natural key below (read, insert, update).
+    by_any_key = vendor == "mysql" and bool(options.other_unique_groups)
+    if unique is not None and vendor in ("postgresql", "sqlite", "mysql") and not by_any_key:
         return _upsert_sql(options, unique, rows, using)
     update_fields = [f.name for f in options.concrete_fields if f.name not in (unique or ())]
     objs = [model(**values) for _, values in rows]
-    if unique is not None and connections[using].features.supports_update_conflicts_with_target:
+    features = connections[using].features
+    if unique is not None and not by_any_key and features.supports_update_conflicts_with_target:
         if update_fields:
             model._base_manager.using(using).bulk_create(
                 objs,
@@ -388,8 +394,8 @@ def _write_rows(
                 objs, ignore_conflicts=True, batch_size=500
             )
         return _returned_pks(rows, objs)
-    if unique is not None and connections[using].features.supports_update_conflicts:
-        # MySQL/MariaDB: ON DUPLICATE KEY UPDATE, matched by any unique key.
+    if unique is not None and not by_any_key and features.supports_update_conflicts:
+        # MySQL/MariaDB: ON DUPLICATE KEY UPDATE; the natural key is its only unique key.
         if update_fields:
             model._base_manager.using(using).bulk_create(
                 objs,
@@ -580,6 +586,14 @@ def _write_m2m(
         return
     if own is None or any(c.key not in own for c in changes):
         own = resolve_keys(options, [c.key for c in changes], using)
+    for change in changes:
+        if change.key not in own:  # written just before: only a broken write gets here
+            raise ApplyError(
+                "row to link is not on the target after its write",
+                model=options.label,
+                key=change.key,
+                seq=change.seq,
+            )
     for m2m in options.m2m_fields:
         rel_options = registry.get_options(m2m.related_model)
         through: Any = m2m.remote_field.through
@@ -737,21 +751,26 @@ def _flush(run: list[_Change], using: str, stats: ApplyStats) -> None:
 def apply_events(
     events: Sequence[dict[str, Any]], *, using: str, relay: bool = False
 ) -> ApplyStats:
-    """Apply feed events on ``using``; the caller owns the transaction."""
+    """Apply feed events on ``using``; the caller owns the transaction.
+
+    First as merged runs (the fast path, a few statements per page). A page
+    whose merged form cannot be written although its events can -- rows that
+    point at each other created in one page, a unique value handed from one row
+    to another, a swap -- is rolled back to a savepoint and applied again in the
+    events' own order, each event in the state the source had then: the order
+    the source itself went through, so it works wherever the source's did.
+    Only such pages pay for it.
+    """
     labels: dict[Any, ModelOptions | None] = {}
     changes = [_parse_common(raw, labels) for raw in events]
     stats = ApplyStats(events=len(changes))
     with applying():
-        run: list[_Change] = []
-        for change in changes:
-            if change.old_key is not None and change.old_key != change.key:
-                _flush(run, using, stats)
-                _apply_rename(change, using, stats)
-                continue
-            if run and run[0].op != change.op:
-                _flush(run, using, stats)
-            run.append(change)
-        _flush(run, using, stats)
+        try:
+            with transaction.atomic(using=using):
+                _apply_merged(changes, using, stats)
+        except (IntegrityError, DataError, ApplyError):
+            stats = ApplyStats(events=len(changes))
+            _apply_in_order(changes, using, stats)
     if relay and changes:
         # This site is a source for others too: pass the changes on (chained replication).
         outbox.write(
@@ -769,6 +788,86 @@ def apply_events(
             ],
         )
     return stats
+
+
+def _apply_merged(changes: list[_Change], using: str, stats: ApplyStats) -> None:
+    run: list[_Change] = []
+    for change in changes:
+        if change.old_key is not None and change.old_key != change.key:
+            _flush(run, using, stats)
+            _apply_rename(change, using, stats)
+            continue
+        if run and run[0].op != change.op:
+            _flush(run, using, stats)
+        run.append(change)
+    _flush(run, using, stats)
+
+
+def _apply_in_order(changes: list[_Change], using: str, stats: ApplyStats) -> None:
+    """One event at a time, in feed order; an event the target refuses stops the
+    page with an error naming its model, key, field and position."""
+    for change in changes:
+        try:
+            with transaction.atomic(using=using):
+                if change.old_key is not None and change.old_key != change.key:
+                    _apply_rename(change, using, stats)
+                elif change.op == Event.UPSERT:
+                    _apply_upserts([change], using, stats)
+                else:
+                    _apply_deletes([change], using, stats)
+        except (IntegrityError, DataError) as exc:
+            raise refused(change, exc, using) from exc
+
+
+def refused(change: _Change, exc: Exception, using: str) -> ApplyError:
+    """What the database refused in ``change``, said in the domain's words: the
+    unique field whose value another row holds (and that row's key), or the field
+    whose value the column cannot store."""
+    options = change.options
+    model = options.model
+    values = _build_values(change, using, _fk_maps([change], using), set())
+    own = [change.key] + ([change.old_key] if change.old_key is not None else [])
+    manager = model._base_manager.using(using)
+    for group in options.other_unique_groups:
+        fields = [model._meta.get_field(name) for name in group]
+        lookup = {f.attname: values.get(f.attname) for f in fields}  # type: ignore[union-attr]
+        if any(v is None for v in lookup.values()) or len(lookup) != len(group):
+            continue  # NULL never clashes; a column we do not write keeps its value
+        others = manager.filter(**lookup)
+        for key in own:
+            others = others.exclude(
+                **{
+                    lookup_: decode_value(f, v)
+                    for lookup_, f, v in zip(options.lookups, options.key_fields, key, strict=True)
+                }
+            )
+        holder = others.values_list(*options.lookups).first()
+        if holder is not None:
+            return ApplyError(
+                f"another row of the target, natural key {list(key_of_row(options, holder))!r}, "
+                f"holds the same unique value {list(lookup.values())!r}",
+                model=options.label,
+                key=change.key,
+                field=", ".join(group),
+                seq=change.seq,
+            )
+    for f in options.plain_fields:
+        limit = getattr(f, "max_length", None)
+        value = values.get(f.attname)
+        if limit and isinstance(value, str) and len(value) > limit:
+            return ApplyError(
+                f"value is longer than the column's {limit} characters",
+                model=options.label,
+                key=change.key,
+                field=f.name,
+                seq=change.seq,
+            )
+    return ApplyError(
+        f"the target's database refused the row ({exc})",
+        model=options.label,
+        key=change.key,
+        seq=change.seq,
+    )
 
 
 def is_relay(using: str) -> bool:

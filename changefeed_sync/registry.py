@@ -143,6 +143,20 @@ class ModelOptions:
                 return tuple(group)
         return None
 
+    @cached_property
+    def other_unique_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Sets of local fields kept unique besides the primary key and the natural key
+        (an alpha-3 code beside the key). A row written by natural key can clash with
+        another row on them, and MySQL's ``ON DUPLICATE KEY UPDATE`` would then update
+        that other row: upserts of such models must not use it."""
+        pk = self.model._meta.pk
+        heads = set(self.key_heads)
+        return tuple(
+            group
+            for group in unique_groups(self.model)
+            if set(group) != heads and not (pk is not None and group == (pk.name,))
+        )
+
 
 _registry: dict[type[models.Model], ModelOptions] = {}
 _on_register: list[Callable[[ModelOptions], None]] = []
