@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import DataError, IntegrityError, connections, models, transaction
-from django.db.models import Q
 from django.utils import timezone
 
-from . import conf, outbox, registry
+from . import conf, outbox, registry, sql
 from .context import applying
 from .exceptions import ApplyError
+from .keys import max_params as _max_params
+from .keys import model_order, resolve_keys
 from .models import DataSource, Event, Target
 from .registry import Key, ModelOptions
 from .serialization import chunked, decode_value, key_of_row, normalize_key
@@ -55,94 +56,6 @@ class _Change:
     old_key: Key | None
     data: dict[str, Any]
     raw: dict[str, Any]
-
-
-# ------------------------------------------------------------ key lookup
-
-
-def _max_params(using: str) -> int:
-    limit = connections[using].features.max_query_params
-    return min(limit or 2000, 2000)
-
-
-def resolve_keys(options: ModelOptions, keys: Iterable[Key], using: str) -> dict[Key, Any]:
-    """Natural key -> primary key on ``using`` for the keys that exist there.
-
-    Keys are grouped by all parts but the last, and each group is one exact
-    condition ``a = x AND b = y AND c IN (...)``, so a query fetches only the
-    wanted rows through the natural key's unique index; chunks keep every
-    statement under the database's bind-parameter limit.
-
-    When the keys nearly fill the cross product of their parts' values (the
-    rows a page points at: a few countries x a few languages), a single
-    condition ``a IN (...) AND b IN (...)`` fetches the same rows with one
-    small statement instead of one condition per group.
-    """
-    wanted = {tuple(k) for k in keys}
-    found: dict[Key, Any] = {}
-    if not wanted:
-        return found
-    budget = _max_params(using)
-    manager = options.model._base_manager.using(using)
-
-    def run(conditions: list[Q]) -> None:
-        query = conditions[0]
-        for condition in conditions[1:]:
-            query |= condition
-        for row in manager.filter(query).values_list("pk", *options.lookups):
-            key = key_of_row(options, row[1:])
-            if key in wanted:
-                found[key] = row[0]
-
-    distinct = [set(values) for values in zip(*wanted)]
-    product = 1
-    for values in distinct:
-        product *= len(values)
-    if (
-        len(distinct) > 1
-        and product <= 2 * len(wanted)
-        and sum(map(len, distinct)) <= budget
-        and not any(None in values for values in distinct)  # IN never matches NULL
-    ):
-        run(
-            [
-                Q(
-                    **{
-                        f"{lookup}__in": [decode_value(f, v) for v in values]
-                        for lookup, f, values in zip(
-                            options.lookups, options.key_fields, distinct, strict=True
-                        )
-                    }
-                )
-            ]
-        )
-        return found
-    *head_lookups, last_lookup = options.lookups
-    *head_fields, last_field = options.key_fields
-    groups: dict[Key, list[Any]] = defaultdict(list)
-    for key in wanted:
-        groups[key[:-1]].append(key[-1])
-
-    batch: list[Q] = []
-    used = 0
-    for prefix, lasts in groups.items():
-        exact = {
-            lookup: decode_value(f, v)
-            for lookup, f, v in zip(head_lookups, head_fields, prefix, strict=True)
-        }
-        step = max(1, budget - len(exact) - 1)
-        for chunk in chunked(lasts, step):
-            cost = len(exact) + len(chunk)
-            if batch and used + cost > budget:
-                run(batch)
-                batch, used = [], 0
-            batch.append(
-                Q(**exact, **{f"{last_lookup}__in": [decode_value(last_field, v) for v in chunk]})
-            )
-            used += cost
-    if batch:
-        run(batch)
-    return found
 
 
 # ------------------------------------------------------------ parsing
@@ -229,35 +142,6 @@ def _parse(raw: dict[str, Any], labels: dict[Any, ModelOptions | None] | None = 
 
 
 # ------------------------------------------------------------ applying
-
-
-def model_order(models_: Iterable[type[models.Model]]) -> list[type[models.Model]]:
-    """Parents before children: a model comes after the models its foreign keys
-    and many-to-many fields point at. Self-references are ignored (rounds in
-    ``_apply_upserts`` order those rows); a cycle keeps the models in label order.
-
-    Django's ``sort_dependencies`` only follows models that define
-    ``natural_key()``, which registered models need not do.
-    """
-    wanted = sorted(set(models_), key=lambda m: m._meta.label_lower)
-    deps: dict[type[models.Model], set[type[models.Model]]] = {}
-    for model in wanted:
-        related = {
-            f.related_model
-            for f in model._meta.get_fields()
-            if (f.many_to_one or f.one_to_one or f.many_to_many) and f.concrete
-        }
-        deps[model] = {m for m in related if m in deps or m in wanted} - {model}
-    ordered: list[type[models.Model]] = []
-    remaining = list(wanted)
-    while remaining:
-        ready = [m for m in remaining if not (deps[m] - set(ordered))]
-        if not ready:  # a cycle: take the first and let rounds sort the rows out
-            ready = [remaining[0]]
-        for m in ready:
-            ordered.append(m)
-            remaining.remove(m)
-    return ordered
 
 
 class _Pending(Exception):
@@ -367,47 +251,14 @@ def _fk_maps(changes: Sequence[_Change], using: str) -> dict[str, dict[Key, Any]
 def _write_rows(
     options: ModelOptions, rows: list[tuple[_Change, dict[str, Any]]], using: str
 ) -> dict[Key, Any]:
-    """Upsert rows; return natural key -> primary key where the database told us."""
+    """Upsert rows by natural key; return natural key -> primary key where known."""
+    if sql.can_upsert(options, using):
+        return _upsert_rows(options, rows, using)
+    # Written by key: read which exist, insert the others, update these.
     model = options.model
-    unique = options.upsert_unique_fields
-    vendor = connections[using].vendor
-    # MySQL's ON DUPLICATE KEY UPDATE matches a row on ANY unique key: with another
-    # unique field, a new row taking a value that another row holds would overwrite
-    # that row. Such models are written by natural key below (read, insert, update).
-    by_any_key = vendor == "mysql" and bool(options.other_unique_groups)
-    if unique is not None and vendor in ("postgresql", "sqlite", "mysql") and not by_any_key:
-        return _upsert_sql(options, unique, rows, using)
-    update_fields = [f.name for f in options.concrete_fields if f.name not in (unique or ())]
+    unique = options.upsert_unique_fields or options.key_heads
+    update_fields = [f.name for f in options.concrete_fields if f.name not in unique]
     objs = [model(**values) for _, values in rows]
-    features = connections[using].features
-    if unique is not None and not by_any_key and features.supports_update_conflicts_with_target:
-        if update_fields:
-            model._base_manager.using(using).bulk_create(
-                objs,
-                update_conflicts=True,
-                unique_fields=list(unique),
-                update_fields=update_fields,
-                batch_size=500,
-            )
-        else:
-            model._base_manager.using(using).bulk_create(
-                objs, ignore_conflicts=True, batch_size=500
-            )
-        return _returned_pks(rows, objs)
-    if unique is not None and not by_any_key and features.supports_update_conflicts:
-        # MySQL/MariaDB: ON DUPLICATE KEY UPDATE; the natural key is its only unique key.
-        if update_fields:
-            model._base_manager.using(using).bulk_create(
-                objs,
-                update_conflicts=True,
-                update_fields=update_fields,
-                batch_size=500,
-            )
-        else:
-            model._base_manager.using(using).bulk_create(
-                objs, ignore_conflicts=True, batch_size=500
-            )
-        return _returned_pks(rows, objs)
     existing = resolve_keys(options, [c.key for c, _ in rows], using)
     new, old = [], []
     for (change, _), obj in zip(rows, objs, strict=True):
@@ -442,23 +293,15 @@ _PASS_THROUGH = frozenset(
 )
 
 
-def _upsert_sql(
-    options: ModelOptions,
-    unique: tuple[str, ...],
-    rows: list[tuple[_Change, dict[str, Any]]],
-    using: str,
+def _upsert_rows(
+    options: ModelOptions, rows: list[tuple[_Change, dict[str, Any]]], using: str
 ) -> dict[Key, Any]:
-    """One multi-row ``INSERT ... ON CONFLICT DO UPDATE`` (``ON DUPLICATE KEY
-    UPDATE`` on MySQL) per chunk, written directly: building a model instance
-    per row and compiling it through the ORM cost more than the database's
-    own work (bench/run.py: Django's bulk upsert 0.08-0.23x raw SQL here).
-    Values are adapted by each field's ``get_db_prep_save``, as the ORM does.
-    """
+    """One multi-row upsert per chunk (sql.py builds it). Values are adapted by each
+    field's ``get_db_prep_save``, as the ORM does, except text and integers, which
+    already are what the driver takes."""
     connection = connections[using]
-    qn = connection.ops.quote_name
     meta = options.model._meta
-    pk = meta.pk
-    assert pk is not None
+    unique = options.upsert_unique_fields or ()
     synced = {f.attname for f in options.concrete_fields}
     unique_attnames = {meta.get_field(name).attname for name in unique}  # type: ignore[union-attr]
     now = timezone.now()
@@ -483,10 +326,8 @@ def _upsert_sql(
         if f.attname not in unique_attnames
         and (f.attname in synced or getattr(f, "auto_now", False))
     ]
-    # Text and integer values (foreign keys included) are already what the
-    # driver takes; every other type goes through the field's own adaptation;
-    # columns not synced hold the same value in every row, adapted once. The
-    # columns are listed in that order, so a row's values are three slices.
+    # Columns not synced hold the same value in every row, adapted once. The columns
+    # are listed as: taken as they are, adapted, constant; a row is three slices.
     as_is = [
         f
         for f in columns
@@ -496,58 +337,25 @@ def _upsert_sql(
     ]
     adapt = [f for f in columns if f.attname not in fixed and f not in as_is]
     constant = [f for f in columns if f.attname in fixed]
-    columns = [*as_is, *adapt, *constant]
+    plan = sql.plan_upsert(options, using, [*as_is, *adapt, *constant], updates)
     take = operator.itemgetter(*[f.attname for f in as_is]) if as_is else None
     constants = [f.get_db_prep_save(fixed[f.attname], connection) for f in constant]
-    table = qn(meta.db_table)
-    names = ", ".join(qn(f.column) for f in columns)
-    row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
-    if connection.vendor == "mysql":
-        tail = (
-            " ON DUPLICATE KEY UPDATE "
-            + ", ".join(f"{qn(f.column)} = VALUES({qn(f.column)})" for f in updates)
-            if updates
-            else ""
-        )
-        returning = ""
-        verb = "INSERT" if updates else "INSERT IGNORE"
-    else:
-        target = ", ".join(qn(str(meta.get_field(n).column)) for n in unique)  # type: ignore[union-attr]
-        tail = f" ON CONFLICT ({target}) " + (
-            "DO UPDATE SET "
-            + ", ".join(f"{qn(f.column)} = EXCLUDED.{qn(f.column)}" for f in updates)
-            if updates
-            else "DO NOTHING"
-        )
-        # Rows come back in VALUES order, which bulk_create relies on too.
-        returning = f" RETURNING {qn(pk.column)}" if updates else ""
-        verb = "INSERT"
-    per_statement = max(1, min(500, _max_params(using) // max(len(columns), 1)))
-    found: dict[Key, Any] = {}
-    with connection.cursor() as cursor:
-        for chunk in chunked(rows, per_statement):
-            params: list[Any] = []
-            extend = params.extend
-            for _, values in chunk:
-                if take is not None:
-                    if len(as_is) == 1:
-                        params.append(take(values))
-                    else:
-                        extend(take(values))
-                for f in adapt:
-                    params.append(f.get_db_prep_save(values[f.attname], connection))
-                extend(constants)
-            sql = (
-                f"{verb} INTO {table} ({names}) VALUES "
-                + ", ".join([row_sql] * len(chunk))
-                + tail
-                + returning
-            )
-            cursor.execute(sql, params)
-            if returning:
-                for (change, _), (row_pk,) in zip(chunk, cursor.fetchall(), strict=True):
-                    found[change.key] = row_pk
-    return found
+    values_rows: list[list[Any]] = []
+    for _, values in rows:
+        row: list[Any] = []
+        if take is not None:
+            if len(as_is) == 1:
+                row.append(take(values))
+            else:
+                row.extend(take(values))
+        for f in adapt:
+            row.append(f.get_db_prep_save(values[f.attname], connection))
+        row.extend(constants)
+        values_rows.append(row)
+    written = plan.write(values_rows, returning=True)
+    if not written:
+        return {}
+    return {change.key: pk for (change, _), pk in zip(rows, written, strict=True)}
 
 
 def _returned_pks(rows: list[tuple[_Change, dict[str, Any]]], objs: list[Any]) -> dict[Key, Any]:
