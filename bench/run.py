@@ -22,7 +22,9 @@ during the run favours none of them):
    edits of random rows. Translation-shaped data: 10 countries x 5 languages x
    the same N keys. Beside them, Django's own ``bulk_create(update_conflicts=True)``
    of the same rows (the ceiling for an ORM-level apply) and a raw SQL upsert
-   (the storage's limit). Target: >= 20,000 events/s.
+   (the storage's limit). Target: >= 40,000 events/s. Then the cost of the
+   fallback: pages that need the events' own order (each hands a unique value on
+   between two rows, as a swap does) against merged pages of as many events.
 3. ochanges: one incremental sync of 10 updated rows when the table holds 100k
    rows against 1k rows. Target: within 1.5x.
 
