@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -34,20 +35,40 @@ class SourceClient:
         return urljoin(base, endpoint) + ("?" + urlencode(params) if params else "")
 
     def get_json(self, endpoint: str, params: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        return self._json("GET", endpoint, params, None, timeout=timeout)
+
+    def post_json(self, endpoint: str, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        """POST a JSON body, signed with its digest like every request (e.g. ``files/``)."""
+        data = json.dumps(body, separators=(",", ":")).encode()
+        return self._json("POST", endpoint, {}, data, timeout=timeout)
+
+    def _json(
+        self,
+        method: str,
+        endpoint: str,
+        params: dict[str, Any],
+        data: bytes | None,
+        *,
+        timeout: float,
+    ) -> dict[str, Any]:
         url = self._url(endpoint, params)
         parts = urlsplit(url)
         path = parts.path + ("?" + parts.query if parts.query else "")
         headers = {
             "Authorization": sign_request(
-                self.source.client_name, self.source.secret_list(), "GET", path
+                self.source.client_name, self.source.secret_list(), method, path, data or b""
             )
         }
+        if data is not None:
+            headers["Content-Type"] = "application/json"
         if "wait=" in path:
             # A long-poll answer on a kept-alive connection was measured 40 ms late
             # (Nagle + delayed ACK with servers that write headers and body apart).
             headers["Connection"] = "close"
         try:
-            response = self.session.get(url, headers=headers, timeout=timeout)
+            response = self.session.request(
+                method, url, headers=headers, data=data, timeout=timeout
+            )
         except requests.RequestException as exc:
             raise SourceUnavailable(f"source {self.source.name} at {url}: {exc}") from exc
         if response.status_code in (401, 403):

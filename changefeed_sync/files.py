@@ -17,15 +17,24 @@ commit itself fails, files already written are put back as they were
 transactional, so a process killed during that last step can leave new
 files behind; they are never referenced, and the next pull finds them
 identical and keeps them.
+
+The same machinery carries files in every increment (increment_files.py):
+there the source describes, on request, the file a row *currently*
+references (``describe_current``), and the target stages downloads the
+same way before the batch's transaction and publishes them inside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +43,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import requests
 from django.conf import settings
 from django.core import signing
-from django.core.exceptions import SuspiciousFileOperation
+from django.core.exceptions import SuspiciousFileOperation, ValidationError
 from django.core.files import File
 from django.core.files.storage import Storage
 from django.core.files.utils import validate_file_name
@@ -43,6 +52,7 @@ from . import registry
 from .client import SourceClient
 from .exceptions import ChangefeedError, SourceUnavailable
 from .registry import ModelOptions
+from .serialization import decode_value
 from .signing import sign_request
 
 logger = logging.getLogger("changefeed_sync.files")
@@ -63,8 +73,19 @@ class FileTransferError(ChangefeedError):
     """A file could not be transferred as listed (too large, checksum mismatch)."""
 
 
+class ChecksumMismatch(FileTransferError):
+    """The bytes received are not the ones listed (size or SHA-256 differ)."""
+
+
 class BadFileToken(ChangefeedError):
     """A download request names no file this source listed."""
+
+
+class TransferDeadline(SourceUnavailable):
+    """Downloading a batch's files took longer than the caller allows (a webhook)."""
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def storage_of(options: ModelOptions, field_name: str) -> Storage:
@@ -102,25 +123,96 @@ def describe(options: ModelOptions, rows: Iterable[dict[str, Any]]) -> None:
             if size < 0:
                 files[field_name] = {"name": name, "missing": True}
                 continue
-            token = signing.dumps(
-                {"m": options.label, "f": field_name, "n": name}, salt=_TOKEN_SALT, compress=True
-            )
+            token = _token(options.label, field_name, name)
             files[field_name] = {"name": name, "size": size, "sha256": sha, "token": token}
         if files:
             row["files"] = files
 
 
-def open_listed(token: str) -> tuple[File, int]:
+def _token(label: str, field_name: str, name: str, target: str | None = None) -> str:
+    claims = {"m": label, "f": field_name, "n": name}
+    if target is not None:
+        claims["t"] = target  # only this Target may use it
+    return signing.dumps(claims, salt=_TOKEN_SALT, compress=True)
+
+
+#: Answers of ``describe_current``, one per file asked about.
+OK, SUPERSEDED, MISSING, REFUSED = "ok", "superseded", "missing", "refused"
+
+
+def describe_current(
+    item: Any, *, target: str, models: Iterable[str] | None, using: str
+) -> dict[str, Any]:
+    """What a target asking about one file of an increment gets (``POST files/``).
+
+    ``item`` is ``{"model", "key", "field", "name"}``. Only a file that the
+    registered row of that model with that natural key references *now* in
+    that ``file_fields`` field is described, so the endpoint never serves an
+    arbitrary storage path: ``{"status": "ok", size, sha256, token}`` (the token
+    works for this Target only), ``superseded`` when the row is gone or
+    references another name (a later event carries that state), ``missing``
+    when the row references the name but the storage lacks it, ``refused``
+    for a model or field this Target does not receive or a malformed item.
+    """
+    try:
+        label, field_name = str(item["model"]), str(item["field"])
+        name, key = str(item["name"]), list(item["key"])
+    except (KeyError, TypeError, ValueError):
+        return {"status": REFUSED}
+    options = registry.options_for_label(label)
+    allowed = set(models) if models else None
+    if (
+        options is None
+        or field_name not in options.file_fields
+        or (allowed is not None and label not in allowed)
+        or len(key) != len(options.lookups)
+        or not name
+    ):
+        return {"status": REFUSED}
+    try:
+        lookup = {
+            path: decode_value(f, value)
+            for path, f, value in zip(options.lookups, options.key_fields, key, strict=True)
+        }
+        current = (
+            options.model._base_manager.using(using)
+            .filter(**lookup)
+            .values_list(field_name, flat=True)
+            .first()
+        )
+    except (ValueError, TypeError, LookupError, ValidationError):
+        return {"status": REFUSED}
+    if current != name:  # the row is gone, or references another file since
+        return {"status": SUPERSEDED}
+    storage = storage_of(options, field_name)
+    try:
+        if not storage.exists(name):
+            return {"status": MISSING}
+        size, sha = digest(storage, name)
+    except (FileNotFoundError, SuspiciousFileOperation):
+        return {"status": MISSING}
+    return {
+        "status": OK,
+        "size": size,
+        "sha256": sha,
+        "token": _token(label, field_name, name, target),
+    }
+
+
+def open_listed(token: str, requester: str | None = None) -> tuple[File, int]:
     """The file a token names, opened for reading, and its size.
 
-    Raises BadFileToken for a token this source did not sign (or too old),
-    FileNotFoundError when the file is gone since it was listed.
+    Raises BadFileToken for a token this source did not sign (or too old, or
+    issued to another Target than ``requester``), FileNotFoundError when the
+    file is gone since it was listed.
     """
     try:
         claims = signing.loads(token, salt=_TOKEN_SALT, max_age=TOKEN_MAX_AGE)
         label, field_name, name = str(claims["m"]), str(claims["f"]), str(claims["n"])
     except (signing.BadSignature, KeyError, TypeError) as exc:
         raise BadFileToken(f"bad or expired file token ({exc})") from None
+    if "t" in claims and claims["t"] != requester:
+        raise BadFileToken("file token issued to another target")
     options = registry.options_for_label(label)
     if options is None or field_name not in options.file_fields:
         raise BadFileToken(f"{label}.{field_name} is not a synced file field here")
@@ -146,12 +238,26 @@ class Stage:
     publishing order, which is how ``undo`` knows what it published.
     """
 
-    def __init__(self, client: SourceClient, *, dry_run: bool) -> None:
+    def __init__(
+        self,
+        client: SourceClient,
+        *,
+        dry_run: bool,
+        keep: Path | None = None,
+        deadline: float | None = None,
+        prefix: str = "changefeed-pull-",
+    ) -> None:
         self.client = client
         self.dry_run = dry_run
-        self.root = Path(tempfile.mkdtemp(prefix="changefeed-pull-", dir=_temp_dir()))
+        # Verified downloads are also kept here by SHA-256 (hard links), so that an
+        # attempt cut short by ``deadline`` (time.monotonic()) is not lost: the
+        # next attempt takes them from here instead of downloading them again.
+        self.keep = keep
+        self.deadline = deadline
+        self.root = Path(tempfile.mkdtemp(prefix=prefix, dir=_temp_dir()))
         self.published = 0
         self.missing_examples: list[str] = []
+        self.kept_used: list[Path] = []
 
     # -------------------------------------------------------------- per page
 
@@ -179,33 +285,55 @@ class Stage:
         meta: dict[str, Any],
         counts: dict[str, int],
     ) -> None:
+        outcome = self.fetch(options, field_name, name, meta)
+        if outcome == "unchanged":
+            counts["files_unchanged"] = counts.get("files_unchanged", 0) + 1
+        elif outcome == "fetched":
+            counts["files_fetched"] = counts.get("files_fetched", 0) + 1
+        elif outcome == "gone":
+            self._missing(options, field_name, name, counts)
+
+    def fetch(self, options: ModelOptions, field_name: str, name: str, meta: dict[str, Any]) -> str:
+        """Stage one listed file unless the target's storage has it already.
+
+        Returns ``"staged"`` (another row named it), ``"unchanged"`` (same name,
+        size and SHA-256 here), ``"fetched"`` (downloaded and verified, or would be
+        in a dry run) or ``"gone"`` (the source answered 404). Raises
+        FileTransferError (too large), ChecksumMismatch, SourceUnavailable.
+        """
         try:
             validate_file_name(name, allow_relative_path=True)
             size, sha = int(meta["size"]), str(meta["sha256"])
+            if not _SHA256.fullmatch(sha) or size < 0:
+                raise ValueError("size or sha256 malformed")
         except (SuspiciousFileOperation, KeyError, TypeError, ValueError) as exc:
             raise FileTransferError(
                 f"{options.label}.{field_name}: source lists an unusable file {name!r} ({exc})"
             ) from None
         staged = self.root / "new" / options.label / field_name / name
         if staged.exists():  # another row names the same file
-            return
+            return "staged"
         storage = storage_of(options, field_name)
         if _same_file(storage, name, size, sha):
-            counts["files_unchanged"] = counts.get("files_unchanged", 0) + 1
-            return
+            return "unchanged"
         limit = max_file_size()
         if size > limit:
             raise FileTransferError(
                 f"{options.label}.{field_name}: file {name!r} is {size} bytes, more than "
-                f"CHANGEFEED_SYNC_MAX_FILE_SIZE ({limit}); raise the setting to pull it"
+                f"CHANGEFEED_SYNC_MAX_FILE_SIZE ({limit}); raise the setting to transfer it"
             )
-        counts["files_fetched"] = counts.get("files_fetched", 0) + 1
         if self.dry_run:
-            return
+            return "fetched"
         staged.parent.mkdir(parents=True, exist_ok=True)
+        if self.keep is not None and _take_kept(self.keep / sha, staged, size):
+            self.kept_used.append(self.keep / sha)
+            return "fetched"
         if not self._download(str(meta.get("token", "")), staged, name, size, sha, limit):
-            counts["files_fetched"] -= 1
-            self._missing(options, field_name, name, counts)
+            return "gone"
+        if self.keep is not None:
+            _keep(staged, self.keep / sha)
+            self.kept_used.append(self.keep / sha)
+        return "fetched"
 
     def _missing(
         self, options: ModelOptions, field_name: str, name: str, counts: dict[str, int]
@@ -225,9 +353,12 @@ class Stage:
         header = sign_request(
             source.client_name, source.secret_list(), "GET", f"{parts.path}?{parts.query}"
         )
+        timeout = 60.0
+        if self.deadline is not None:
+            timeout = min(timeout, max(self.deadline - time.monotonic(), 0.1))
         try:
             response = self.client.session.get(
-                url, headers={"Authorization": header}, stream=True, timeout=60
+                url, headers={"Authorization": header}, stream=True, timeout=timeout
             )
         except requests.RequestException as exc:
             raise SourceUnavailable(f"source {source.name}: downloading {name!r}: {exc}") from exc
@@ -241,8 +372,13 @@ class Stage:
             hasher = hashlib.sha256()
             received = 0
             try:
-                with open(path, "wb") as out:
+                # (A failed download leaves nothing staged under the file's name.)
+                with _removed_on_error(path), open(path, "wb") as out:
                     for chunk in response.iter_content(_CHUNK):
+                        if self.deadline is not None and time.monotonic() > self.deadline:
+                            raise TransferDeadline(
+                                f"source {source.name}: file {name!r} not downloaded in time"
+                            )
                         received += len(chunk)
                         if received > limit:
                             raise FileTransferError(
@@ -252,11 +388,16 @@ class Stage:
                         hasher.update(chunk)
                         out.write(chunk)
             except requests.RequestException as exc:
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    raise TransferDeadline(
+                        f"source {source.name}: file {name!r} not downloaded in time"
+                    ) from exc
                 raise SourceUnavailable(
                     f"source {source.name}: downloading {name!r}: {exc}"
                 ) from exc
         if received != size or hasher.hexdigest() != sha:
-            raise FileTransferError(
+            path.unlink(missing_ok=True)
+            raise ChecksumMismatch(
                 f"file {name!r} from {source.name} does not match its listing "
                 f"({received} bytes, sha256 {hasher.hexdigest()}; listed {size} bytes, "
                 f"sha256 {sha}); it may have changed during the pull: pull again"
@@ -332,6 +473,42 @@ def _same_file(storage: Storage, name: str, size: int, sha: str) -> bool:
         return digest(storage, name)[1] == sha
     except (FileNotFoundError, SuspiciousFileOperation):
         return False
+
+
+@contextlib.contextmanager
+def _removed_on_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _take_kept(kept: Path, staged: Path, size: int) -> bool:
+    """Stage a download kept by an earlier attempt (named by its verified SHA-256)."""
+    try:
+        if kept.stat().st_size != size:
+            return False
+        os.link(kept, staged)
+    except OSError:
+        try:
+            shutil.copyfile(kept, staged)
+        except OSError:
+            return False
+    return True
+
+
+def _keep(staged: Path, kept: Path) -> None:
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        partial = kept.with_name(f"{kept.name}.{uuid.uuid4().hex}.part")
+        try:
+            os.link(staged, partial)
+        except OSError:
+            shutil.copyfile(staged, partial)
+        os.replace(partial, kept)
+    except OSError:
+        logger.warning("could not keep a downloaded file in %s", kept.parent, exc_info=True)
 
 
 def _temp_dir() -> str | None:

@@ -3,6 +3,7 @@
 Each page is applied with its checkpoint in one transaction (apply.py), so
 stopping anywhere (SIGTERM, a crash, the source going away) loses nothing
 and applies nothing twice: the next run starts from the stored checkpoint.
+The contents of the files a page references come with it (increment_files.py).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from django.db import InterfaceError, OperationalError, close_old_connections
 from django.utils import timezone
 
 from . import conf
-from .apply import ApplyStats, apply_page
+from .apply import ApplyStats
 from .client import SourceClient
 from .exceptions import SourceUnavailable
+from .increment_files import apply_with_files
 from .models import DataSource
 
 logger = logging.getLogger("changefeed_sync.follow")
@@ -50,7 +52,10 @@ def sync_page(
     page = client.fetch_feed(since, limit or conf.batch_size(), wait)
     if not page.events and page.last_seq == since:
         return ApplyStats(), page.more
-    stats = apply_page(source, page.events, since=since, last_seq=page.last_seq, using=using)
+    # File contents are fetched before the page's transaction, written inside it.
+    stats = apply_with_files(
+        source, client, page.events, since=since, last_seq=page.last_seq, using=using
+    )
     if stats is None:
         # Someone else moved the checkpoint: reload it and carry on from there.
         source.refresh_from_db(using=using, fields=["checkpoint"])

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from django.db import transaction
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from . import conf, feed, files, snapshot
 from .exceptions import CursorExpired, SignatureError
@@ -128,16 +129,26 @@ def snapshot_view(request: HttpRequest) -> JsonResponse:
     return JsonResponse(body)
 
 
+#: Most files one ``POST files/`` may ask about.
+MAX_DESCRIBE = 1000
+
+
+@csrf_exempt
 @transaction.non_atomic_requests
-@require_GET
+@require_http_methods(["GET", "POST"])
 def file_view(request: HttpRequest) -> FileResponse | JsonResponse:
-    """One file a snapshot page listed (``t`` is the token the page gave for it)."""
+    """GET: the bytes of one file a token names (from a snapshot page or a POST here).
+    POST: describe the files an increment references (files.describe_current)."""
     using = conf.feed_database()
-    name = _authenticated(request, using)
-    if isinstance(name, JsonResponse):
-        return name
     try:
-        handle, size = files.open_listed(request.GET.get("t", ""))
+        name, nonce, target = verify(request, using)
+        record_request(name, nonce, using)
+    except SignatureError as exc:
+        return _refused(request, exc)
+    if request.method == "POST":
+        return _describe_files(request, target, using)
+    try:
+        handle, size = files.open_listed(request.GET.get("t", ""), name)
     except files.BadFileToken as exc:
         return _error(403, str(exc))
     except FileNotFoundError:
@@ -145,6 +156,24 @@ def file_view(request: HttpRequest) -> FileResponse | JsonResponse:
     response = FileResponse(handle, content_type="application/octet-stream")
     response["Content-Length"] = str(size)
     return response
+
+
+def _describe_files(request: HttpRequest, target: Target, using: str) -> JsonResponse:
+    try:
+        body = json.loads(request.body)
+        items = body["files"]
+        if body.get("protocol") != PROTOCOL_VERSION or not isinstance(items, list):
+            raise ValueError("expected {'protocol': 1, 'files': [...]}")
+    except (ValueError, KeyError, TypeError) as exc:
+        return _error(400, f"bad files request: {exc}")
+    if len(items) > MAX_DESCRIBE:
+        return _error(400, f"at most {MAX_DESCRIBE} files per request")
+    models = target.model_labels or None
+    answers = [
+        files.describe_current(item, target=target.name, models=models, using=using)
+        for item in items
+    ]
+    return JsonResponse({"protocol": PROTOCOL_VERSION, "files": answers})
 
 
 # Long-polls must not hold a transaction (ATOMIC_REQUESTS): on MySQL a
@@ -194,10 +223,13 @@ def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
     """Receive a pushed batch from the Data Source ``source_name`` (target side)."""
     from . import webhook
     from .exceptions import ApplyError, ChangefeedError, SourceUnavailable
+    from .files import TransferDeadline
+    from .increment_files import webhook_files_seconds
     from .models import DataSource
     from .push import SIGNATURE_HEADER
     from .signing import nonce_seen, verify_oidc, verify_request
 
+    deadline = time.monotonic() + webhook_files_seconds()
     length = int(request.headers.get("Content-Length") or 0)
     if length > conf.webhook_max_bytes():
         return _error(413, f"body larger than {conf.webhook_max_bytes()} bytes")
@@ -246,7 +278,13 @@ def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
             )
         return _error(409, "replayed delivery (this signature was used before)")
     try:
-        outcome, stats = webhook.receive(source, body, using=using, nonce=nonce)
+        outcome, stats = webhook.receive(source, body, using=using, nonce=nonce, deadline=deadline)
+    except TransferDeadline as exc:
+        # The sender must have its answer in time; the retry goes on from the
+        # files downloaded so far.
+        response = _error(503, f"files still downloading: {exc}", code="files_pending")
+        response["Retry-After"] = "1"
+        return response
     except SourceUnavailable as exc:
         return _error(503, f"catching up from the feed failed: {exc}")
     except ApplyError as exc:

@@ -15,9 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 from . import conf
-from .apply import ApplyStats, apply_page
+from .apply import ApplyStats
+from .client import SourceClient
 from .exceptions import ProtocolError
 from .follow import sync
+from .increment_files import apply_with_files, kept_dir, references
 from .models import DataSource
 from .serialization import PROTOCOL_VERSION
 from .signing import remember_nonce
@@ -41,12 +43,21 @@ def parse(body: Any) -> tuple[int, int, list[dict[str, Any]]]:
 
 
 def receive(
-    source: DataSource, body: Any, *, using: str, nonce: str | None = None
+    source: DataSource,
+    body: Any,
+    *,
+    using: str,
+    nonce: str | None = None,
+    deadline: float | None = None,
 ) -> tuple[str, ApplyStats | None]:
     """Apply a pushed batch; returns (outcome, stats). Outcome: duplicate, applied, caught_up.
 
     ``nonce`` (of the signed request) is recorded with what the batch writes,
     in one transaction: a request that failed can be retried identically.
+    The files the batch references are downloaded from the Data Source's URL
+    with its credentials before the batch's transaction (increment_files.py),
+    until ``deadline`` (time.monotonic()); then files.TransferDeadline, and
+    what was downloaded is kept for the retry.
     """
     since, last_seq, events = parse(body)
     for _ in range(3):  # another delivery may move the checkpoint between read and apply
@@ -60,8 +71,16 @@ def receive(
                 remember_nonce(nonce, using, max_age=conf.webhook_tolerance())
             return "caught_up", result.stats
         fresh = [e for e in events if int(e.get("seq", 0)) > checkpoint]
-        stats = apply_page(
-            source, fresh, since=checkpoint, last_seq=last_seq, using=using, nonce=nonce
+        stats = apply_with_files(
+            source,
+            SourceClient(source),
+            fresh,
+            since=checkpoint,
+            last_seq=last_seq,
+            using=using,
+            nonce=nonce,
+            deadline=deadline,
+            keep=kept_dir(source, using) if references(fresh) else None,
         )
         if stats is not None:
             return "applied", stats
