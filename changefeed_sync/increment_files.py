@@ -54,7 +54,7 @@ from django.conf import settings
 from . import conf
 from .apply import ApplyStats, apply_page
 from .client import SourceClient
-from .exceptions import ApplyError, ProtocolError
+from .exceptions import ApplyError, ProtocolError, SourceUnavailable
 from .files import (
     MISSING,
     OK,
@@ -160,6 +160,7 @@ class IncrementFiles:
 
     def prepare(self, refs: Sequence[FileRef]) -> None:
         for start in range(0, len(refs), DESCRIBE_CHUNK):
+            self._check_deadline()
             chunk = refs[start : start + DESCRIBE_CHUNK]
             for ref, answer in zip(chunk, self._describe(chunk), strict=True):
                 self._check_deadline()
@@ -169,11 +170,15 @@ class IncrementFiles:
         timeout = conf.request_timeout()
         if self.deadline is not None:
             timeout = min(timeout, max(self.deadline - time.monotonic(), 0.1))
-        body = self.client.post_json(
-            "files/",
-            {"protocol": PROTOCOL_VERSION, "files": [ref.wire() for ref in refs]},
-            timeout=timeout,
-        )
+        try:
+            body = self.client.post_json(
+                "files/",
+                {"protocol": PROTOCOL_VERSION, "files": [ref.wire() for ref in refs]},
+                timeout=timeout,
+            )
+        except SourceUnavailable:
+            self._check_deadline()  # out of time rather than the source away
+            raise
         answers = body.get("files")
         if (
             not isinstance(answers, list)
@@ -224,7 +229,7 @@ class IncrementFiles:
             answer = self._describe([ref])[0]
 
     def _check_deadline(self) -> None:
-        if self.deadline is not None and time.monotonic() > self.deadline:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
             raise TransferDeadline(
                 f"source {self.client.source.name}: the batch's files were not all "
                 "downloaded in time"
