@@ -7,7 +7,10 @@ after the target's ``delivered_seq`` (only the models it receives), split so
 that no body exceeds ``CHANGEFEED_SYNC_DELIVERY_MAX_BYTES``, each signed like
 a feed request and POSTed to the target's webhook URL. The target applies a
 batch only if it starts at its checkpoint, so duplicated, reordered or lost
-deliveries all converge; the feed stays the source of truth.
+deliveries all converge; the feed stays the source of truth. File contents
+do not travel in the body: the target fetches them from this site's ``files/``
+endpoint before applying (increment_files.py); a target that runs out of time
+doing so answers 503 ``files_pending`` and the batch is sent again at once.
 """
 
 from __future__ import annotations
@@ -213,12 +216,28 @@ def post(batch: Batch, session: requests.Session | None = None) -> None:
     if not 200 <= response.status_code < 300:
         raise DeliveryFailed(
             f"{batch.target.webhook_url} answered HTTP {response.status_code}: "
-            f"{response.text[:300]}"
+            f"{response.text[:300]}",
+            files_pending=response.status_code == 503 and _code(response) == "files_pending",
         )
 
 
+def _code(response: requests.Response) -> Any:
+    try:
+        return response.json().get("code")
+    except (ValueError, AttributeError):
+        return None
+
+
 class DeliveryFailed(Exception):
-    pass
+    def __init__(self, message: str, *, files_pending: bool = False) -> None:
+        super().__init__(message)
+        # The target ran out of time downloading the batch's files and keeps what it
+        # has: sending the batch again at once lets it go on.
+        self.files_pending = files_pending
+
+
+#: Immediate re-sends of a batch whose target answered ``files_pending``.
+FILES_PENDING_RESENDS = 10
 
 
 class Recorder:
@@ -260,10 +279,16 @@ def deliver_pending(
     if target.next_attempt_at and target.next_attempt_at > timezone.now():
         return float((target.next_attempt_at - timezone.now()).total_seconds())
     for batch in batches(target, using):
-        try:
-            post(batch, session)
-        except DeliveryFailed as exc:
-            return recorder.failure(target, str(exc), using)
+        resends = FILES_PENDING_RESENDS
+        while True:
+            try:
+                post(batch, session)
+            except DeliveryFailed as exc:
+                if exc.files_pending and resends > 0:
+                    resends -= 1
+                    continue
+                return recorder.failure(target, str(exc), using)
+            break
         recorder.success(target, batch.last_seq, using)
     return None
 
