@@ -17,6 +17,8 @@ import os
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from django.apps import AppConfig
+
 from tests import dbs
 from tests.site_settings import *  # noqa: F403 - apps, middleware, templates
 
@@ -96,3 +98,24 @@ LOGGING = {
         "changefeed_sync": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
     },
 }
+
+
+# Sites of tests/test_increment_files.py: their own media directory, and Document
+# registered with its file field (by the app below, once the models are loaded).
+if os.environ.get("CFS_E2E_MEDIA_ROOT"):
+    MEDIA_ROOT = os.environ["CFS_E2E_MEDIA_ROOT"]
+
+
+class DocumentFiles(AppConfig):
+    name = "tests"
+    label = "cfs_e2e_document_files"
+
+    def ready(self) -> None:
+        import changefeed_sync
+        from tests.testapp.models import Document
+
+        changefeed_sync.register(Document, natural_key=["slug"], file_fields=["attachment"])
+
+
+if os.environ.get("CFS_E2E_DOCUMENT_FILES"):
+    INSTALLED_APPS = [*INSTALLED_APPS, "tests.e2e_settings.DocumentFiles"]  # noqa: F405
