@@ -6,7 +6,9 @@ Ids are stable; the README lists them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core import checks
@@ -144,38 +146,122 @@ def check_registered_models(app_configs: Any = None, **kwargs: Any) -> list[chec
     return errors
 
 
+# --------------------------------------------------------------------------- settings
+# One id per setting (as django-cors-headers does), so a message says which
+# setting is wrong and one id can be silenced alone. E101, "a setting has the
+# wrong type" for all of them, is retired. E102 and E103 keep their meaning and
+# cover their setting's type too.
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _seconds(value: Any) -> bool:
+    return _is_number(value) and value >= 0
+
+
+def _positive_seconds(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _at_least_one_second(value: Any) -> bool:
+    return _is_number(value) and value >= 1
+
+
+def _string(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _optional_bool(value: Any) -> bool:
+    return value is None or isinstance(value, bool)
+
+
+def _delays(value: Any) -> bool:
+    return isinstance(value, list | tuple) and len(value) > 0 and all(_seconds(d) for d in value)
+
+
+def _http_url(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _alias(value: Any) -> bool:
+    return isinstance(value, str) and value in settings.DATABASES
+
+
+_COUNT = "a whole number >= 1"
+_SECONDS = "a number of seconds >= 0"
+_POSITIVE_SECONDS = "a number of seconds > 0"
+
+#: Setting (without CHANGEFEED_SYNC_) -> (check id, test, what it must be).
+#: DELIVERY_BACKEND is checked by check_delivery (E103, E104).
+SETTING_CHECKS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
+    "FEED_DATABASE": ("E102", _alias, "a DATABASES alias"),
+    "FEED_MAX_LIMIT": ("E105", _count, _COUNT),
+    "FEED_DEFAULT_LIMIT": ("E106", _count, _COUNT),
+    "FEED_MAX_WAIT": ("E107", _seconds, _SECONDS),
+    "FEED_POLL_INTERVAL": ("E108", _positive_seconds, _POSITIVE_SECONDS),
+    "SIGNATURE_MAX_AGE": ("E109", _at_least_one_second, "a number of seconds >= 1"),
+    "RETENTION_DAYS": ("E110", _seconds, "a number of days >= 0"),
+    "DELIVERY_RETRY_DELAYS": (
+        "E111",
+        _delays,
+        "a non-empty list or tuple of numbers of seconds >= 0",
+    ),
+    "DELIVERY_MAX_BYTES": ("E112", _count, _COUNT),
+    "DELIVERY_TIMEOUT": ("E113", _positive_seconds, _POSITIVE_SECONDS),
+    "CLOUD_TASKS_PROJECT": ("E114", _string, "a string"),
+    "CLOUD_TASKS_LOCATION": ("E115", _string, "a string"),
+    "CLOUD_TASKS_QUEUE": ("E116", _string, "a string"),
+    "CLOUD_TASKS_SERVICE_ACCOUNT_EMAIL": ("E117", _string, "a string"),
+    "CLOUD_TASKS_EMULATOR_HOST": ("E118", _string, "a string ('host:port' or empty)"),
+    "PREPARE_STATEMENTS": ("E119", _optional_bool, "True, False or None"),
+    "TARGET_DATABASE": ("E120", _alias, "a DATABASES alias"),
+    "WEBHOOK_TOLERANCE": ("E121", _at_least_one_second, "a number of seconds >= 1"),
+    "WEBHOOK_MAX_BYTES": ("E122", _count, _COUNT),
+    "OIDC_CERTS_URL": ("E123", _http_url, "an http(s) URL"),
+    "BATCH_SIZE": ("E124", _count, _COUNT),
+    "FOLLOW_WAIT": ("E125", _seconds, _SECONDS),
+    "REQUEST_TIMEOUT": ("E126", _positive_seconds, _POSITIVE_SECONDS),
+    "RETRY_MIN_DELAY": ("E127", _seconds, _SECONDS),
+    "RETRY_MAX_DELAY": ("E128", _positive_seconds, _POSITIVE_SECONDS),
+    "PULL_PAGE_SIZE": ("E129", _count, _COUNT),
+    "PULL_STALE_AFTER": ("E130", _positive_seconds, _POSITIVE_SECONDS),
+    "MAX_FILE_SIZE": ("E131", _count, "a number of bytes >= 1"),
+    "WEBHOOK_FILES_SECONDS": ("E132", _seconds, _SECONDS),
+}
+
+
 @checks.register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     errors: list[checks.CheckMessage] = []
-    for name, default in conf.DEFAULTS.items():
+    for name, (id, valid, expected) in SETTING_CHECKS.items():
         value = conf.get(name)
-        if name == "DELIVERY_BACKEND" and value is None:
-            continue
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int | float):
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
-        else:
-            ok = isinstance(value, type(default))
-        if not ok:
+        if not valid(value):
             errors.append(
                 _error(
-                    f"CHANGEFEED_SYNC_{name} must be a {type(default).__name__} >= 0, got {value!r}.",
-                    f"The default is {default!r}.",
+                    f"CHANGEFEED_SYNC_{name} must be {expected}, got {value!r}.",
+                    f"The default is {conf.DEFAULTS[name]!r}.",
                     None,
-                    "E101",
+                    id,
                 )
             )
-    if (
-        isinstance(conf.get("FEED_DATABASE"), str)
-        and conf.get("FEED_DATABASE") not in settings.DATABASES
-    ):
+    low, high = conf.get("RETRY_MIN_DELAY"), conf.get("RETRY_MAX_DELAY")
+    if _seconds(low) and _positive_seconds(high) and high < low:
         errors.append(
             _error(
-                f"CHANGEFEED_SYNC_FEED_DATABASE is {conf.get('FEED_DATABASE')!r}, not a DATABASES alias.",
+                f"CHANGEFEED_SYNC_RETRY_MAX_DELAY ({high!r}) is below "
+                f"CHANGEFEED_SYNC_RETRY_MIN_DELAY ({low!r}).",
+                "The backoff of a follower grows from the minimum to the maximum.",
                 None,
-                None,
-                "E102",
+                SETTING_CHECKS["RETRY_MAX_DELAY"][0],
             )
         )
     return errors
@@ -185,9 +271,18 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
 def check_delivery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     from django.utils.module_loading import import_string
 
-    path = conf.delivery_backend()
-    if not path:
+    path = conf.get("DELIVERY_BACKEND")
+    if not path:  # None (or another false value, as conf.delivery_backend reads it)
         return []
+    if not isinstance(path, str):
+        return [
+            _error(
+                f"CHANGEFEED_SYNC_DELIVERY_BACKEND must be a dotted path or None, got {path!r}.",
+                f"The default is {conf.DEFAULTS['DELIVERY_BACKEND']!r}.",
+                None,
+                "E103",
+            )
+        ]
     try:
         backend = import_string(path)
     except ImportError as exc:

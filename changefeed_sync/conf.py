@@ -62,10 +62,22 @@ DEFAULTS: dict[str, Any] = {
     # Backoff bounds when a followed source is unreachable.
     "RETRY_MIN_DELAY": 0.5,
     "RETRY_MAX_DELAY": 60.0,
+    # Full Data Pull: rows asked for per snapshot request (the source caps it at
+    # its FEED_MAX_LIMIT).
+    "PULL_PAGE_SIZE": 5000,
+    # Seconds without a heartbeat after which a running pull counts as dead.
+    "PULL_STALE_AFTER": 120.0,
+    # Largest file a pull or an increment downloads, in bytes.
+    "MAX_FILE_SIZE": 100 * 1024 * 1024,
+    # Seconds a webhook spends downloading the files its batch references before
+    # answering 503 files_pending (the sender's timeout is 30 s).
+    "WEBHOOK_FILES_SECONDS": 20.0,
 }
 
 
 def get(name: str) -> Any:
+    """The raw value of ``CHANGEFEED_SYNC_<name>``, or its default; the system
+    checks (checks.py) validate it, the accessors below convert it."""
     return getattr(settings, f"CHANGEFEED_SYNC_{name}", DEFAULTS[name])
 
 
@@ -118,6 +130,12 @@ def cloud_tasks(name: str) -> str:
     return str(get(f"CLOUD_TASKS_{name}"))
 
 
+def prepare_statements() -> bool | None:
+    """None: decide per connection (see outbox_pg)."""
+    value = get("PREPARE_STATEMENTS")
+    return None if value is None else bool(value)
+
+
 def target_database() -> str:
     return str(get("TARGET_DATABASE"))
 
@@ -152,3 +170,19 @@ def retry_min_delay() -> float:
 
 def retry_max_delay() -> float:
     return float(get("RETRY_MAX_DELAY"))
+
+
+def pull_page_size() -> int:
+    return int(get("PULL_PAGE_SIZE"))
+
+
+def pull_stale_after() -> float:
+    return float(get("PULL_STALE_AFTER"))
+
+
+def max_file_size() -> int:
+    return int(get("MAX_FILE_SIZE"))
+
+
+def webhook_files_seconds() -> float:
+    return float(get("WEBHOOK_FILES_SECONDS"))

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import django
 import pytest
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.contrib.sessions.models import Session
 from django.core import checks
@@ -20,8 +22,14 @@ from django.db import models
 from django.test import override_settings
 
 import changefeed_sync
-from changefeed_sync import registry
-from changefeed_sync.checks import check_registered_models, check_settings
+from changefeed_sync import conf, registry
+from changefeed_sync.checks import (
+    SETTING_CHECKS,
+    check_delivery,
+    check_registered_models,
+    check_settings,
+    check_sqlite_transaction_mode,
+)
 from tests.testapp.models import Category, Copy, Country, Kinds, Language, Tag
 
 # --------------------------------------------------------------------------- models
@@ -133,10 +141,12 @@ def ids(messages: list[checks.CheckMessage]) -> list[str]:
     return sorted(m.id for m in messages)
 
 
-def the_one(messages: list[checks.CheckMessage], id: str) -> checks.CheckMessage:
+def the_one(
+    messages: list[checks.CheckMessage], id: str, level: int = checks.ERROR
+) -> checks.CheckMessage:
     assert ids(messages) == [f"changefeed_sync.{id}"], [m.msg for m in messages]
     message = messages[0]
-    assert message.level == checks.ERROR
+    assert message.level == level
     return message
 
 
@@ -362,31 +372,124 @@ def test_e010_multi_table_inheritance() -> None:
 # --------------------------------------------------------------------------- settings
 
 
+# One id per setting, each tested with the values it refuses (django-cors-headers'
+# tests/test_checks.py does the same for its settings).
+BAD_SETTINGS = [
+    ("E102", "FEED_DATABASE", "nowhere"),
+    ("E102", "FEED_DATABASE", 5),
+    ("E105", "FEED_MAX_LIMIT", "lots"),
+    ("E105", "FEED_MAX_LIMIT", -1),
+    ("E105", "FEED_MAX_LIMIT", 0),
+    ("E105", "FEED_MAX_LIMIT", True),  # a bool is not a count
+    ("E106", "FEED_DEFAULT_LIMIT", 2.5),
+    ("E107", "FEED_MAX_WAIT", None),
+    ("E107", "FEED_MAX_WAIT", -1),
+    ("E108", "FEED_POLL_INTERVAL", 0),  # would spin
+    ("E109", "SIGNATURE_MAX_AGE", 0),
+    ("E109", "SIGNATURE_MAX_AGE", "60"),
+    ("E110", "RETENTION_DAYS", "30"),
+    ("E111", "DELIVERY_RETRY_DELAYS", []),
+    ("E111", "DELIVERY_RETRY_DELAYS", [0, -5]),
+    ("E111", "DELIVERY_RETRY_DELAYS", "0,5,300"),
+    ("E111", "DELIVERY_RETRY_DELAYS", 5),
+    ("E112", "DELIVERY_MAX_BYTES", 0),
+    ("E113", "DELIVERY_TIMEOUT", 0),
+    ("E114", "CLOUD_TASKS_PROJECT", None),
+    ("E115", "CLOUD_TASKS_LOCATION", 1),
+    ("E116", "CLOUD_TASKS_QUEUE", ["changefeed-sync"]),
+    ("E117", "CLOUD_TASKS_SERVICE_ACCOUNT_EMAIL", None),
+    ("E118", "CLOUD_TASKS_EMULATOR_HOST", 8123),
+    ("E119", "PREPARE_STATEMENTS", "yes"),
+    ("E119", "PREPARE_STATEMENTS", 1),
+    ("E120", "TARGET_DATABASE", "nowhere"),
+    ("E121", "WEBHOOK_TOLERANCE", 0.5),
+    ("E122", "WEBHOOK_MAX_BYTES", "1MB"),
+    ("E123", "OIDC_CERTS_URL", "www.googleapis.com/oauth2/v1/certs"),
+    ("E124", "BATCH_SIZE", "1000"),
+    ("E125", "FOLLOW_WAIT", "25"),
+    ("E126", "REQUEST_TIMEOUT", -1),
+    ("E127", "RETRY_MIN_DELAY", None),
+    ("E128", "RETRY_MAX_DELAY", 0),
+    ("E129", "PULL_PAGE_SIZE", 0),
+    ("E130", "PULL_STALE_AFTER", "2 minutes"),
+    ("E131", "MAX_FILE_SIZE", "100MB"),
+    ("E132", "WEBHOOK_FILES_SECONDS", -1),
+]
+
+
+@pytest.mark.parametrize(("id", "name", "value"), BAD_SETTINGS)
+def test_setting_with_a_bad_value_has_its_own_id(id: str, name: str, value: Any) -> None:
+    with override_settings(**{f"CHANGEFEED_SYNC_{name}": value}):
+        messages = check_settings()
+    message = the_one(messages, id)
+    assert f"CHANGEFEED_SYNC_{name}" in message.msg
+    assert repr(value) in message.msg
+    assert message.hint == f"The default is {conf.DEFAULTS[name]!r}."
+
+
+def test_every_setting_has_one_id_and_a_test() -> None:
+    checked = {
+        **{name: id for name, (id, _, _) in SETTING_CHECKS.items()},
+        "DELIVERY_BACKEND": "E103",
+    }
+    assert set(checked) == set(conf.DEFAULTS)
+    assert len(set(checked.values())) == len(checked)  # no id shared by two settings
+    assert "E101" not in checked.values()  # retired: "some setting has the wrong type"
+    tested = {(id, name) for id, name, _ in BAD_SETTINGS}
+    assert tested >= {(id, name) for name, id in checked.items() if name != "DELIVERY_BACKEND"}
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("FEED_MAX_LIMIT", "lots"),
-        ("FEED_MAX_LIMIT", -1),
-        ("FEED_MAX_LIMIT", True),  # a bool is not a count
-        ("FEED_MAX_WAIT", None),
-        ("FOLLOW_WAIT", "25"),
-        ("FEED_DATABASE", 5),
+        # The documented values that E101 refused.
+        ("PREPARE_STATEMENTS", True),
+        ("PREPARE_STATEMENTS", False),
+        ("PREPARE_STATEMENTS", None),
+        ("DELIVERY_RETRY_DELAYS", (0, 5, 300)),
+        ("DELIVERY_RETRY_DELAYS", [0.5]),
+        ("FEED_MAX_LIMIT", 10),
+        ("FEED_MAX_WAIT", 0),
+        ("FEED_MAX_WAIT", 2.5),
+        ("RETRY_MIN_DELAY", 2),
+        ("RETENTION_DAYS", 0.5),
+        ("SIGNATURE_MAX_AGE", 300),
+        ("FEED_DATABASE", "default"),
+        ("TARGET_DATABASE", "default"),
+        ("OIDC_CERTS_URL", "http://127.0.0.1:8123/certs"),
+        ("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:8123"),
+        ("DELIVERY_BACKEND", None),
     ],
 )
-def test_e101_bad_setting_type(name: str, value: Any) -> None:
-    with override_settings(**{f"CHANGEFEED_SYNC_{name}": value}):
-        messages = check_settings()
-    message = the_one(messages, "E101")
-    assert f"CHANGEFEED_SYNC_{name}" in message.msg
-    assert repr(value) in message.msg
-
-
-@pytest.mark.parametrize(
-    ("name", "value"), [("FEED_MAX_LIMIT", 10), ("FEED_MAX_WAIT", 0), ("RETRY_MIN_DELAY", 2)]
-)
-def test_e101_good_values_pass(name: str, value: Any) -> None:
+def test_good_setting_values_pass(name: str, value: Any) -> None:
     with override_settings(**{f"CHANGEFEED_SYNC_{name}": value}):
         assert check_settings() == []
+        assert check_delivery() == []
+
+
+def test_the_defaults_pass() -> None:
+    assert check_settings() == []
+    assert check_delivery() == []
+
+
+def test_e128_retry_max_delay_below_the_minimum() -> None:
+    with override_settings(CHANGEFEED_SYNC_RETRY_MIN_DELAY=10, CHANGEFEED_SYNC_RETRY_MAX_DELAY=5):
+        message = the_one(check_settings(), "E128")
+    assert "CHANGEFEED_SYNC_RETRY_MAX_DELAY" in message.msg
+    assert "CHANGEFEED_SYNC_RETRY_MIN_DELAY" in message.msg
+
+
+def test_several_bad_settings_each_get_their_id() -> None:
+    with override_settings(
+        CHANGEFEED_SYNC_FEED_MAX_LIMIT="x",
+        CHANGEFEED_SYNC_BATCH_SIZE=0,
+        CHANGEFEED_SYNC_FEED_DATABASE=1,
+    ):
+        assert ids(check_settings()) == [
+            "changefeed_sync.E102",
+            "changefeed_sync.E105",
+            "changefeed_sync.E124",
+        ]
 
 
 def test_e102_feed_database_is_not_an_alias() -> None:
@@ -395,6 +498,118 @@ def test_e102_feed_database_is_not_an_alias() -> None:
     message = the_one(messages, "E102")
     assert "CHANGEFEED_SYNC_FEED_DATABASE" in message.msg
     assert "'nowhere'" in message.msg
+
+
+# --------------------------------------------------------------------------- E103, E104
+
+
+class ChkProblemBackend:
+    """A delivery backend that reports what its configuration lacks."""
+
+    @staticmethod
+    def configuration_problems() -> list[str]:
+        return ["ChkProblemBackend needs a queue.", "ChkProblemBackend needs a name."]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "nowhere.Backend",  # no such module
+        "changefeed_sync.delivery.inline.NoSuchBackend",  # no such class
+        "InlineBackend",  # not a dotted path
+    ],
+)
+def test_e103_delivery_backend_cannot_be_imported(path: str) -> None:
+    with override_settings(CHANGEFEED_SYNC_DELIVERY_BACKEND=path):
+        message = the_one(check_delivery(), "E103")
+    assert "CHANGEFEED_SYNC_DELIVERY_BACKEND" in message.msg
+    assert repr(path) in message.msg
+    assert message.hint is not None and "cloudtasks" in message.hint
+
+
+def test_e103_delivery_backend_is_not_a_path() -> None:
+    with override_settings(CHANGEFEED_SYNC_DELIVERY_BACKEND=5):
+        message = the_one(check_delivery(), "E103")
+    assert "must be a dotted path or None, got 5" in message.msg
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "changefeed_sync.delivery.inline.InlineBackend",
+        "changefeed_sync.delivery.django_tasks.DjangoTasksBackend",
+        None,
+    ],
+)
+def test_e103_e104_not_raised_for_usable_backends(path: str | None) -> None:
+    with override_settings(CHANGEFEED_SYNC_DELIVERY_BACKEND=path):
+        assert check_delivery() == []
+
+
+def test_e104_backend_reports_its_configuration_problems() -> None:
+    with override_settings(CHANGEFEED_SYNC_DELIVERY_BACKEND=f"{__name__}.ChkProblemBackend"):
+        messages = check_delivery()
+    assert ids(messages) == ["changefeed_sync.E104"] * 2
+    assert [m.msg for m in messages] == ChkProblemBackend.configuration_problems()
+
+
+def test_e104_cloud_tasks_without_project_queue_or_account() -> None:
+    pytest.importorskip("google.cloud.tasks_v2")
+    cloud_tasks = "changefeed_sync.delivery.cloud_tasks.CloudTasksBackend"
+    with override_settings(
+        CHANGEFEED_SYNC_DELIVERY_BACKEND=cloud_tasks,
+        CHANGEFEED_SYNC_CLOUD_TASKS_PROJECT="",
+        CHANGEFEED_SYNC_CLOUD_TASKS_QUEUE="",
+        CHANGEFEED_SYNC_CLOUD_TASKS_SERVICE_ACCOUNT_EMAIL="",
+    ):
+        messages = check_delivery()
+    assert ids(messages) == ["changefeed_sync.E104"] * 3
+    text = " ".join(m.msg for m in messages)
+    for name in ("PROJECT", "QUEUE", "SERVICE_ACCOUNT_EMAIL"):
+        assert f"CHANGEFEED_SYNC_CLOUD_TASKS_{name}" in text
+
+    with override_settings(
+        CHANGEFEED_SYNC_DELIVERY_BACKEND=cloud_tasks,
+        CHANGEFEED_SYNC_CLOUD_TASKS_PROJECT="proj",
+        CHANGEFEED_SYNC_CLOUD_TASKS_SERVICE_ACCOUNT_EMAIL="tasks@proj.iam.gserviceaccount.com",
+    ):
+        assert check_delivery() == []
+
+
+# --------------------------------------------------------------------------- W001
+
+_SQLITE = {"ENGINE": "django.db.backends.sqlite3", "NAME": "x.sqlite3"}
+_POSTGRES = {"ENGINE": "django.db.backends.postgresql", "NAME": "x"}
+
+
+@pytest.mark.skipif(django.VERSION < (5, 1), reason="transaction_mode needs Django >= 5.1")
+def test_w001_sqlite_without_immediate_transactions(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The check reads settings.DATABASES only; override_settings(DATABASES=...) would warn.
+    monkeypatch.setattr(
+        settings,
+        "DATABASES",
+        {
+            "default": _SQLITE,
+            "immediate": {**_SQLITE, "OPTIONS": {"transaction_mode": "IMMEDIATE"}},
+            "deferred": {**_SQLITE, "OPTIONS": {"transaction_mode": "DEFERRED"}},
+            "pg": _POSTGRES,
+        },
+    )
+    messages = check_sqlite_transaction_mode()
+    assert ids(messages) == ["changefeed_sync.W001"] * 2
+    assert all(m.level == checks.WARNING for m in messages)
+    assert "'default'" in messages[0].msg and "'deferred'" in messages[1].msg
+    assert messages[0].hint is not None and "database is locked" in messages[0].hint
+
+
+def test_w001_not_raised_without_sqlite_or_before_django_5_1(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(settings, "DATABASES", {"default": _POSTGRES})
+    assert check_sqlite_transaction_mode() == []
+    if django.VERSION < (5, 1):  # no transaction_mode to recommend
+        monkeypatch.setattr(settings, "DATABASES", {"default": _SQLITE})
+        assert check_sqlite_transaction_mode() == []
 
 
 # --------------------------------------------------------------------------- binding
