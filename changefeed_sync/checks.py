@@ -16,11 +16,66 @@ from django.db import models
 
 from . import conf, registry
 
-_SECRET_NAME = re.compile(r"(pass(word|wd)?|secret|token|api_?key|private_?key|otp|salt)", re.I)
+# E007 matches whole words of a field name (snake_case or camelCase, digits apart),
+# so `pin`, `pwd_hash` and `user_credentials` are caught but `pinned`, `spinner`,
+# `passenger` or `secretary` are not.
+_SECRET_WORDS = frozenset(
+    {
+        "password",
+        "passwords",
+        "passwd",
+        "passphrase",
+        "passcode",
+        "pass",
+        "pwd",
+        "pin",
+        "secret",
+        "secrets",
+        "token",
+        "tokens",
+        "credential",
+        "credentials",
+        "creds",
+        "otp",
+        "totp",
+        "hotp",
+        "salt",
+        "apikey",
+        "privkey",
+    }
+)
+# Two words that name a secret together (`api_key`, `privateKey`), though neither does alone.
+_SECRET_PAIRS = frozenset(
+    {("api", "key"), ("private", "key"), ("access", "key"), ("signing", "key")}
+)
+
+
+def name_words(name: str) -> list[str]:
+    """``pwd_hash`` -> [pwd, hash]; ``apiKey2`` -> [api, key, 2]."""
+    name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
+    return re.findall(r"[a-z]+|[0-9]+", name.lower())
+
+
+def looks_secret(name: str) -> bool:
+    """Whether a field name looks like a password, PIN, token, key or credentials."""
+    words = name_words(name)
+    return any(w in _SECRET_WORDS for w in words) or any(
+        pair in _SECRET_PAIRS for pair in zip(words, words[1:])
+    )
 
 
 def _error(msg: str, hint: str | None, obj: Any, id: str) -> checks.Error:
     return checks.Error(msg, hint=hint, obj=obj, id=f"changefeed_sync.{id}")
+
+
+def _warning(msg: str, hint: str | None, obj: Any, id: str) -> checks.Warning:
+    return checks.Warning(msg, hint=hint, obj=obj, id=f"changefeed_sync.{id}")
+
+
+def _label_lower(model: Any) -> str:
+    meta = getattr(model, "_meta", None)
+    return str(meta.label_lower) if meta is not None else str(model).lower()
 
 
 @checks.register()
@@ -74,6 +129,18 @@ def check_registered_models(app_configs: Any = None, **kwargs: Any) -> list[chec
                         "E002",
                     )
                 )
+            nullable = [f.name for f in chain if f.null]
+            if nullable:
+                errors.append(
+                    _warning(
+                        f"{label}: natural key path {path!r} goes through nullable "
+                        f"field(s) {', '.join(nullable)}: a row whose key part is NULL "
+                        "can never be looked up on the target (NULL matches nothing).",
+                        "Make the natural key's fields NOT NULL, or choose other key fields.",
+                        model,
+                        "W003",
+                    )
+                )
             for f in chain[:-1]:
                 if registry.get_options(f.related_model) is None:  # type: ignore[arg-type]
                     errors.append(
@@ -119,13 +186,24 @@ def check_registered_models(app_configs: Any = None, **kwargs: Any) -> list[chec
                     )
                 )
         for f in (*options.concrete_fields, *options.m2m_fields):
-            if _SECRET_NAME.search(f.name):
+            if looks_secret(f.name):
                 errors.append(
                     _error(
                         f"{label}.{f.name} looks like a password, token or secret and would be synced.",
                         f"Add exclude=['{f.name}'] (or leave it out of fields=).",
                         model,
                         "E007",
+                    )
+                )
+            if f.is_relation and _label_lower(f.related_model) == user_label:
+                errors.append(
+                    _warning(
+                        f"{label}.{f.name} points at the user model {f.related_model._meta.label}: "  # type: ignore[union-attr]
+                        "every event of the model would carry a username.",
+                        f"Add exclude=['{f.name}'] (or leave it out of fields=) unless the other "
+                        "site's users are meant to be named in your data.",
+                        model,
+                        "W002",
                     )
                 )
             if f.is_relation:

@@ -29,6 +29,7 @@ from changefeed_sync.checks import (
     check_registered_models,
     check_settings,
     check_sqlite_transaction_mode,
+    looks_secret,
 )
 from tests.testapp.models import Category, Copy, Country, Kinds, Language, Tag
 
@@ -102,6 +103,70 @@ class ChkDocument(models.Model):
 
     class Meta:
         app_label = "testapp"
+
+
+class ChkVault(models.Model):
+    """Secret-looking names that E007's old substring match missed."""
+
+    slug = models.SlugField(unique=True)
+    pin = models.CharField(max_length=8, default="")
+    pwd_hash = models.CharField(max_length=128, default="")
+    credentials = models.JSONField(default=dict)
+
+    class Meta:
+        app_label = "testapp"
+
+
+class ChkGadget(models.Model):
+    """Names that contain a secret-looking word without being one: no E007."""
+
+    slug = models.SlugField(unique=True)
+    pinned = models.BooleanField(default=False)
+    spinner = models.CharField(max_length=20, default="")
+    passenger_count = models.IntegerField(default=0)
+    secretary = models.CharField(max_length=50, default="")
+    keyword = models.CharField(max_length=50, default="")
+    compass_heading = models.IntegerField(default=0)
+
+    class Meta:
+        app_label = "testapp"
+
+
+class ChkNote(models.Model):
+    """Relations to the user model: usernames would travel in its events.
+
+    No database constraints: tests.testapp has no migrations, so its tables are created
+    before auth's, and a constraint on auth_user could not be (PostgreSQL, MariaDB).
+    """
+
+    slug = models.SlugField(unique=True)
+    author = models.ForeignKey(
+        User, null=True, on_delete=models.SET_NULL, related_name="+", db_constraint=False
+    )
+    editors = models.ManyToManyField(User, related_name="+", db_constraint=False)
+    text = models.TextField(default="")
+
+    class Meta:
+        app_label = "testapp"
+        managed = False
+
+
+class ChkNullableKey(models.Model):
+    number = models.IntegerField(unique=True, null=True)
+
+    class Meta:
+        app_label = "testapp"
+
+
+class ChkLooseChild(models.Model):
+    """A natural key through a nullable foreign key."""
+
+    parent = models.ForeignKey(ChkParent, null=True, on_delete=models.CASCADE, related_name="+")
+    code = models.CharField(max_length=10)
+
+    class Meta:
+        app_label = "testapp"
+        unique_together = [("parent", "code")]
 
 
 class ChkBase(models.Model):
@@ -314,6 +379,78 @@ def test_e007_silenced_by_leaving_out_of_fields() -> None:
     assert errors_for(ChkAccount) == []
 
 
+def test_e007_pin_pwd_hash_and_credentials() -> None:
+    changefeed_sync.register(ChkVault, natural_key=["slug"])
+    messages = errors_for(ChkVault)
+    assert ids(messages) == ["changefeed_sync.E007"] * 3
+    text = " ".join(m.msg for m in messages)
+    for name in ("pin", "pwd_hash", "credentials"):
+        assert f"testapp.ChkVault.{name} " in text
+
+
+def test_e007_not_raised_for_words_that_only_contain_a_secret_word() -> None:
+    changefeed_sync.register(ChkGadget, natural_key=["slug"])
+    assert errors_for(ChkGadget) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "password",
+        "password_hash",
+        "password2",
+        "passwd",
+        "user_pass",
+        "pwd_hash",
+        "pin",
+        "pin_code",
+        "card_pin",
+        "credentials",
+        "smtp_credential",
+        "api_key",
+        "apikey",
+        "apiKey",
+        "APIKey",
+        "private_key",
+        "aws_access_key",
+        "client_secret",
+        "refresh_token",
+        "otp",
+        "totp_seed",
+        "salt",
+    ],
+)
+def test_e007_names_that_look_secret(name: str) -> None:
+    assert looks_secret(name), name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "pinned",
+        "spinner",
+        "is_pinned",
+        "pinyin",
+        "passenger",
+        "bypass_cache",
+        "compass",
+        "secretary",
+        "tokenizer",
+        "keyword",
+        "monkey",
+        "key",
+        "natural_key",
+        "sort_key",
+        "basalt",
+        "hotpot",
+        "credit",
+        "content_hash",
+    ],
+)
+def test_e007_names_that_do_not_look_secret(name: str) -> None:
+    assert not looks_secret(name), name
+
+
 def test_e007_auth_user_password() -> None:
     changefeed_sync.register(User, natural_key=["username"])
     messages = [m for m in errors_for(User) if m.id == "changefeed_sync.E007"]
@@ -367,6 +504,59 @@ def test_e010_multi_table_inheritance() -> None:
     message = the_one(errors_for(ChkDerived), "E010")
     assert "testapp.ChkDerived" in message.msg
     assert "multi-table inheritance" in message.msg
+
+
+# --------------------------------------------------------------------------- W002
+
+
+def test_w002_relations_to_the_user_model() -> None:
+    changefeed_sync.register(ChkNote, natural_key=["slug"])
+    messages = errors_for(ChkNote)
+    assert ids(messages) == ["changefeed_sync.W002"] * 2
+    assert all(m.level == checks.WARNING for m in messages)
+    text = " ".join(m.msg for m in messages)
+    assert "testapp.ChkNote.author" in text and "testapp.ChkNote.editors" in text
+    assert "auth.User" in text
+    hints = " ".join(m.hint or "" for m in messages)
+    assert "exclude=['author']" in hints
+
+
+def test_w002_silenced_by_exclude() -> None:
+    changefeed_sync.register(ChkNote, natural_key=["slug"], exclude=["author", "editors"])
+    assert errors_for(ChkNote) == []
+
+
+def test_w002_follows_auth_user_model(settings: Any) -> None:
+    # A project whose user model is another one: auth.User is then ordinary data.
+    settings.AUTH_USER_MODEL = "testapp.ChkParent"
+    changefeed_sync.register(ChkNote, natural_key=["slug"])
+    assert errors_for(ChkNote) == []
+
+
+# --------------------------------------------------------------------------- W003
+
+
+def test_w003_nullable_natural_key_field() -> None:
+    changefeed_sync.register(ChkNullableKey, natural_key=["number"])
+    message = the_one(errors_for(ChkNullableKey), "W003", checks.WARNING)
+    assert "testapp.ChkNullableKey" in message.msg
+    assert "'number'" in message.msg
+    assert "NULL" in message.msg
+
+
+def test_w003_natural_key_through_a_nullable_foreign_key() -> None:
+    changefeed_sync.register(ChkParent, natural_key=["code"])
+    changefeed_sync.register(ChkLooseChild, natural_key=["parent.code", "code"])
+    message = the_one(errors_for(ChkLooseChild), "W003", checks.WARNING)
+    assert "'parent.code'" in message.msg
+    assert "parent" in message.msg
+    assert errors_for(ChkParent) == []
+
+
+def test_w003_not_raised_for_not_null_keys() -> None:
+    changefeed_sync.register(ChkParent, natural_key=["code"])
+    changefeed_sync.register(ChkChild, natural_key=["parent.code", "code"])
+    assert errors_for(ChkChild) == []
 
 
 # --------------------------------------------------------------------------- settings
