@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import secrets as _secrets
+import string
+import zlib
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 from django.utils import timezone
@@ -14,8 +19,94 @@ _name_validator = RegexValidator(
 
 
 def split_secrets(text: str) -> list[str]:
-    """One secret per line; the last is current, the others stay valid during a rotation."""
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    """One secret per line; the last is current, the others stay valid during a rotation.
+
+    Only line feeds separate secrets (a CR before one is ignored): a secret may contain
+    spaces, tabs or any other character. Blank lines and whitespace around a line are
+    ignored, as they always were; rows written by the former admin, which split its input
+    on whitespace, hold one secret per line and read the same.
+    """
+    return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+#: A shared secret must carry at least this many bits of entropy (32 random bytes).
+SECRET_MIN_BITS = 256
+
+_HEX = (frozenset("0123456789abcdef"), frozenset("0123456789ABCDEF"))
+_BASE64 = frozenset(string.ascii_letters + string.digits + "-_+/=")
+
+
+def generate_secret() -> str:
+    """A new shared secret: 32 random bytes, base64url (43 characters)."""
+    return _secrets.token_urlsafe(32)
+
+
+def secret_bits(secret: str) -> float:
+    """A generous estimate of a secret's entropy, in bits.
+
+    Its length times log2 of the alphabet it seems drawn from (digits: 10, hex: 16,
+    base64 with at least two of lower case, upper case and digits: 64, otherwise the
+    letter and digit classes it uses plus each other character it uses), but never
+    more than 8 bits per byte of its zlib-compressed form, so repetitions
+    ("aaaa…", "abcabc…") count for little. 32 random bytes as
+    ``secrets.token_urlsafe(32)``, ``token_hex(32)`` or ``openssl rand -base64 32``
+    write them score 256 or more.
+    """
+    chars = set(secret)
+    if len(chars) < 2:
+        return 0.0
+    lower = bool(chars & set(string.ascii_lowercase))
+    upper = bool(chars & set(string.ascii_uppercase))
+    digits = bool(chars & set(string.digits))
+    if chars <= set(string.digits):
+        alphabet = 10
+    elif any(chars <= hex_digits for hex_digits in _HEX):
+        alphabet = 16
+    elif chars <= _BASE64 and lower + upper + digits >= 2:
+        alphabet = 64
+    else:
+        others = chars - set(string.ascii_letters + string.digits)
+        alphabet = 26 * lower + 26 * upper + 10 * digits + len(others)
+    by_alphabet = len(secret) * math.log2(alphabet)
+    compressed = zlib.compress(secret.encode(), 9)
+    by_compression = 8 * (len(compressed) - 6)  # zlib's header and checksum
+    return min(by_alphabet, by_compression)
+
+
+def validate_secret(secret: str) -> None:
+    """ValidationError unless ``secret`` is one strong shared secret (never echoed)."""
+    if "\n" in secret or "\r" in secret:
+        raise ValidationError(
+            "A secret cannot contain a line break (line breaks separate secrets).",
+            code="secret_line_break",
+        )
+    bits = secret_bits(secret)
+    if bits < SECRET_MIN_BITS:
+        raise ValidationError(
+            "This secret is too weak: about %(bits)d bits of entropy, at least %(min)d "
+            "(32 random bytes) are needed, e.g. 43 characters of base64 or 64 hex digits "
+            '(python -c "import secrets; print(secrets.token_urlsafe(32))").',
+            code="secret_too_weak",
+            params={"bits": int(bits), "min": SECRET_MIN_BITS},
+        )
+
+
+def validate_secrets(text: str) -> None:
+    """The validator of ``secrets`` columns: every listed secret must be strong."""
+    listed = split_secrets(text)
+    if not listed:
+        raise ValidationError("A secret is required.", code="required")
+    problems: list[ValidationError] = []
+    for n, secret in enumerate(listed, 1):
+        try:
+            validate_secret(secret)
+        except ValidationError as exc:
+            where = f"Secret {n} of {len(listed)}: " if len(listed) > 1 else ""
+            problems.extend(
+                ValidationError(where + str(message), code=exc.code) for message in exc.messages
+            )
+    if problems:
+        raise ValidationError(problems)
 
 
 # ---------------------------------------------------------------- source side
@@ -69,8 +160,9 @@ class Target(models.Model):
 
     name = models.CharField(max_length=100, unique=True, validators=[_name_validator])
     secrets = models.TextField(
-        help_text="Shared secret, one per line. During a rotation keep the old one on a line "
-        "above the new one; any listed secret is accepted."
+        validators=[validate_secrets],
+        help_text="Shared secret, one per line, each at least 32 random bytes. During a rotation "
+        "keep the old one on a line above the new one; any listed secret is accepted.",
     )
     active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -146,7 +238,9 @@ class DataSource(models.Model):
         help_text="The name of this site in the source's Targets.",
     )
     secrets = models.TextField(
-        help_text="Shared secret agreed with the source, one per line; the last one signs."
+        validators=[validate_secrets],
+        help_text="Shared secret agreed with the source, one per line, each at least 32 random "
+        "bytes; the last one signs.",
     )
     checkpoint = models.BigIntegerField(
         default=0, help_text="Feed position of the last applied event."
