@@ -1,7 +1,8 @@
 """Admin: Data Sources (target side), Targets and outbox events (source side).
 
 Secrets are write-only: the form takes a new value and never renders the
-stored one; leaving the field empty keeps it.
+stored one; leaving the field empty keeps it. A secret must carry 32 random
+bytes (``models.validate_secret``); the form suggests a freshly generated one.
 """
 
 from __future__ import annotations
@@ -15,31 +16,78 @@ from django.contrib import admin, messages
 from django.db import transaction
 from django.http import HttpRequest
 from django.utils import timezone
+from django.utils.html import format_html
 
-from .models import DataPull, DataSource, Event, Target
+from .models import (
+    DataPull,
+    DataSource,
+    Event,
+    Target,
+    generate_secret,
+    split_secrets,
+    validate_secret,
+)
 
 
 class _SecretForm(forms.ModelForm):
+    """A write-only secret: one new secret per save, never rendered back.
+
+    The field takes exactly one secret (spaces included: it is never split); to rotate,
+    tick "keep the current secrets" and the new one is added after them (the last
+    one signs). Every render suggests a freshly generated secret.
+    """
+
     new_secrets = forms.CharField(
         label="Secret",
         required=False,
         strip=True,
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
-        help_text="Write-only: never shown again. Leave empty to keep the current secret. "
-        "To rotate, enter old and new separated by a space; the last one signs.",
     )
+    keep_current_secrets = forms.BooleanField(
+        label="Keep the current secrets",
+        required=False,
+        help_text="Rotation: the new secret is added after the current ones and signs from now "
+        "on; the current ones stay accepted until you save a secret without this box ticked.",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        keep = "Leave empty to keep the current secret. " if self.instance.pk else ""
+        # Not the stored secret: a new one for the operator to copy here and to the other site.
+        self.fields["new_secrets"].help_text = format_html(
+            "Write-only: never shown again. {}The same on both sites, at least 32 random "
+            "bytes; spaces are part of it. Generated for this page, to copy here and to the "
+            'other site: <code class="changefeed-generated-secret">{}</code>',
+            keep,
+            generate_secret(),
+        )
+
+    def clean_new_secrets(self) -> str:
+        new: str = self.cleaned_data.get("new_secrets") or ""
+        if new:
+            validate_secret(new)
+        return new
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
         new = cleaned.get("new_secrets")
+        if "new_secrets" in self.errors:
+            return cleaned
         if not new and not (self.instance.pk and self.instance.secrets):
             self.add_error("new_secrets", "A secret is required.")
+        elif not new and cleaned.get("keep_current_secrets"):
+            self.add_error("new_secrets", "Enter the new secret to add to the current ones.")
         return cleaned
 
     def save(self, commit: bool = True) -> Any:
         new = self.cleaned_data.get("new_secrets")
         if new:
-            self.instance.secrets = "\n".join(new.split())
+            kept = (
+                [s for s in split_secrets(self.instance.secrets or "") if s != new]
+                if self.cleaned_data.get("keep_current_secrets")
+                else []
+            )
+            self.instance.secrets = "\n".join([*kept, new])
         return super().save(commit)
 
 
@@ -103,7 +151,8 @@ class DataSourceAdmin(admin.ModelAdmin):
     readonly_fields = ["checkpoint", "last_sync_at", "last_error", "last_error_at"]
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
-        fieldsets: list[Any] = [(None, {"fields": ["name", "new_secrets", "url", "client_name"]})]
+        secret = ["new_secrets"] if obj is None else ["new_secrets", "keep_current_secrets"]
+        fieldsets: list[Any] = [(None, {"fields": ["name", *secret, "url", "client_name"]})]
         if obj is not None:
             fieldsets.append(("Status", {"fields": self.readonly_fields}))
         fieldsets.append(
@@ -150,8 +199,9 @@ class TargetAdmin(admin.ModelAdmin):
     search_fields = ["name", "webhook_url"]
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        secret = ["new_secrets"] if obj is None else ["new_secrets", "keep_current_secrets"]
         fieldsets: list[Any] = [
-            (None, {"fields": ["name", "new_secrets", "active"]}),
+            (None, {"fields": ["name", *secret, "active"]}),
             ("Push", {"fields": ["webhook_url", "model_labels", "paused"]}),
         ]
         if obj is not None:

@@ -5,6 +5,7 @@ Driven through Django's test client as a superuser, like an operator would.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -12,12 +13,13 @@ from django.contrib import admin
 from django.test import Client, RequestFactory
 from django.urls import reverse
 
-from changefeed_sync.models import DataSource, Event, Target
+from changefeed_sync.models import DataSource, Event, Target, secret_bits
 from tests.testapp.models import Copy, Country, Language
 
 pytestmark = pytest.mark.django_db
 
-SECRET = "s3cret-Qx7vLp2-never-shown"
+SECRET = "s3cretQx7vLp2neverShownK9dW4mZ8tR1bY6hJ3fN0"  # 43 base64url characters: 258 bits
+NEXT = "nextSecret9KdW2xq7Lm4Pz8Rt1Vb6Hy3Jf5Nc0Ga2Ue"
 
 
 def html(response: Any) -> str:
@@ -100,7 +102,7 @@ def test_stored_secret_is_never_rendered(
 def test_secret_typed_into_an_invalid_form_is_not_echoed(
     admin_client: Client, model: Any, url_name: str, fields: dict[str, str], change: Any
 ) -> None:
-    typed = "typed-but-rejected-Zr81"
+    typed = "typed-but-rejected-Zr81-Qm7Wp3Xk9Lb5Vt2Hn8Dy4"
     response = _add(admin_client, url_name, {**fields, "name": "has spaces!"}, typed)
     assert response.status_code == 200
     assert "errornote" in html(response)
@@ -133,19 +135,121 @@ def test_two_secrets_rotate(
     obj = model.objects.get(name=fields["name"])
     change_url = reverse(f"admin:changefeed_sync_{url_name}_change", args=[obj.pk])
 
-    response = admin_client.post(change_url, {**fields, "new_secrets": f"{SECRET} next-secret-9Kd"})
+    response = admin_client.post(
+        change_url, {**fields, "new_secrets": NEXT, "keep_current_secrets": "on"}
+    )
     assert response.status_code == 302, response.content.decode()[:2000]
     obj.refresh_from_db()
-    assert obj.secret_list() == [SECRET, "next-secret-9Kd"]  # the last one signs
+    assert obj.secret_list() == [SECRET, NEXT]  # the last one signs
 
     page = html(admin_client.get(change_url))
-    assert SECRET not in page and "next-secret-9Kd" not in page
+    assert SECRET not in page and NEXT not in page
 
-    # Rotation done: enter the new one alone and the old one stops being valid.
-    response = admin_client.post(change_url, {**fields, "new_secrets": "next-secret-9Kd"})
+    # Entering the current one again while keeping the others moves it last, once.
+    response = admin_client.post(
+        change_url, {**fields, "new_secrets": SECRET, "keep_current_secrets": "on"}
+    )
     assert response.status_code == 302
     obj.refresh_from_db()
-    assert obj.secret_list() == ["next-secret-9Kd"]
+    assert obj.secret_list() == [NEXT, SECRET]
+
+    # Rotation done: enter the new one alone and the old one stops being valid.
+    response = admin_client.post(change_url, {**fields, "new_secrets": NEXT})
+    assert response.status_code == 302
+    obj.refresh_from_db()
+    assert obj.secret_list() == [NEXT]
+
+
+@pytest.mark.parametrize(("model", "url_name", "fields", "change"), SECRET_MODELS)
+def test_keeping_the_current_secrets_needs_a_new_one(
+    admin_client: Client, model: Any, url_name: str, fields: dict[str, str], change: Any
+) -> None:
+    _add(admin_client, url_name, fields, SECRET)
+    obj = model.objects.get(name=fields["name"])
+    change_url = reverse(f"admin:changefeed_sync_{url_name}_change", args=[obj.pk])
+    response = admin_client.post(
+        change_url, {**fields, "new_secrets": "", "keep_current_secrets": "on"}
+    )
+    assert response.status_code == 200
+    assert "Enter the new secret to add to the current ones." in html(response)
+    obj.refresh_from_db()
+    assert obj.secret_list() == [SECRET]
+
+
+@pytest.mark.parametrize(("model", "url_name", "fields", "change"), SECRET_MODELS)
+def test_a_secret_with_spaces_is_one_secret(
+    admin_client: Client, model: Any, url_name: str, fields: dict[str, str], change: Any
+) -> None:
+    """The form used to split its input on whitespace: "a b c" became three secrets,
+    each accepted alone. Spaces are now part of the secret."""
+    phrase = f"  {SECRET[:22]} {SECRET[22:]} {NEXT[:20]}  "
+    response = _add(admin_client, url_name, fields, phrase)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert model.objects.get(name=fields["name"]).secret_list() == [phrase.strip()]
+
+
+@pytest.mark.parametrize(("model", "url_name", "fields", "change"), SECRET_MODELS)
+@pytest.mark.parametrize(
+    "weak",
+    ["x", "test-secret", "s3cret-Qx7vLp2-never-shown", "aaaaaaaaaa" * 10, "short one two"],
+)
+def test_weak_secret_is_refused_and_not_echoed(
+    admin_client: Client,
+    model: Any,
+    url_name: str,
+    fields: dict[str, str],
+    change: Any,
+    weak: str,
+) -> None:
+    response = _add(admin_client, url_name, fields, weak)
+    assert response.status_code == 200
+    page = html(response)
+    assert "This secret is too weak" in page
+    assert f'value="{weak}"' not in page
+    assert not model.objects.exists()
+
+    _add(admin_client, url_name, fields, SECRET)
+    obj = model.objects.get(name=fields["name"])
+    change_url = reverse(f"admin:changefeed_sync_{url_name}_change", args=[obj.pk])
+    for keep in ("", "on"):
+        response = admin_client.post(
+            change_url, {**fields, "new_secrets": weak, "keep_current_secrets": keep}
+        )
+        assert response.status_code == 200
+        assert "This secret is too weak" in html(response)
+    obj.refresh_from_db()
+    assert obj.secret_list() == [SECRET]
+
+
+def _suggested(response: Any) -> str:
+    found = re.findall(r'<code class="changefeed-generated-secret">([^<]*)</code>', html(response))
+    assert len(found) == 1, html(response)[:3000]
+    return str(found[0])
+
+
+@pytest.mark.parametrize(("model", "url_name", "fields", "change"), SECRET_MODELS)
+def test_forms_suggest_a_freshly_generated_secret(
+    admin_client: Client, model: Any, url_name: str, fields: dict[str, str], change: Any
+) -> None:
+    add_url = reverse(f"admin:changefeed_sync_{url_name}_add")
+    first, second = _suggested(admin_client.get(add_url)), _suggested(admin_client.get(add_url))
+    assert first != second  # generated per page, never a fixed default
+    assert len(first) == 43 and secret_bits(first) >= 256
+
+    # The operator copies it into the field (and to the other site).
+    response = _add(admin_client, url_name, fields, first)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    obj = model.objects.get(name=fields["name"])
+    assert obj.secret_list() == [first]
+
+    # The change form suggests a new one, never the stored one.
+    change_page = admin_client.get(
+        reverse(f"admin:changefeed_sync_{url_name}_change", args=[obj.pk])
+    )
+    assert _suggested(change_page) != first
+    assert first not in html(change_page)
+    assert 'name="keep_current_secrets"' in html(change_page)
+    assert 'name="keep_current_secrets"' not in html(admin_client.get(add_url))
 
 
 # --------------------------------------------------------------------------- outbox events
