@@ -10,7 +10,15 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import requests
 
 from . import conf
-from .exceptions import AuthenticationFailed, CursorExpired, ProtocolError, SourceUnavailable
+from .exceptions import (
+    AuthenticationFailed,
+    ConfigurationError,
+    CursorExpired,
+    ProtocolError,
+    SignatureError,
+    SourceUnavailable,
+)
+from .framing import FramingError, check_page
 from .models import DataSource
 from .serialization import PROTOCOL_VERSION
 from .signing import sign_request
@@ -54,11 +62,13 @@ class SourceClient:
         url = self._url(endpoint, params)
         parts = urlsplit(url)
         path = parts.path + ("?" + parts.query if parts.query else "")
-        headers = {
-            "Authorization": sign_request(
+        try:
+            authorization = sign_request(
                 self.source.client_name, self.source.secret_list(), method, path, data or b""
             )
-        }
+        except SignatureError as exc:  # no secret
+            raise ConfigurationError(f"Data Source {self.source.name}: {exc}") from None
+        headers = {"Authorization": authorization}
         if data is not None:
             headers["Content-Type"] = "application/json"
         if "wait=" in path:
@@ -69,7 +79,14 @@ class SourceClient:
             response = self.session.request(
                 method, url, headers=headers, data=data, timeout=timeout
             )
+        except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
+                requests.exceptions.MissingSchema) as exc:  # fmt: skip
+            raise ConfigurationError(
+                f"Data Source {self.source.name}: its URL {self.source.url!r} is unusable ({exc})"
+            ) from exc
         except requests.RequestException as exc:
+            # Includes a body cut short where its length was announced
+            # (Content-Length or chunked): worth retrying.
             raise SourceUnavailable(f"source {self.source.name} at {url}: {exc}") from exc
         if response.status_code in (401, 403):
             raise AuthenticationFailed(
@@ -82,10 +99,18 @@ class SourceClient:
             )
         try:
             body = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
+            # Garbled, or cut short by a connection closed before the end of a body
+            # whose length was not announced: the follower retries either.
             raise ProtocolError(
-                f"source {self.source.name} answered HTTP {response.status_code} with no JSON"
+                f"source {self.source.name} answered HTTP {response.status_code} with no JSON "
+                f"(a body of {len(response.content)} bytes that is not JSON, or cut short)"
             ) from None
+        if not isinstance(body, dict):
+            raise ProtocolError(
+                f"source {self.source.name} answered HTTP {response.status_code} with JSON "
+                "that is not an object"
+            )
         if response.status_code == 410 and body.get("code") == "cursor_expired":
             raise CursorExpired(f"source {self.source.name}: {body.get('error')}")
         if response.status_code != 200:
@@ -97,25 +122,34 @@ class SourceClient:
                 f"source {self.source.name} speaks protocol {body.get('protocol')!r}, "
                 f"this site speaks {PROTOCOL_VERSION}"
             )
-        return body  # type: ignore[no-any-return]
+        return body
 
     def fetch_feed(self, since: int, limit: int, wait: float = 0.0) -> FetchedPage:
         params: dict[str, Any] = {"since": since, "limit": limit}
         if wait:
             params["wait"] = wait
         body = self.get_json("feed/", params, timeout=wait + conf.request_timeout())
-        try:
-            page = FetchedPage(
-                events=list(body["events"]),
-                since=int(body["since"]),
-                last_seq=int(body["last_seq"]),
-                more=bool(body["more"]),
-                pending=int(body.get("pending", 0)),
+        events, first, last = body.get("events"), body.get("since"), body.get("last_seq")
+        if not isinstance(events, list) or type(first) is not int or type(last) is not int:
+            raise ProtocolError(
+                f"source {self.source.name}: malformed feed page "
+                "(since/last_seq are not integers or events is not a list)"
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"source {self.source.name}: malformed feed page ({exc})") from exc
-        if page.since != since or page.last_seq < since:
+        if first != since:
             raise ProtocolError(
                 f"source {self.source.name}: feed page does not follow cursor {since}"
             )
-        return page
+        try:
+            check_page(events, since=since, last_seq=last)
+        except FramingError as exc:
+            raise FramingError(
+                f"source {self.source.name}: feed page refused: {exc}", code=exc.code
+            ) from exc
+        pending = body.get("pending", 0)
+        return FetchedPage(
+            events=events,
+            since=since,
+            last_seq=last,
+            more=body.get("more") is True,
+            pending=pending if type(pending) is int else 0,
+        )

@@ -19,11 +19,17 @@ from django.utils import timezone
 from . import conf
 from .apply import ApplyStats
 from .client import SourceClient
-from .exceptions import SourceUnavailable
+from .exceptions import ConfigurationError, CursorExpired
 from .increment_files import apply_with_files
 from .models import DataSource
 
 logger = logging.getLogger("changefeed_sync.follow")
+
+#: Errors that end even a follower: this site's configuration is unusable, or
+#: only an operator can go on (a full Data Pull). Everything else (the source
+#: away, answering 401/403/5xx or something garbled, a page refused, this site's
+#: database restarting) is recorded on the Data Source and retried with backoff.
+FATAL: tuple[type[BaseException], ...] = (ConfigurationError, CursorExpired)
 
 
 @dataclass
@@ -37,6 +43,21 @@ def _record_error(source: DataSource, using: str, message: str) -> None:
     DataSource.objects.using(using).filter(pk=source.pk).update(
         last_error=message[:2000], last_error_at=timezone.now()
     )
+
+
+def _record_safely(source: DataSource, using: str, message: str) -> None:
+    """Record an error unless this site's database is what is failing."""
+    try:
+        _record_error(source, using, message)
+    except (OperationalError, InterfaceError):
+        close_old_connections()
+
+
+def _transient(exc: BaseException) -> bool:
+    """Conditions that usually pass by themselves (logged as warnings; the rest as errors)."""
+    from .exceptions import SourceUnavailable
+
+    return isinstance(exc, (SourceUnavailable, OperationalError, InterfaceError))
 
 
 def sync_page(
@@ -74,7 +95,12 @@ def sync(
     on_page: Callable[[ApplyStats, DataSource], None] | None = None,
 ) -> SyncResult:
     """Apply the source's feed from the checkpoint until caught up (or, with
-    ``follow``, until ``stop`` is set), retrying an unreachable source with backoff."""
+    ``follow``, until ``stop`` is set).
+
+    Without ``follow``, any error is recorded on the Data Source and raised. With it,
+    only ``FATAL`` errors end the loop; any other is recorded (``last_error``, shown
+    in the admin and by ``changefeed_status``), logged, and retried with backoff
+    (``CHANGEFEED_SYNC_RETRY_MIN_DELAY`` doubling up to ``_MAX_DELAY``)."""
     using = using or source._state.db or "default"
     stop = stop or threading.Event()
     client = client or SourceClient(source)
@@ -87,25 +113,23 @@ def sync(
             stats, more = sync_page(
                 source, client, using=using, limit=limit, wait=0.0 if more else long_poll
             )
-        except (SourceUnavailable, OperationalError, InterfaceError) as exc:
-            # The source away, or this site's database restarting or busy: worth
-            # retrying when following. A page that failed rolled back with its
-            # checkpoint, so nothing is lost or applied twice.
+        except FATAL as exc:
+            _record_error(source, using, str(exc))
+            raise
+        except Exception as exc:
+            # Nothing of a page that failed was kept, its checkpoint included, so
+            # retrying loses nothing and applies nothing twice.
             if not follow:
-                _record_error(source, using, str(exc))
+                _record_safely(source, using, str(exc))
                 raise
-            close_old_connections()
-            try:
-                _record_error(source, using, str(exc))
-            except (OperationalError, InterfaceError):
-                pass
-            logger.warning("%s; retrying in %.1f s", exc, delay)
+            if isinstance(exc, (OperationalError, InterfaceError)):
+                close_old_connections()
+            _record_safely(source, using, str(exc))
+            log = logger.warning if _transient(exc) else logger.error
+            log("source %s: %s; retrying in %.1f s", source.name, exc, delay)
             stop.wait(delay)
             delay = min(delay * 2, conf.retry_max_delay())
             continue
-        except Exception as exc:
-            _record_error(source, using, str(exc))
-            raise
         if delay != conf.retry_min_delay():
             logger.info("source %s reachable again", source.name)
             delay = conf.retry_min_delay()

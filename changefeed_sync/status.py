@@ -61,6 +61,11 @@ def source_rows(using: str = "default") -> list[dict[str, Any]]:
             "checkpoint": source.checkpoint,
             "last_sync_at": source.last_sync_at.isoformat() if source.last_sync_at else None,
             "last_error": source.last_error,
+            "last_error_at": (
+                source.last_error_at.isoformat()
+                if source.last_error and source.last_error_at
+                else None
+            ),
         }
         for source in DataSource.objects.using(using).order_by("name")
     ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 from typing import Any
 
@@ -22,9 +24,18 @@ from .sqlite_waits import prompt_lock_waits, retry_transaction
 logger = logging.getLogger("changefeed_sync.views")
 
 
-def _error(status: int, message: str, **extra: Any) -> JsonResponse:
+#: Largest integer a query parameter may carry: positions and keys are 64-bit.
+MAX_INT = 2**63 - 1
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
+#: Longest name looked up (Target and Data Source names are shorter): anything
+#: longer, or with characters a database refuses (NUL), names nothing.
+MAX_NAME = 200
+
+
+def _error(status: int, message: str, code: str, **extra: Any) -> JsonResponse:
+    """An error answer: ``{"protocol": 1, "error": <what was wrong>, "code": <stable id>}``."""
     response = JsonResponse(
-        {"protocol": PROTOCOL_VERSION, "error": message, **extra}, status=status
+        {"protocol": PROTOCOL_VERSION, "error": message, "code": code, **extra}, status=status
     )
     if status == 401:
         response["WWW-Authenticate"] = "Changefeed"
@@ -39,6 +50,8 @@ def verify(request: HttpRequest, using: str) -> tuple[str, str, Target]:
     found: list[Target] = []
 
     def secrets_for(name: str) -> list[str] | None:
+        if not _plausible_name(name):
+            return None
         target = Target.objects.using(using).filter(name=name, active=True).first()
         if target is None:
             return None
@@ -72,21 +85,48 @@ def record_request(name: str, nonce: str, using: str, seq: int | None = None) ->
     retry_transaction(using, write)
 
 
+def _plausible_name(name: str) -> bool:
+    return 0 < len(name) <= MAX_NAME and "\x00" not in name
+
+
+def _shown(raw: str) -> str:
+    """A client's value quoted in an error, cut short."""
+    return repr(raw[:40] + ("..." if len(raw) > 40 else ""))
+
+
 def _int_param(request: HttpRequest, name: str, default: int) -> int:
+    """A query parameter as a 64-bit integer in plain decimal digits, or ValueError."""
+    raw = request.GET.get(name)
+    if raw is None or raw == "":
+        return default
+    if not _INTEGER.fullmatch(raw) or not -MAX_INT - 1 <= int(raw) <= MAX_INT:
+        raise ValueError(
+            f"query parameter {name!r} must be an integer between {-MAX_INT - 1} and "
+            f"{MAX_INT}, got {_shown(raw)}"
+        )
+    return int(raw)
+
+
+def _float_param(request: HttpRequest, name: str, default: float) -> float:
     raw = request.GET.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        if len(raw) > 40:
+            raise ValueError
+        value = float(raw)
     except ValueError:
-        raise ValueError(f"query parameter {name!r} must be an integer, got {raw!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"query parameter {name!r} must be a number, got {_shown(raw)}")
+    return value
 
 
 def _refused(request: HttpRequest, exc: SignatureError) -> JsonResponse:
-    logger.warning("%s request refused: %s", request.path, exc.reason)
+    logger.warning("%.200s request refused: %.500s", request.path, exc.reason)
     if exc.missing:
-        return _error(401, "authentication required")
-    return _error(403, "authentication failed")
+        return _error(401, "authentication required", "authentication_required")
+    return _error(403, "authentication failed", "authentication_failed")
 
 
 def _authenticated(request: HttpRequest, using: str) -> str | JsonResponse:
@@ -111,6 +151,7 @@ def snapshot_view(request: HttpRequest) -> JsonResponse:
         return JsonResponse(snapshot.start(using))
     after = request.GET.get("after")
     try:
+        _check_after(label, after, using)
         limit = max(_int_param(request, "limit", 1000), 1)
         digest = _int_param(request, "digest", 0)
         buckets = _int_param(request, "buckets", 0)
@@ -123,10 +164,39 @@ def snapshot_view(request: HttpRequest) -> JsonResponse:
             only = request.GET.get("only") if buckets else None
             body = snapshot.page(label, after, limit, using, buckets or None, only)
     except LookupError as exc:
-        return _error(404, str(exc))
+        return _error(404, str(exc), "unknown_model")
     except (ValueError, TypeError) as exc:
-        return _error(400, f"bad snapshot request: {exc}")
+        return _error(400, f"bad snapshot request: {exc}", "bad_parameter")
     return JsonResponse(body)
+
+
+def _check_after(label: str, after: str | None, using: str) -> None:
+    """ValueError unless ``after`` is a primary key value of ``label``'s model (the
+    ``next`` of a page): snapshot.py filters by it as it is."""
+    from django.core.exceptions import ValidationError
+    from django.db import connections
+
+    from .registry import options_for_label
+
+    if after in (None, ""):
+        return
+    options = options_for_label(label)
+    if options is None:
+        return  # snapshot.py answers 404 for the label
+    pk = options.model._meta.pk
+    assert pk is not None
+    problem = f"'after' must be a primary key of {options.label}, got {_shown(after)}"
+    if "\x00" in after or len(after) > 1000:
+        raise ValueError(problem)
+    try:
+        value = pk.to_python(after)
+    except (ValidationError, ValueError, TypeError):
+        raise ValueError(problem) from None
+    internal = pk.get_internal_type()
+    if isinstance(value, int) and internal.endswith(("IntegerField", "AutoField")):
+        low, high = connections[using].ops.integer_field_range(internal)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ValueError(problem)
 
 
 #: Most files one ``POST files/`` may ask about.
@@ -150,9 +220,9 @@ def file_view(request: HttpRequest) -> FileResponse | JsonResponse:
     try:
         handle, size = files.open_listed(request.GET.get("t", ""), name)
     except files.BadFileToken as exc:
-        return _error(403, str(exc))
+        return _error(403, str(exc), "bad_file_token")
     except FileNotFoundError:
-        return _error(404, "file listed by the snapshot is gone", code="file_missing")
+        return _error(404, "file listed by the snapshot is gone", "file_missing")
     response = FileResponse(handle, content_type="application/octet-stream")
     response["Content-Length"] = str(size)
     return response
@@ -164,10 +234,23 @@ def _describe_files(request: HttpRequest, target: Target, using: str) -> JsonRes
         items = body["files"]
         if body.get("protocol") != PROTOCOL_VERSION or not isinstance(items, list):
             raise ValueError("expected {'protocol': 1, 'files': [...]}")
-    except (ValueError, KeyError, TypeError) as exc:
-        return _error(400, f"bad files request: {exc}")
+        for item in items:
+            if not (
+                isinstance(item, dict)
+                and isinstance(item.get("model"), str)
+                and isinstance(item.get("key"), list)
+                and isinstance(item.get("field"), str)
+                and isinstance(item.get("name"), str)
+            ):
+                raise ValueError(
+                    "each file must be {'model': str, 'key': [...], 'field': str, 'name': str}"
+                )
+            if "\x00" in item["name"] or "\x00" in json.dumps(item["key"]):
+                raise ValueError("a file's name or key contains NUL")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        return _error(400, f"bad files request: {exc}", "bad_request")
     if len(items) > MAX_DESCRIBE:
-        return _error(400, f"at most {MAX_DESCRIBE} files per request")
+        return _error(400, f"at most {MAX_DESCRIBE} files per request", "bad_request")
     models = target.model_labels or None
     answers = [
         files.describe_current(item, target=target.name, models=models, using=using)
@@ -196,11 +279,11 @@ def _feed(request: HttpRequest, using: str) -> HttpResponse:
     try:
         since = _int_param(request, "since", 0)
         limit = _int_param(request, "limit", conf.feed_default_limit())
-        wait = float(request.GET.get("wait") or 0)
+        wait = _float_param(request, "wait", 0.0)
     except ValueError as exc:
-        return _error(400, str(exc))
+        return _error(400, str(exc), "bad_parameter")
     if since < 0 or limit < 1:
-        return _error(400, "'since' must be >= 0 and 'limit' >= 1")
+        return _error(400, "'since' must be >= 0 and 'limit' >= 1", "bad_parameter")
     limit = min(limit, conf.feed_max_limit())
     wait = min(max(wait, 0.0), conf.feed_max_wait())
     try:
@@ -211,7 +294,7 @@ def _feed(request: HttpRequest, using: str) -> HttpResponse:
     try:
         page = feed.read_or_wait(since, limit, wait, using=using, models=models)
     except CursorExpired as exc:
-        return _error(410, str(exc), code="cursor_expired")
+        return _error(410, str(exc), "cursor_expired")
     # The events are spliced in as stored, not decoded and encoded again.
     return HttpResponse(page.to_json(), content_type="application/json")
 
@@ -224,19 +307,29 @@ def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
     from . import webhook
     from .exceptions import ApplyError, ChangefeedError, SourceUnavailable
     from .files import TransferDeadline
+    from .framing import FramingError
     from .increment_files import webhook_files_seconds
     from .models import DataSource
     from .push import SIGNATURE_HEADER
     from .signing import nonce_seen, verify_oidc, verify_request
 
     deadline = time.monotonic() + webhook_files_seconds()
-    length = int(request.headers.get("Content-Length") or 0)
-    if length > conf.webhook_max_bytes():
-        return _error(413, f"body larger than {conf.webhook_max_bytes()} bytes")
+    raw_length = request.headers.get("Content-Length") or "0"
+    if not raw_length.isascii() or not raw_length.isdigit():
+        return _error(
+            400, f"Content-Length must be a number of bytes, got {_shown(raw_length)}",
+            "bad_content_length",
+        )  # fmt: skip
+    if int(raw_length) > conf.webhook_max_bytes():
+        return _error(413, f"body larger than {conf.webhook_max_bytes()} bytes", "body_too_large")
     using = conf.target_database()
-    source = DataSource.objects.using(using).filter(name=source_name).first()
+    source = (
+        DataSource.objects.using(using).filter(name=source_name).first()
+        if _plausible_name(source_name)
+        else None
+    )
     if source is None:
-        return _error(404, f"unknown source {source_name!r}")
+        return _error(404, f"unknown source {_shown(source_name)}", "unknown_source")
     try:
         if source.oidc_service_account:
             verify_oidc(
@@ -253,21 +346,23 @@ def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
             max_age=conf.webhook_tolerance(),
         )
     except SignatureError as exc:
-        logger.warning("webhook for %s refused: %s", source_name, exc.reason)
+        logger.warning("webhook for %s refused: %.500s", source_name[:200], exc.reason)
         if exc.missing:
-            return _error(401, "authentication required")
-        return _error(403, "authentication failed")
+            return _error(401, "authentication required", "authentication_required")
+        return _error(403, "authentication failed", "authentication_failed")
     try:
         body = json.loads(request.body)
-        webhook.parse(body)
-    except (ValueError, ChangefeedError) as exc:
-        return _error(400, f"malformed webhook body: {exc}")
+        since, last_seq, events = webhook.parse(body)
+    except FramingError as exc:  # before ChangefeedError, its base
+        return _error(422, f"webhook body refused: {exc}", exc.code)
+    except (ValueError, RecursionError, ChangefeedError) as exc:
+        return _error(400, f"malformed webhook body: {exc}", "malformed_body")
     if nonce_seen(nonce, using):
         # The identical request came before. Cloud Tasks retries a delivery whose
         # answer was lost with the very same request: if its batch is applied,
         # acknowledge it (writing nothing) so it stops; otherwise refuse it.
         source.refresh_from_db(using=using, fields=["checkpoint"])
-        if int(body["last_seq"]) <= source.checkpoint:
+        if last_seq <= source.checkpoint:
             return JsonResponse(
                 {
                     "protocol": PROTOCOL_VERSION,
@@ -276,23 +371,23 @@ def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
                     "applied": 0,
                 }
             )
-        return _error(409, "replayed delivery (this signature was used before)")
+        return _error(409, "replayed delivery (this signature was used before)", "replayed")
     try:
         outcome, stats = webhook.receive(source, body, using=using, nonce=nonce, deadline=deadline)
     except TransferDeadline as exc:
         # The sender must have its answer in time; the retry goes on from the
         # files downloaded so far.
-        response = _error(503, f"files still downloading: {exc}", code="files_pending")
+        response = _error(503, f"files still downloading: {exc}", "files_pending")
         response["Retry-After"] = "1"
         return response
     except SourceUnavailable as exc:
-        return _error(503, f"catching up from the feed failed: {exc}")
+        return _error(503, f"catching up from the feed failed: {exc}", "source_unavailable")
     except ApplyError as exc:
-        return _error(422, str(exc))
+        return _error(422, str(exc), "apply_failed")
     except SignatureError:
-        return _error(409, "replayed delivery (this signature was used before)")
+        return _error(409, "replayed delivery (this signature was used before)", "replayed")
     except ChangefeedError as exc:
-        return _error(502, str(exc))
+        return _error(502, f"catching up from the feed failed: {exc}", "source_error")
     return JsonResponse(
         {
             "protocol": PROTOCOL_VERSION,

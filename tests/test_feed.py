@@ -72,7 +72,8 @@ def test_rotated_keys_are_all_accepted(target: Target) -> None:
 def test_bad_credentials_reveal_nothing(target: Target, header: str | None, status: int) -> None:
     r = Client().get(URL, **({"HTTP_AUTHORIZATION": header} if header else {}))
     assert r.status_code == status
-    assert set(r.json()) == {"protocol", "error"}
+    assert set(r.json()) == {"protocol", "error", "code"}
+    assert r.json()["code"] == {401: "authentication_required", 403: "authentication_failed"}[status]
     assert "secret" not in r.content.decode()
     if status == 401:
         assert r["WWW-Authenticate"] == "Changefeed"

@@ -38,5 +38,9 @@ class Command(BaseCommand):
         for s in sources:
             self.stdout.write(
                 f"  {s['source']}: checkpoint {s['checkpoint']}, last sync {s['last_sync_at']}"
-                + (f", last error: {s['last_error']}" if s["last_error"] else "")
+                + (
+                    f", last error ({s['last_error_at'] or 'time unknown'}): {s['last_error']}"
+                    if s["last_error"]
+                    else ""
+                )
             )
