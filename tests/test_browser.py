@@ -39,7 +39,7 @@ CHROMIUM = os.environ.get("CFS_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CFS_CHROMEDRIVER", "/usr/bin/chromedriver")
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts" / "browser"
 PASSWORD = "browser-test-password"
-SECRET = secrets.token_urlsafe(24)  # must never appear in a page
+SECRET = secrets.token_urlsafe(32)  # must never appear in a page
 NEW_VALUE = "Bienvenue, depuis le navigateur !"
 
 
