@@ -48,7 +48,7 @@ from django.core.files import File
 from django.core.files.storage import Storage
 from django.core.files.utils import validate_file_name
 
-from . import registry
+from . import conf, registry
 from .client import SourceClient
 from .exceptions import ChangefeedError, SourceUnavailable
 from .registry import ModelOptions
@@ -61,12 +61,6 @@ _TOKEN_SALT = "changefeed_sync.files.v1"
 # A pull that takes longer than this cannot download the files it listed.
 TOKEN_MAX_AGE = 24 * 3600
 _CHUNK = 256 * 1024
-DEFAULT_MAX_FILE_SIZE = 100 * 1024 * 1024
-
-
-def max_file_size() -> int:
-    """Largest file a pull downloads (``CHANGEFEED_SYNC_MAX_FILE_SIZE``, bytes)."""
-    return int(getattr(settings, "CHANGEFEED_SYNC_MAX_FILE_SIZE", DEFAULT_MAX_FILE_SIZE))
 
 
 class FileTransferError(ChangefeedError):
@@ -316,7 +310,7 @@ class Stage:
         storage = storage_of(options, field_name)
         if _same_file(storage, name, size, sha):
             return "unchanged"
-        limit = max_file_size()
+        limit = conf.max_file_size()
         if size > limit:
             raise FileTransferError(
                 f"{options.label}.{field_name}: file {name!r} is {size} bytes, more than "

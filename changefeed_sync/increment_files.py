@@ -49,8 +49,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
-
 from . import conf
 from .apply import ApplyStats, apply_page
 from .client import SourceClient
@@ -73,17 +71,8 @@ logger = logging.getLogger("changefeed_sync.files")
 
 #: Files asked about per ``POST files/`` (the source accepts up to 1000).
 DESCRIBE_CHUNK = 500
-DEFAULT_WEBHOOK_FILES_SECONDS = 20.0
 #: Downloads kept for a webhook's retry are dropped after this many seconds.
 KEPT_MAX_AGE = 24 * 3600
-
-
-def webhook_files_seconds() -> float:
-    """Seconds a webhook may spend downloading its batch's files
-    (``CHANGEFEED_SYNC_WEBHOOK_FILES_SECONDS``)."""
-    return float(
-        getattr(settings, "CHANGEFEED_SYNC_WEBHOOK_FILES_SECONDS", DEFAULT_WEBHOOK_FILES_SECONDS)
-    )
 
 
 @dataclass(frozen=True)
