@@ -308,7 +308,7 @@ def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
     from .exceptions import ApplyError, ChangefeedError, SourceUnavailable
     from .files import TransferDeadline
     from .framing import FramingError
-    from .increment_files import webhook_files_seconds
+    from .conf import webhook_files_seconds
     from .models import DataSource
     from .push import SIGNATURE_HEADER
     from .signing import nonce_seen, verify_oidc, verify_request
