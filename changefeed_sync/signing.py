@@ -6,6 +6,13 @@ random nonce, with the shared secret of ``name``. The receiver accepts any
 of the secrets listed for ``name`` (key rotation: itsdangerous signs with
 the last key and accepts all), refuses tokens older than
 ``CHANGEFEED_SYNC_SIGNATURE_MAX_AGE`` and refuses a nonce it has seen.
+
+Two sites' clocks differ. itsdangerous refuses a token whose age is
+negative, and its timestamps are whole seconds, so a signer only one second
+ahead was refused and a follower stopped. A token is accepted from
+``CLOCK_SKEW`` seconds in the future to ``max_age + CLOCK_SKEW`` in the past
+(Standard Webhooks and Stripe allow 5 minutes of difference); its nonce is
+kept for all of that window, so replays are still refused.
 """
 
 from __future__ import annotations
@@ -20,13 +27,15 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
-from itsdangerous import BadData, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadData, URLSafeTimedSerializer
 
 from . import conf
 from .exceptions import SignatureError
 
 SCHEME = "Changefeed"
 _SALT = "changefeed_sync.request.v1"
+#: Seconds two sites' clocks may differ, either way.
+CLOCK_SKEW = 60
 
 
 def _serializer(secret_keys: list[str]) -> URLSafeTimedSerializer:
@@ -78,16 +87,21 @@ def verify_request(
         known = False
     else:
         known = True
+    limit = conf.signature_max_age() if max_age is None else max_age
     try:
-        claims: Any = _serializer(keys).loads(
-            token, max_age=conf.signature_max_age() if max_age is None else max_age
-        )
-    except SignatureExpired:
-        raise SignatureError(f"signature of {name!r} expired") from None
+        # The age is checked below, allowing for clock skew both ways.
+        claims, signed_at = _serializer(keys).loads(token, return_timestamp=True)
     except BadData:
         raise SignatureError(f"bad signature for {name!r}") from None
     if not known:
         raise SignatureError(f"unknown name {name!r}")
+    age = time.time() - signed_at.timestamp()
+    if age > limit + CLOCK_SKEW:
+        raise SignatureError(f"signature of {name!r} expired ({age:.0f} s old)")
+    if age < -CLOCK_SKEW:
+        raise SignatureError(
+            f"signature of {name!r} is dated {-age:.0f} s in the future (clocks differ)"
+        )
     if not isinstance(claims, dict):
         raise SignatureError("malformed token")
     if claims.get("m") != method.upper() or claims.get("p") != path:
@@ -116,7 +130,9 @@ def remember_nonce(nonce: str, using: str, max_age: int | None = None) -> None:
         with transaction.atomic(using=using):
             Nonce.objects.using(using).create(
                 value=nonce,
-                expires_at=now + timedelta(seconds=(max_age or conf.signature_max_age()) + 5),
+                # Covers every moment its token is accepted at (see CLOCK_SKEW).
+                expires_at=now
+                + timedelta(seconds=(max_age or conf.signature_max_age()) + 2 * CLOCK_SKEW + 5),
             )
     except IntegrityError:
         raise SignatureError("replayed request (nonce already used)") from None
@@ -167,7 +183,7 @@ def verify_oidc(header: str | None, *, audience: str, email: str) -> dict[str, A
     url = conf.oidc_certs_url()
     try:
         claims: dict[str, Any] = jwt.decode(
-            token, certs=_fetch_certs(url), audience=audience, clock_skew_in_seconds=10
+            token, certs=_fetch_certs(url), audience=audience, clock_skew_in_seconds=CLOCK_SKEW
         )
     except Exception as exc:  # google-auth raises ValueError and its own errors
         raise SignatureError(f"OIDC token rejected: {exc}") from None

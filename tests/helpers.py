@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+from unittest import mock
 
 from changefeed_sync import feed, registry
 from changefeed_sync.apply import ApplyStats, apply_page
@@ -44,3 +48,18 @@ def state(alias: str) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
 
 def events(alias: str) -> list[Event]:
     return list(Event.objects.using(alias).order_by("id"))
+
+
+@contextmanager
+def signer_clock(offset: float) -> Iterator[None]:
+    """Sign requests as a site whose clock is ``offset`` seconds off this one's.
+
+    One process has one clock, so another site's is stood in for by shifting the
+    timestamp itsdangerous puts into tokens (a mock, for a fault this machine cannot
+    produce otherwise); verification still reads the real clock."""
+    from itsdangerous.timed import TimestampSigner
+
+    with mock.patch.object(
+        TimestampSigner, "get_timestamp", lambda self: int(time.time() + offset)
+    ):
+        yield

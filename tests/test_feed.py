@@ -7,10 +7,12 @@ import time
 from typing import Any
 
 import pytest
-from django.test import Client, override_settings
+from django.test import Client
 
+from changefeed_sync import conf
 from changefeed_sync.models import Target
-from changefeed_sync.signing import sign_request
+from changefeed_sync.signing import CLOCK_SKEW, sign_request
+from tests.helpers import signer_clock
 from tests.testapp.models import Country
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -100,10 +102,10 @@ def test_token_for_another_request_is_refused(target: Target) -> None:
 
 
 def test_expired_signature_is_refused(target: Target) -> None:
-    header = sign_request("tgt", ["new-secret"], "GET", URL)
-    with override_settings(CHANGEFEED_SYNC_SIGNATURE_MAX_AGE=0):
-        time.sleep(1.1)
-        assert _get(Client(), URL, header=header).status_code == 403
+    # Older than the maximum age plus the clock skew allowed.
+    with signer_clock(-(conf.signature_max_age() + CLOCK_SKEW + 2)):
+        header = sign_request("tgt", ["new-secret"], "GET", URL)
+    assert _get(Client(), URL, header=header).status_code == 403
 
 
 @pytest.mark.parametrize("query", ["since=x", "limit=0", "since=-1", "wait=abc"])
