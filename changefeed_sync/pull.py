@@ -19,7 +19,35 @@ one query per page) and only new or changed rows are written, with one
 multi-row upsert per chunk (one array per column on PostgreSQL). A
 nullable foreign key to a row not written yet (a self-reference to a later
 page, a cycle between models) is written null and set by a second pass
-over those models once every row is there.
+over those models once every row is there; so is a many-to-many link to such a row.
+
+Unique values that are not the natural key: the target may hold, under another
+natural key, a value an incoming row is to have (a unique field swapped between two
+rows, a value freed by one row and taken by another, a natural key changed outside
+the ORM: the old row still holds the other unique values when the new key arrives).
+Upserts match on the natural key only, so such a row is a clash, not a match. A
+page's write runs in a savepoint; when it fails on an IntegrityError, the rows here
+that hold one of the page's values of a unique constraint other than the natural
+key (unique fields, unique_together, UniqueConstraint without condition) under
+another key are moved out of the way (the field set to NULL where it may be, else
+to a value no row has: ``~<n>`` for text, the far end of an integer's range, a new
+UUID), remembered, and the page is compared and written again. This is safe
+because the source, unique on that constraint too, has no row with that value
+under their keys: each such row is either written again by a later page (or
+later in the same one) with the source's values, or deleted at the end as
+missing; the pull checks that before it commits and fails naming model, natural
+key and field otherwise (with keep-missing, a kept row holding a value the source
+needs; or a source that changed while it was read). Why not delete missing rows
+first: which rows are missing is known only after every page was read (and,
+compared by digests, only in the buckets that differ), and a swap between two rows
+the source has needs a move anyway. Only pages that clash pay for any of this: a
+savepoint per page written is all the others cost.
+
+MySQL/MariaDB: ``ON DUPLICATE KEY UPDATE`` matches any unique key, so a new row
+holding another row's unique value would silently overwrite that row. There, new
+rows are plain inserts (a clash is an IntegrityError, handled as above) and rows
+already here are upserted by their primary key, which is checked before any other
+unique key.
 
 On a relay (a site with active targets of its own) the pull also writes, in
 its transaction and page by page, an event per row it created, updated or
@@ -38,15 +66,17 @@ import os
 import re
 import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connections, models, transaction
+from django.db import DatabaseError, IntegrityError, connections, models, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from . import outbox, registry
@@ -66,7 +96,7 @@ from .exceptions import ApplyError, ChangefeedError, ProtocolError
 from .files import Stage
 from .models import DataPull, DataSource, Event
 from .registry import Key, ModelOptions
-from .serialization import chunked, decode_value, key_of_row
+from .serialization import chunked, decode_value, key_of_row, normalize_key
 from .snapshot import (
     DIGEST_VERSION,
     MAX_BUCKETS,
@@ -337,6 +367,7 @@ class _Model:
         self.int_fk = {
             fk: isinstance(fk.target_field, models.IntegerField) for fk, _ in self.fk_readers
         }
+        self.by_pk_sql: str | None = None
         self.insert_sql, self.fixed = self._upsert_sql()
         # A table empty when the pull starts has none of the keys, and ends with only
         # rows the source has: no need to look them up, nor to track them for deletes.
@@ -345,13 +376,18 @@ class _Model:
         # whether the second pass that sets them is running.
         self.deferred = False
         self.relinking = False
-        # Of the last write(): index of a change -> its foreign keys written null for
-        # now (what a relay's event of that write must say too).
-        self.nulled: dict[int, list[str]] = {}
+        # Of the last write(): index of a change -> its foreign keys written null and
+        # its many-to-many links left out for now (what a relay's event of that write
+        # must say too).
+        self.overrides: dict[int, dict[str, Any]] = {}
         # After a digest comparison: the query parameters that ask the source for the
         # rows of the buckets that differ (None: every row is asked for).
         self.only: dict[str, Any] | None = None
         self.differ: tuple[int, frozenset[int]] = (0, frozenset())
+        # Rows moved out of the way of an incoming row's unique value (make_room):
+        # natural key -> (pk, field, natural key of the row that needed the value).
+        self.moved: dict[Key, tuple[Any, str, Key | None]] = {}
+        self._placeholders = 0
 
     def _upsert_sql(self) -> tuple[str | None, list[Any]]:
         """``INSERT ... VALUES`` prefix and conflict suffix, and the values of unsynced
@@ -406,10 +442,22 @@ class _Model:
         )
         self.placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
         self.suffix = " " + suffix if suffix else ""
+        columns = "(" + ", ".join(qn(str(f.column)) for f in fields) + ") "
+        if vendor == "mysql":  # see write()
+            synced_columns = [f.column for f in options.concrete_fields]
+            by_pk = [pk, *fields]
+            self.suffix = " " + ops.on_conflict_suffix_sql(
+                by_pk, OnConflict.UPDATE, synced_columns, []
+            )
+            self.by_pk_sql = (
+                f"INSERT INTO {qn(meta.db_table)} ({qn(str(pk.column))}, {columns[1:]}VALUES "
+            )
+            self.by_pk_placeholder = "(" + ", ".join(["%s"] * len(by_pk)) + ")"
+            self.per_statement_by_pk = max(1, min(500, _max_params(self.using) // len(by_pk)))
         self.returning_sql = f" RETURNING {qn(str(pk.column))}" if self.returning else ""
         self.per_statement = max(1, min(500, _max_params(self.using) // len(fields)))
-        head = f"{ops.insert_statement(on_conflict=conflict)} {qn(meta.db_table)} "
-        head += "(" + ", ".join(qn(str(f.column)) for f in fields) + ") "
+        verb = "INSERT INTO" if vendor == "mysql" else ops.insert_statement(on_conflict=conflict)
+        head = f"{verb} {qn(meta.db_table)} {columns}"
         # PostgreSQL: one array per column (as Django's bulk_create does), so a
         # statement has a few parameters instead of thousands to bind one by one.
         types = [_array_type(f.db_type(connection)) for f in fields]
@@ -429,24 +477,236 @@ class _Model:
             self.unnest_sql = f"{head}SELECT * FROM unnest({arrays})"
         return head + "VALUES ", [value for _, value in fixed]
 
+    # ------------------------------------------------------------ making room
+
+    @cached_property
+    def other_unique(self) -> list[tuple[tuple[Any, ...], bool]]:
+        """The unique constraints that are not the natural key's, as (fields, whether
+        NULL values are distinct); only those whose every field is synced (the
+        incoming rows carry their values) and that have no condition."""
+        meta = self.options.model._meta
+        heads = set(self.options.key_heads)
+        synced = self.options.field_names
+        groups: list[tuple[tuple[str, ...], bool]] = [
+            ((f.name,), True) for f in meta.concrete_fields if f.unique and not f.primary_key
+        ]
+        groups.extend((tuple(g), True) for g in meta.unique_together)
+        for constraint in meta.total_unique_constraints:
+            distinct = getattr(constraint, "nulls_distinct", None) is not False
+            groups.append((tuple(constraint.fields), distinct))
+        out = []
+        for names, distinct in groups:
+            if set(names) == heads or not set(names) <= synced:
+                continue
+            out.append((tuple(meta.get_field(name) for name in names), distinct))
+        return out
+
+    def _incoming(self, f: Any, changes: list[_Change]) -> list[Any]:
+        """Each change's value of field ``f`` as this site will hold it (a foreign key:
+        the related row's primary key here; None where it cannot be told yet)."""
+        raws = [change.data[f.name] for change in changes]
+        if not f.is_relation:
+            return [None if raw is None else decode_value(f, raw) for raw in raws]
+        rel = registry.get_options(f.related_model)
+        if rel is None:
+            return [None] * len(changes)
+        keys = [None if raw is None else normalize_key(rel, raw) for raw in raws]
+        mapped = resolve_keys(rel, {k for k in keys if k is not None}, self.using)
+        return [None if k is None else mapped.get(k) for k in keys]
+
+    def make_room(self, changes: list[_Change]) -> int:
+        """Move out of the way the rows here that hold, under another natural key, a
+        unique value (not the natural key) that one of ``changes`` is to have; return
+        how many were moved. The source has no row with that value under their keys,
+        so each of them is either written again by a later page of this pull or
+        deleted as missing; the pull checks that at its end (``check_moved``)."""
+        options = self.options
+        manager = options.model._base_manager.using(self.using)
+        moved = 0
+        for group, nulls_distinct in self.other_unique:
+            columns = [self._incoming(f, changes) for f in group]
+            wanted: dict[tuple[Any, ...], Key] = {}
+            own: dict[Key, tuple[Any, ...]] = {}
+            for change, values in zip(changes, zip(*columns), strict=True):
+                own[change.key] = values
+                if nulls_distinct and any(v is None for v in values):
+                    continue  # NULL clashes with nothing
+                wanted[values] = change.key
+            if not wanted:
+                continue
+            lookups = [f.attname if not f.is_relation else f"{f.name}__pk" for f in group]
+            holders = []
+            for chunk in chunked(list(wanted), max(1, _max_params(self.using) // len(group))):
+                condition = Q()
+                for values in chunk:
+                    condition |= Q(**dict(zip(lookups, values, strict=True)))
+                holders.extend(
+                    manager.filter(condition).values_list("pk", *lookups, *options.lookups)
+                )
+            for row in holders:
+                pk, values = row[0], tuple(row[1 : 1 + len(group)])
+                key = key_of_row(options, row[1 + len(group) :])
+                if own.get(key) == values:
+                    continue  # the row that is to have this value
+                needed_by = wanted.get(values)
+                self._move(pk, key, group, nulls_distinct, set(wanted), needed_by)
+                moved += 1
+        return moved
+
+    def _move(
+        self,
+        pk: Any,
+        key: Key,
+        group: tuple[Any, ...],
+        nulls_distinct: bool,
+        taken: set[tuple[Any, ...]],
+        needed_by: Key | None,
+    ) -> None:
+        """Give the row ``pk`` a value of one field of ``group`` that clashes with
+        nothing: NULL where the field allows it, else a value not used here."""
+        label = self.options.label
+        field = next((f for f in group if f.null and nulls_distinct), None)
+        value: Any = None
+        if field is None:
+            for f in group:
+                index = group.index(f)
+                value = self._free_value(f, {values[index] for values in taken})
+                if value is not None:
+                    field = f
+                    break
+        if field is None:
+            whose = f" (the source's row {list(needed_by)!r} has it)" if needed_by else ""
+            raise ApplyError(
+                f"a row here holds a unique value the source's row needs{whose}, and no "
+                "value can be put in its place to make room (the field is neither nullable "
+                "nor text, integer or UUID)",
+                model=label, key=key, field=group[0].name,
+            )  # fmt: skip
+        connection = self.connection
+        qn = connection.ops.quote_name
+        meta = self.options.model._meta
+        assert meta.pk is not None
+        try:
+            with transaction.atomic(using=self.using), connection.cursor() as cursor:
+                cursor.execute(
+                    f"UPDATE {qn(meta.db_table)} SET {qn(field.column)} = %s "
+                    f"WHERE {qn(meta.pk.column)} = %s",
+                    [field.get_db_prep_save(value, connection), pk],
+                )
+        except DatabaseError as exc:
+            raise ApplyError(
+                f"a row here holds a unique value the source's row needs, and moving it "
+                f"out of the way failed ({exc})",
+                model=label, key=key, field=field.name,
+            ) from exc  # fmt: skip
+        first = self.moved.get(key)
+        self.moved[key] = (pk, first[1] if first else field.name, needed_by)
+
+    def _free_value(self, f: Any, taken: set[Any]) -> Any:
+        """A value of ``f`` that no row here has and no incoming row wants, or None
+        when no such value can be made for its type."""
+        manager = self.options.model._base_manager.using(self.using)
+        for attempt in range(64):
+            n = self._placeholders
+            self._placeholders += 64
+            candidates: list[Any]
+            if isinstance(f, models.UUIDField):
+                candidates = [uuid.uuid4() for _ in range(8)]
+            elif isinstance(f, models.CharField | models.TextField):
+                room = f.max_length or 32
+                if room < 2:  # a few symbols, checked once
+                    candidates = list("~!#$%&*+-=?@^_|") if not attempt else []
+                else:
+                    candidates = [
+                        text for i in range(n, n + 64) if len(text := f"~{_base36(i)}") <= room
+                    ]
+            elif isinstance(f, models.IntegerField) and not f.is_relation:
+                try:
+                    low, high = self.connection.ops.integer_field_range(f.get_internal_type())
+                except KeyError:
+                    return None
+                if low is not None and low < 0:
+                    candidates = list(range(low + n, low + n + 64))
+                elif high is not None:
+                    candidates = list(range(high - n, high - n - 64, -1))
+                else:
+                    return None
+            else:
+                return None
+            free = [c for c in candidates if c not in taken]
+            if not free:
+                if not candidates:
+                    return None  # none of this length is left
+                continue
+            used = set(
+                manager.filter(**{f"{f.attname}__in": free}).values_list(f.attname, flat=True)
+            )
+            value = next((c for c in free if c not in used), None)
+            if value is not None:
+                return value
+        return None
+
+    def check_moved(self, keep_missing: bool) -> None:
+        """Every row moved out of the way must have been written again or deleted."""
+        if not self.moved:
+            return
+        by_pk = {pk: (key, field, needed_by) for key, (pk, field, needed_by) in self.moved.items()}
+        left = self.options.model._base_manager.using(self.using).filter(pk__in=list(by_pk))
+        for pk in left.order_by("pk").values_list("pk", flat=True):
+            key, field, needed_by = by_pk[pk]
+            whose = f"the source's row {list(needed_by)!r}" if needed_by else "another row"
+            if keep_missing:
+                why = (
+                    f"the source does not have this row and keep-missing keeps it, but its "
+                    f"value is {whose}'s: the target cannot equal the source; pull without "
+                    "keep-missing, or delete the row here"
+                )
+            else:
+                why = (
+                    f"this row held the value {whose} has and the source's copy of it "
+                    "did not arrive after that (did the source change during the pull?)"
+                )
+            raise ApplyError(why, model=self.options.label, key=key, field=field)
+
     # ------------------------------------------------------------ writing
 
-    def write(self, changes: list[_Change], want_pks: bool = True) -> list[Any] | None:
-        """Upsert the rows; return the primary keys written, or None when they are not
-        known (MySQL), not wanted, or when the general path had to do the work."""
-        self.nulled = {}
+    def write(
+        self, changes: list[_Change], pks: list[Any], want_pks: bool = True
+    ) -> list[Any] | None:
+        """Upsert the rows (``pks``: each one's primary key here, None for a new row);
+        return the primary keys written, or None when they are not known (MySQL), not
+        wanted, or when the general path had to do the work."""
+        self.overrides = {}
         if self.insert_sql is None:
             _apply_upserts(changes, self.using, ApplyStats())
             return None
         rows = self._values(changes)
         if rows is None:  # a foreign key to a row not written yet: rounds, in apply.py
-            self.nulled = {}  # the general path writes every row as received
+            self.overrides = {}  # the general path writes every row as received
             _apply_upserts(changes, self.using, ApplyStats())
             return None
         returning = self.returning and want_pks
         suffix = self.suffix + (self.returning_sql if returning else "")
         written: list[Any] = []
         with self.connection.cursor() as cursor:
+            if self.by_pk_sql is not None:
+                # MySQL: ON DUPLICATE KEY UPDATE matches any unique key, so a new row
+                # holding another row's unique value would silently overwrite that
+                # row. New rows are plain inserts (such a clash is an error, handled
+                # by _pull_page), rows here are matched by their primary key, which
+                # MySQL checks before any other unique key.
+                new = [row for row, pk in zip(rows, pks, strict=True) if pk is None]
+                old = [[pk, *row] for row, pk in zip(rows, pks, strict=True) if pk is not None]
+                for sql, part, size in (
+                    (self.insert_sql, new, self.per_statement),
+                    (self.by_pk_sql, old, self.per_statement_by_pk),
+                ):
+                    holder = self.placeholder if part is new else self.by_pk_placeholder
+                    for chunk in chunked(part, size):
+                        params = [value for row in chunk for value in row]
+                        tail = self.suffix if part is old else ""
+                        cursor.execute(sql + ", ".join([holder] * len(chunk)) + tail, params)
+                rows = []
             if self.unnest:
                 cursor.execute(self.unnest_sql + suffix, [list(column) for column in zip(*rows)])
                 if returning:
@@ -460,8 +720,39 @@ class _Model:
                 if returning:
                     written.extend(r[0] for r in cursor.fetchall())
         if self.options.m2m_fields:
-            _write_m2m(self.options, changes, self.using)
+            self._write_m2m(changes)
         return written if returning else None
+
+    def _write_m2m(self, changes: list[_Change]) -> None:
+        """Many-to-many links; a link to a row not written yet (a later page, a model
+        pulled later) is left out for now and written by the second pass."""
+        try:
+            _write_m2m(self.options, changes, self.using)
+            return
+        except ApplyError as exc:
+            # apply.py checks every link of a field before writing any of it.
+            if self.relinking or exc.field not in {m.name for m in self.options.m2m_fields}:
+                raise
+        kept = []
+        for index, change in enumerate(changes):
+            data = change.data
+            for m2m in self.options.m2m_fields:
+                rel = registry.get_options(m2m.related_model)
+                if rel is None or not data[m2m.name]:
+                    continue
+                wanted = [normalize_key(rel, k) for k in data[m2m.name]]
+                there = resolve_keys(rel, wanted, self.using)
+                if len(there) < len(set(wanted)):
+                    data = {**data, m2m.name: [list(k) for k in wanted if k in there]}
+                    self.overrides.setdefault(index, {})[m2m.name] = data[m2m.name]
+                    self.deferred = True
+            if data is not change.data:
+                change = _Change(
+                    change.seq, change.options, change.op, change.key, change.old_key, data,
+                    change.raw,
+                )  # fmt: skip
+            kept.append(change)
+        _write_m2m(self.options, kept, self.using)
 
     def _values(self, changes: list[_Change]) -> list[list[Any]] | None:
         options, connection = self.options, self.connection
@@ -527,13 +818,23 @@ class _Model:
                         # A row not written yet (later in this page or a later one, or
                         # of a model pulled later): null for now, set by a second pass.
                         self.deferred = True
-                        self.nulled.setdefault(index, []).append(fk.name)
+                        self.overrides.setdefault(index, {})[fk.name] = None
                         column.append(None)
                         continue
                     return None
                 column.append(fk.get_db_prep_save(value, self.connection) if prepare else value)
             columns.append(column)
         return columns
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if not n:
+            return out
 
 
 def _array_type(db_type: str | None) -> str | None:
@@ -546,13 +847,29 @@ def _array_type(db_type: str | None) -> str | None:
     return "text" if base in ("char", "character", "varchar", "character varying") else base
 
 
+class _Lost(Exception):
+    """A row written by the general path is not there after its write."""
+
+    def __init__(self, key: Key) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+# Tries of one page's write, each after moving aside the rows in its way.
+_WRITE_TRIES = 8
+
+
 def _pull_page(
     model: _Model,
     rows: list[dict[str, Any]],
     counts: dict[str, int],
     stage: Stage | None,
 ) -> None:
-    """Upsert one page of one model; record the target pks of its rows as seen."""
+    """Upsert one page of one model; record the target pks of its rows as seen.
+
+    The write runs in a savepoint: when it clashes with rows here on a unique
+    constraint that is not the natural key, those rows are moved out of the way
+    (``_Model.make_room``) and the page is compared and written again."""
     options = model.options
     label = options.label
     keys = []
@@ -562,37 +879,67 @@ def _pull_page(
             keys.append(key_from_wire(row["key"]))
         except Exception as exc:
             raise ApplyError(f"bad natural key ({exc})", model=label, key=row.get("key")) from exc
-    current = {} if model.was_empty and not model.relinking else model.reader.by_keys(keys)
     fields = options.field_names
-    changes = []
-    created = []
-    seen = []
-    for key, row in zip(keys, rows, strict=True):
-        data = row["data"]
-        found = current.get(key)
-        if found is not None:
-            seen.append(found[0])
-            if found[1] == data:
-                counts["unchanged"] += 1
+    track = not (model.was_empty or model.relinking)  # the pks of the rows written
+    for attempt in range(_WRITE_TRIES):
+        # A table empty at the start has none of the keys, unless a try failed.
+        fresh = model.was_empty and not model.relinking and not attempt
+        current = {} if fresh else model.reader.by_keys(keys)
+        tally = {"created": 0, "updated": 0, "unchanged": 0}
+        changes = []
+        pks: list[Any] = []
+        created = []
+        seen = []
+        for key, row in zip(keys, rows, strict=True):
+            data = row["data"]
+            found = current.get(key)
+            if found is not None:
+                seen.append(found[0])
+                if found[1] == data:
+                    tally["unchanged"] += 1
+                    continue
+                tally["updated"] += 1
+                pks.append(found[0])
+            else:
+                tally["created"] += 1
+                created.append(key)
+                pks.append(None)
+            if not isinstance(data, dict) or data.keys() != fields:
+                # Same validation and errors as feed events (unknown or missing fields).
+                _parse({"seq": 0, "model": label, "op": "upsert", "key": list(key), "data": data})
+            changes.append(_Change(0, options, Event.UPSERT, key, None, data, row))
+        if not changes:
+            break
+        try:
+            with transaction.atomic(using=model.using):
+                written = model.write(changes, pks, want_pks=track)
+                if not track:
+                    pass
+                elif written is not None:
+                    seen.extend(written)
+                elif created:
+                    there = resolve_keys(options, created, model.using)
+                    if len(there) < len(created):
+                        # MySQL's general path: a clash on another unique key updated
+                        # the other row instead. Undone with the savepoint.
+                        raise _Lost(next(k for k in created if k not in there))
+                    seen.extend(there.values())
+        except (IntegrityError, _Lost) as exc:
+            if attempt + 1 < _WRITE_TRIES and model.make_room(changes):
                 continue
-            counts["updated"] += 1
-        else:
-            counts["created"] += 1
-            created.append(key)
-        if not isinstance(data, dict) or data.keys() != fields:
-            # Same validation and errors as feed events (unknown or missing fields).
-            _parse({"seq": 0, "model": label, "op": "upsert", "key": list(key), "data": data})
-        changes.append(_Change(0, options, Event.UPSERT, key, None, data, row))
-    if changes:
-        written = model.write(changes, want_pks=not (model.was_empty or model.relinking))
-        if model.was_empty or model.relinking:
-            pass
-        elif written is not None:
-            seen.extend(written)
-        elif created:
-            seen.extend(resolve_keys(options, created, model.using).values())
-        if model.relay:
-            _relay_upserts(model, changes)
+            if isinstance(exc, _Lost):
+                raise ApplyError(
+                    "row is not on the target after its write", model=label, key=exc.key
+                ) from None
+            raise
+        break
+    for name, n in tally.items():
+        counts[name] += n
+    if model.moved:
+        for key in keys:  # written again now (or equal to the source's row)
+            model.moved.pop(key, None)
+    if changes and model.relay:
+        _relay_upserts(model, changes)
     if not model.relinking:
         model.seen.add(seen)
     if stage is not None and options.file_fields:
@@ -602,16 +949,16 @@ def _pull_page(
 def _relay_upserts(model: _Model, changes: list[_Change]) -> None:
     """A relay's events for the rows one write of the pull created or updated, with
     their key and data as received. A foreign key written null for now (its row comes
-    later) is null in the event too, as it is in the row: a target of this site then
+    later) is null in the event too (a many-to-many link left out is left out), as it is in the row: a target of this site then
     never meets a key to a row it does not have yet, even in a cycle; the second pass
     that sets it writes the row again, and its event carries the final data."""
     label = model.options.label
-    nulled = model.nulled
+    overrides = model.overrides
     events = []
     for index, change in enumerate(changes):
         data = change.raw["data"]
-        if index in nulled:
-            data = {**data, **dict.fromkeys(nulled[index])}
+        if index in overrides:
+            data = {**data, **overrides[index]}
         events.append(outbox.make_event(label, Event.UPSERT, change.raw["key"], data=data))
     outbox.write(model.using, events, locked=True)
 
@@ -870,6 +1217,10 @@ def run_pull(
                         allow_mass_delete,
                         _delete_reporter(report, label, index[label], n),
                     )
+            # Rows moved out of the way of another row's unique value: each must have
+            # been written again or deleted by now, or the target is not the source.
+            for label in labels:
+                pullers[label].check_moved(keep_missing)
             for s in seen.values():
                 s.drop()
             if dry_run:
