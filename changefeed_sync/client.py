@@ -145,6 +145,8 @@ class SourceClient:
             raise FramingError(
                 f"source {self.source.name}: feed page refused: {exc}", code=exc.code
             ) from exc
+        except ProtocolError as exc:
+            raise ProtocolError(f"source {self.source.name}: malformed feed page: {exc}") from exc
         pending = body.get("pending", 0)
         return FetchedPage(
             events=events,

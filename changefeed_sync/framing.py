@@ -49,15 +49,15 @@ class FramingError(ProtocolError):
 
 def check_page(events: Sequence[Any], *, since: int, last_seq: int) -> None:
     """Raise FramingError unless ``events`` are framed soundly in ``(since, last_seq]``
-    and every upsert's key matches its data (rules 1-4 above)."""
+    and every upsert's key matches its data (rules 1-4 above); ProtocolError for an
+    event that is not in the wire form at all."""
     if not 0 <= since <= MAX_POSITION or not 0 <= last_seq <= MAX_POSITION:
         raise FramingError(f"positions must be between 0 and {MAX_POSITION}")
     if last_seq < since:
         raise FramingError(f"last_seq {last_seq} is before since {since}")
     previous = since
     for index, event in enumerate(events):
-        if not isinstance(event, dict):
-            raise FramingError(f"event #{index} is not an object")
+        _check_shape(index, event)
         seq = event.get("seq")
         if type(seq) is not int:
             raise FramingError(f"event #{index} has no integer seq (got {seq!r:.40})")
@@ -75,6 +75,27 @@ def check_page(events: Sequence[Any], *, since: int, last_seq: int) -> None:
             "a page ends at its last event"
         )
     _check_keys(events)
+
+
+def _check_shape(index: int, event: Any) -> None:
+    """ProtocolError (a malformed page, not a badly framed one) unless ``event`` has
+    the wire form: model and op as text, key a list, old_key null or a list, data
+    null or an object."""
+    if not isinstance(event, dict):
+        raise ProtocolError(f"event #{index} is not an object")
+    problem = (
+        "model" if not isinstance(event.get("model"), str)
+        else "op" if not isinstance(event.get("op"), str)
+        else "key" if not isinstance(event.get("key"), list)
+        else "old_key" if not isinstance(event.get("old_key"), list | None)
+        else "data" if not isinstance(event.get("data"), dict | None)
+        else None
+    )  # fmt: skip
+    if problem is not None:
+        raise ProtocolError(
+            f"event #{index}: {problem} is not as the protocol says "
+            "(model and op text, key a list, old_key null or a list, data null or an object)"
+        )
 
 
 # ------------------------------------------------------------ keys against data

@@ -194,8 +194,10 @@ def _check_after(label: str, after: str | None, using: str) -> None:
         raise ValueError(problem) from None
     internal = pk.get_internal_type()
     if isinstance(value, int) and internal.endswith(("IntegerField", "AutoField")):
-        low, high = connections[using].ops.integer_field_range(internal)
-        if (low is not None and value < low) or (high is not None and value > high):
+        from .webhook import integer_range
+
+        low, high = integer_range(connections[using], internal)
+        if not low <= value <= high:
             raise ValueError(problem)
 
 
@@ -305,10 +307,10 @@ def _feed(request: HttpRequest, using: str) -> HttpResponse:
 def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
     """Receive a pushed batch from the Data Source ``source_name`` (target side)."""
     from . import webhook
+    from .conf import webhook_files_seconds
     from .exceptions import ApplyError, ChangefeedError, SourceUnavailable
     from .files import TransferDeadline
     from .framing import FramingError
-    from .conf import webhook_files_seconds
     from .models import DataSource
     from .push import SIGNATURE_HEADER
     from .signing import nonce_seen, verify_oidc, verify_request

@@ -78,6 +78,24 @@ ACCEPTED = [
 ]
 
 
+MALFORMED = [
+    ("an event that is a number", [5]),
+    ("a key that is not a list", [{**country(C + 1, "aa"), "key": True}]),
+    ("an old key that is text", [{**country(C + 1, "aa"), "old_key": "aa"}]),
+    ("data that is a list", [{**country(C + 1, "aa"), "data": ["aa"]}]),
+    ("no model", [{**country(C + 1, "aa"), "model": None}]),
+    ("an op that is a number", [{**country(C + 1, "aa"), "op": 1}]),
+]
+
+
+@pytest.mark.parametrize("name, events", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_events(name: str, events: list[Any]) -> None:
+    """Not the wire form at all: a malformed page (webhooks answer 400), not a framing error."""
+    with pytest.raises(ProtocolError) as info:
+        check_page(events, since=C, last_seq=C + 1)
+    assert not isinstance(info.value, FramingError)
+
+
 @pytest.mark.parametrize("name, since, last_seq, events, code", REFUSED, ids=[r[0] for r in REFUSED])
 def test_refused(name: str, since: int, last_seq: int, events: list[Any], code: str) -> None:
     with pytest.raises(FramingError) as info:

@@ -156,3 +156,30 @@ def test_model_selection_limits_what_a_target_receives(
     Country.objects.create(code="de")
     _wait_for(lambda: Country.objects.using(tgt).filter(code="de").exists())
     assert Language.objects.using(tgt).count() == 0
+
+
+def test_a_webhook_whose_content_length_is_no_number_gets_400(  # type: ignore[no-untyped-def]
+    sites: tuple[Target, DataSource], tgt: str, live_server
+) -> None:
+    """Issue 11, item 4, through a real server: ``Content-Length: abc`` was a 500."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(live_server.url)
+    body = b'{"protocol": 1}'
+    signature = sign_request("regional", ["pw"], "POST", "/sync/webhook/hq/", body)
+    request = (
+        b"POST /sync/webhook/hq/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: abc\r\nConnection: close\r\n"
+        + f"{push.SIGNATURE_HEADER}: {signature}\r\n\r\n".encode()
+        + body
+    )
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, content = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert json.loads(content)["code"] == "bad_content_length"
+    assert DataSource.objects.using(tgt).get().checkpoint == 0
