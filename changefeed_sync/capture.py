@@ -232,17 +232,23 @@ class _Rewriter:
         created = sql.startswith("INSERT")
         change = None
         if not _has_expression(self.instance):
-            # The row's values are final here: Django's pre_save (auto_now and the
-            # like) ran while compiling this statement.
+            # The row's values are final here: the fields' pre_save (auto_now and
+            # the like) ran while Django compiled this statement (Django 6.0+
+            # runs it once before, too, and the compiled one is what is stored).
             change = _upsert_change(plan.options, self.instance, created, plan.using)
             model = type(self.instance)
             result = outbox_pg.execute_with_event(execute, sql, params, context, model, change)
             if result is not outbox_pg.DECLINED:
                 outbox.after_commit(plan.using)  # committed with the statement (autocommit)
                 return result
-        # A value only the database knows (an expression a pre_save receiver
-        # set), or a statement shape outbox_pg does not know: in one transaction,
-        # the lock, the row, then the event (for an expression, from what was stored).
+            if not outbox_pg.values_are_parameters(sql):
+                # A field's pre_save returned an expression: the instance does not
+                # hold the stored value (Django 6.0+ reads it back only afterwards).
+                change = None
+        # A value only the database knows (an expression set by a pre_save
+        # receiver or returned by a field's pre_save), or a statement shape
+        # outbox_pg does not know: in one transaction, the lock, the row, then
+        # the event (for a value the database computed, from what was stored).
         with transaction.atomic(using=plan.using, savepoint=False):
             outbox.lock(plan.using)
             result = execute(sql, params, many, context)
@@ -254,7 +260,9 @@ class _Rewriter:
                         with connections[plan.using].cursor() as cursor:
                             cursor.execute("SELECT lastval()")
                             pk = cursor.fetchone()[0]
-                    change = _upsert_change(plan.options, self.instance, created, plan.using, pk=pk)
+                    change = _upsert_change(
+                        plan.options, self.instance, created, plan.using, pk=pk, stored=True
+                    )
                 outbox.write(plan.using, [change.event()], locked=True)
         return result
 
@@ -330,10 +338,12 @@ def _upsert_change(
     raw: bool = False,
     *,
     pk: Any = None,
+    stored: bool = False,
 ) -> outbox.Change:
     """The change one save made: what changed since the instance was loaded,
     and the key it had before when the save renamed it. ``pk``: the row's, where
-    the instance does not know it yet."""
+    the instance does not know it yet; ``stored``: the payload is read from the
+    row, the database computed a value the instance does not hold."""
     loaded = instance.__dict__.get(SNAPSHOT_ATTR)
     if created or not loaded:
         changed = list(options.all_changed)
@@ -347,7 +357,8 @@ def _upsert_change(
         changed = sorted(f.name for f in options.concrete_fields if f.attname in before)
         old_key = _old_key(options, instance, before, loaded, using)
     if (
-        update_fields is not None
+        stored
+        or update_fields is not None
         or raw
         or not options.payload_in_memory
         or _has_expression(instance)

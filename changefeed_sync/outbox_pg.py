@@ -171,6 +171,44 @@ def _numbered(text: str) -> tuple[str, int]:
 # The WHERE of a save's UPDATE: the primary key, nothing else.
 _PK_WHERE = re.compile(r'"[^"]+"\."[^"]+" = %s( RETURNING .*)?', re.DOTALL)
 
+# Values that are what the instance holds: a parameter, cast or not (contrib.postgres'
+# array and range fields compile to %s::type), or NULL (an UPDATE writes None as
+# NULL). Anything else there, an expression a field's pre_save returned or DEFAULT,
+# is a value only the database knows once it is written.
+_VALUE = r"(?:%s(?:::\w[\w ]*(?:\(\d+(?:, ?\d+)?\))?(?:\[\d*\])*)?|NULL)"
+_PARAMETERS = re.compile(f"{_VALUE}(?:, {_VALUE})*")
+_ASSIGNMENTS = re.compile(f'"[^"]+" = {_VALUE}(?:, "[^"]+" = {_VALUE})*')
+
+
+def _insert_parts(sql: str) -> tuple[str, str, str] | None:
+    """``INSERT INTO t (a, b) VALUES (<values>)<tail>`` -> (``INSERT INTO t (a, b``,
+    values, tail), for one row; None for another shape."""
+    head, sep, rest = sql.partition(") VALUES (")
+    if not sep or ") VALUES (" in rest:
+        return None
+    end = rest.rfind(") RETURNING ")
+    if end >= 0:
+        return head, rest[:end], rest[end + 1 :]
+    if rest.endswith(")"):
+        return head, rest[:-1], ""
+    return None
+
+
+def values_are_parameters(sql: str) -> bool:
+    """Whether every value ``sql`` (a save's INSERT or UPDATE, as Django compiled
+    it) writes is one the instance holds. A field's ``pre_save`` may return an
+    expression, which Django compiles into the statement: then only the stored
+    row tells the value (Django 6.0+ reads it back with RETURNING, older
+    versions never do)."""
+    if sql.startswith("INSERT INTO "):
+        parts = _insert_parts(sql)
+        return parts is not None and _PARAMETERS.fullmatch(parts[1]) is not None
+    if sql.startswith("UPDATE "):
+        _, sep, rest = sql.partition(" SET ")
+        at = rest.rfind(" WHERE ")
+        return bool(sep) and at >= 0 and _ASSIGNMENTS.fullmatch(rest[:at]) is not None
+    return False
+
 
 def row_reading_lock(sql: str) -> tuple[str, bool] | None:
     """``sql`` rewritten to read from ``"_cfs_lock"``, and whether it has RETURNING.
@@ -179,21 +217,17 @@ def row_reading_lock(sql: str) -> tuple[str, bool] | None:
     SELECT %s, %s FROM "_cfs_lock" ...`` (an INSERT's SELECT gives untyped
     values the target columns' types, as VALUES does); ``UPDATE t SET ...
     WHERE pk = %s`` gets ``FROM "_cfs_lock"`` before its WHERE. Anything else
-    (several rows, DEFAULT, a WHERE beyond the primary key) is not rewritten.
+    (several rows, a WHERE beyond the primary key, a value that is not a
+    parameter: DEFAULT, an expression) is not rewritten: the event is built
+    from the instance, which does not know what the database made of those.
     """
+    if not values_are_parameters(sql):
+        return None
     if sql.startswith("INSERT INTO "):
-        head, sep, rest = sql.partition(") VALUES (")
-        if not sep or ") VALUES (" in rest:
+        parts = _insert_parts(sql)
+        if parts is None:
             return None
-        end = rest.rfind(") RETURNING ")
-        if end < 0:
-            if not rest.endswith(")"):
-                return None
-            values, tail = rest[:-1], ""
-        else:
-            values, tail = rest[:end], rest[end + 1 :]
-        if "), (" in values or re.search(r"\bDEFAULT\b", values, re.IGNORECASE):
-            return None
+        head, values, tail = parts
         return f'{head}) SELECT {values} FROM "_cfs_lock"{tail}', bool(tail)
     if sql.startswith("UPDATE "):
         at = sql.rfind(" WHERE ")

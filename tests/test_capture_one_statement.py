@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from django.db import connections, transaction
 from django.db.models import F, Value, signals
-from django.db.models.functions import Concat
+from django.db.models.functions import Concat, Upper
 
 import changefeed_sync
-from changefeed_sync import outbox_pg, registry
+from changefeed_sync import capture, outbox_pg, registry
 from changefeed_sync.models import Event
 from changefeed_sync.serialization import payloads_from_db
 from tests.helpers import events
@@ -241,7 +241,18 @@ def test_a_statement_of_an_unknown_shape_falls_back_to_a_transaction(
             ),
         ),
         ('INSERT INTO "t" ("a") VALUES (%s), (%s) RETURNING "t"."id"', None),  # two rows
+        (
+            'INSERT INTO "t" ("a", "b") VALUES (%s::integer[], %s::numeric(5, 2)[])',
+            ('INSERT INTO "t" ("a", "b") SELECT %s::integer[], %s::numeric(5, 2)[] FROM "_cfs_lock"', False),
+        ),
+        (
+            'UPDATE "t" SET "a" = NULL, "b" = %s WHERE "t"."id" = %s',
+            ('UPDATE "t" SET "a" = NULL, "b" = %s FROM "_cfs_lock" WHERE "t"."id" = %s', False),
+        ),
         ('INSERT INTO "t" ("a", "b") VALUES (%s, DEFAULT) RETURNING "t"."id"', None),
+        # A value the database computes (an expression a field's pre_save returned).
+        ('INSERT INTO "t" ("a", "b") VALUES (%s, UPPER(%s)) RETURNING "t"."id", "t"."b"', None),
+        ('UPDATE "t" SET "a" = UPPER(%s) WHERE "t"."id" = %s RETURNING "t"."a"', None),
         ('UPDATE "t" SET "a" = %s WHERE "t"."id" = %s AND "t"."v" = %s', None),
         ('UPDATE "t" SET "a" = %s WHERE "t"."id" IN (SELECT 1 WHERE true)', None),
         ('DELETE FROM "t" WHERE "t"."id" = %s', None),
@@ -459,22 +470,62 @@ def test_a_statement_a_field_sends_while_compiling_the_row_is_left_alone(
     """A field's pre_save runs while Django compiles the row's INSERT, and may
     write to the same database itself (a storage keeping files in a table). Only
     the row's own statement may carry the event. Faked with a pre_save that
-    writes a Plain row (no field of the test app writes to the database)."""
+    writes a Plain row (no field of the test app writes to the database).
+
+    Django 6.0+ calls pre_save once more for an INSERT, before compiling it (to
+    find values to read back with RETURNING), with or without this app: each
+    call writes a row of its own here, as a write that is not idempotent would,
+    and the last call is the one made while compiling."""
+    connection = connections[db_alias]
     field = Country._meta.get_field("name")
     original = field.pre_save
+    compiling: list[bool] = []  # per call: whether the row's statement was being sent
 
     def pre_save(instance: Any, add: bool) -> Any:
         if add:
-            Plain.objects.using(db_alias).create(code=instance.code)
+            compiling.append(
+                any(isinstance(w, capture._Rewriter) for w in connection.execute_wrappers)
+            )
+            Plain.objects.using(db_alias).create(code=f"{instance.code[0]}{len(compiling)}")
         return original(instance, add)
 
     monkeypatch.setattr(field, "pre_save", pre_save)
     sent = _statements(db_alias, lambda: Country(code="aa").save(using=db_alias))
+    assert compiling and compiling[-1] and not any(compiling[:-1]), compiling
     plain = [q for q in sent if q.startswith('INSERT INTO "testapp_plain" ')]
     rest = [q.split()[0] for q in sent if q not in plain and not q.startswith("PREPARE")]
-    assert len(plain) == 1 and rest == ["EXECUTE"], sent
-    assert Plain.objects.using(db_alias).filter(code="aa").exists()
+    assert len(plain) == len(compiling) and rest == ["EXECUTE"], sent
+    codes = [f"a{n}" for n in range(1, len(compiling) + 1)]
+    assert Plain.objects.using(db_alias).filter(code__in=codes).count() == len(codes)
     assert [(e.model, e.key) for e in events(db_alias)] == [("testapp.country", ["aa"])]
+
+
+def test_an_expression_returned_by_a_field_pre_save(
+    db_alias: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A field's pre_save may return an expression without setting it on the
+    instance: Django compiles it into the statement and only the database knows
+    the stored value (Django 6.0+ reads it back with RETURNING after the
+    statement, older versions never). The event must carry what was stored,
+    on every version: the save becomes a transaction and reads the row."""
+    field = Country._meta.get_field("name")
+
+    def pre_save(instance: Any, add: bool) -> Any:
+        return Upper(Value(f"{instance.code}-{'new' if add else 'old'}"))
+
+    monkeypatch.setattr(field, "pre_save", pre_save)
+    country = Country(code="aa", name="in memory")
+    created = _statements(db_alias, lambda: country.save(using=db_alias))
+    country.name = "edited in memory"
+    updated = _statements(db_alias, lambda: country.save(using=db_alias))
+    for sent in (created, updated):
+        assert _locks(sent) == 1 and not any(q.startswith("EXECUTE") for q in sent), sent
+    stored = Country.objects.using(db_alias).get(code="aa")
+    assert stored.name == "AA-OLD"
+    assert [(e.key, e.data) for e in events(db_alias)] == [
+        (["aa"], {"code": "aa", "name": "AA-NEW"}),
+        (["aa"], {"code": "aa", "name": "AA-OLD"}),
+    ]
 
 
 def test_a_natural_key_the_database_assigns(db_alias: str) -> None:
