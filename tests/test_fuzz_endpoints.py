@@ -110,8 +110,7 @@ value = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70).map(str),
     st.text(max_size=24),
 )
-header = st.one_of(
-    st.just("signed"),
+header = st.just("signed") | st.one_of(  # half of the examples signed properly
     st.none(),
     st.just("unsigned-wrong"),
     st.text(max_size=40),
@@ -382,6 +381,8 @@ def test_a_value_the_target_cannot_store_is_422_naming_it(alias: str, case: str)
     if alias == "default" and case in STORABLE_ONLY_ON_SQLITE:
         assert r.status_code == 200, r.content
         return
+    if alias == "default" and case == "decimal with too many digits" and r.status_code == 200:
+        return  # Django 5+ hands SQLite the decimal as it is (4.2 quantized it, and failed)
     assert r.status_code == 422, r.content
     answer = r.json()
     assert answer["code"] == "apply_failed"
