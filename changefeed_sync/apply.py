@@ -251,28 +251,30 @@ def _fk_maps(changes: Sequence[_Change], using: str) -> dict[str, dict[Key, Any]
 def _write_rows(
     options: ModelOptions, rows: list[tuple[_Change, dict[str, Any]]], using: str
 ) -> dict[Key, Any]:
-    """Upsert rows by natural key; return natural key -> primary key where known."""
+    """Write rows by natural key; return natural key -> primary key where known.
+
+    One multi-row upsert on the natural key where the database can match on it
+    alone; otherwise (MySQL with another unique field, no unique index on the
+    key) read which rows exist, insert the others, update these by primary key.
+    The statements come from sql.py, shared with the full pull."""
+    columns, updates, values = _row_values(options, rows, using)
     if sql.can_upsert(options, using):
-        return _upsert_rows(options, rows, using)
-    # Written by key: read which exist, insert the others, update these.
-    model = options.model
-    unique = options.upsert_unique_fields or options.key_heads
-    update_fields = [f.name for f in options.concrete_fields if f.name not in unique]
-    objs = [model(**values) for _, values in rows]
+        written = sql.plan_upsert(options, using, columns, updates).write(values, returning=True)
+        if not written:
+            return {}
+        return {change.key: pk for (change, _), pk in zip(rows, written, strict=True)}
     existing = resolve_keys(options, [c.key for c, _ in rows], using)
-    new, old = [], []
-    for (change, _), obj in zip(rows, objs, strict=True):
-        pk = existing.get(change.key)
-        if pk is None:
-            new.append(obj)
-        else:
-            obj.pk = pk
-            old.append(obj)
+    pk = options.model._meta.pk
+    new = [row for (change, _), row in zip(rows, values) if change.key not in existing]
+    old = [[existing[change.key], *row] for (change, _), row in zip(rows, values)
+           if change.key in existing]  # fmt: skip
     if new:
-        model._base_manager.using(using).bulk_create(new, batch_size=500)
-    if old and update_fields:
-        model._base_manager.using(using).bulk_update(old, update_fields, batch_size=500)
-    return _returned_pks(rows, objs)
+        sql.plan_upsert(options, using, columns, [], match="none").write(new, returning=False)
+    if old:
+        sql.plan_upsert(options, using, [pk, *columns], updates, match="pk").write(
+            old, returning=False
+        )
+    return existing
 
 
 _PASS_THROUGH = frozenset(
@@ -293,12 +295,12 @@ _PASS_THROUGH = frozenset(
 )
 
 
-def _upsert_rows(
+def _row_values(
     options: ModelOptions, rows: list[tuple[_Change, dict[str, Any]]], using: str
-) -> dict[Key, Any]:
-    """One multi-row upsert per chunk (sql.py builds it). Values are adapted by each
-    field's ``get_db_prep_save``, as the ORM does, except text and integers, which
-    already are what the driver takes."""
+) -> tuple[list[Any], list[Any], list[list[Any]]]:
+    """(columns, columns a row that exists gets updated, each row's values in column
+    order). Values are adapted by each field's ``get_db_prep_save``, as the ORM
+    does, except text and integers, which already are what the driver takes."""
     connection = connections[using]
     meta = options.model._meta
     unique = options.upsert_unique_fields or ()
@@ -337,7 +339,6 @@ def _upsert_rows(
     ]
     adapt = [f for f in columns if f.attname not in fixed and f not in as_is]
     constant = [f for f in columns if f.attname in fixed]
-    plan = sql.plan_upsert(options, using, [*as_is, *adapt, *constant], updates)
     take = operator.itemgetter(*[f.attname for f in as_is]) if as_is else None
     constants = [f.get_db_prep_save(fixed[f.attname], connection) for f in constant]
     values_rows: list[list[Any]] = []
@@ -352,15 +353,7 @@ def _upsert_rows(
             row.append(f.get_db_prep_save(values[f.attname], connection))
         row.extend(constants)
         values_rows.append(row)
-    written = plan.write(values_rows, returning=True)
-    if not written:
-        return {}
-    return {change.key: pk for (change, _), pk in zip(rows, written, strict=True)}
-
-
-def _returned_pks(rows: list[tuple[_Change, dict[str, Any]]], objs: list[Any]) -> dict[Key, Any]:
-    # ignore_conflicts and MySQL return no ids; those keys are resolved later.
-    return {change.key: obj.pk for (change, _), obj in zip(rows, objs) if obj.pk is not None}
+    return [*as_is, *adapt, *constant], updates, values_rows
 
 
 def _current_links(

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import uuid
@@ -74,26 +73,24 @@ from datetime import datetime, timedelta
 from functools import cached_property, partial
 from typing import Any
 
-from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connections, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from . import outbox, registry
+from . import conf, outbox, registry, sql
 from .apply import (
     ApplyStats,
     _apply_upserts,
     _Change,
-    _max_params,
     _parse,
     _write_m2m,
     is_relay,
-    resolve_keys,
 )
 from .client import SourceClient
 from .context import applying
 from .exceptions import ApplyError, ChangefeedError, ProtocolError
 from .files import Stage
+from .keys import max_params, resolve_keys
 from .models import DataPull, DataSource, Event
 from .registry import Key, ModelOptions
 from .serialization import chunked, decode_value, key_of_row, normalize_key
@@ -111,18 +108,6 @@ logger = logging.getLogger("changefeed_sync.pull")
 
 MAX_DELETE_SHARE = 0.5
 _DELETE_CHUNK = 500
-
-
-def page_size() -> int:
-    """Rows asked for per snapshot request (``CHANGEFEED_SYNC_PULL_PAGE_SIZE``); the
-    source caps it at its ``CHANGEFEED_SYNC_FEED_MAX_LIMIT``."""
-    return int(getattr(settings, "CHANGEFEED_SYNC_PULL_PAGE_SIZE", 5000))
-
-
-def stale_after() -> float:
-    """Seconds without a heartbeat after which a running pull counts as dead
-    (``CHANGEFEED_SYNC_PULL_STALE_AFTER``)."""
-    return float(getattr(settings, "CHANGEFEED_SYNC_PULL_STALE_AFTER", 120.0))
 
 
 class PullRefused(ChangefeedError):
@@ -367,7 +352,7 @@ class _Model:
         self.int_fk = {
             fk: isinstance(fk.target_field, models.IntegerField) for fk, _ in self.fk_readers
         }
-        self.by_pk_sql: str | None = None
+        self.by_pk: sql.Upsert | None = None
         self.insert_sql, self.fixed = self._upsert_sql()
         # A table empty when the pull starts has none of the keys, and ends with only
         # rows the source has: no need to look them up, nor to track them for deletes.
@@ -389,21 +374,20 @@ class _Model:
         self.moved: dict[Key, tuple[Any, str, Key | None]] = {}
         self._placeholders = 0
 
-    def _upsert_sql(self) -> tuple[str | None, list[Any]]:
-        """``INSERT ... VALUES`` prefix and conflict suffix, and the values of unsynced
-        columns (their constant defaults); (None, []) when the model needs the general path."""
+    def _upsert_sql(self) -> tuple[sql.Upsert | None, list[Any]]:
+        """The statement writing a page's rows (sql.py builds it) and the values of
+        unsynced columns (their constant defaults); (None, []) when the model needs
+        the general path."""
         from django.db.models import AutoField, BigAutoField, SmallAutoField
-        from django.db.models.constants import OnConflict
 
         options, connection = self.options, self.connection
         meta = options.model._meta
         pk = meta.pk
         unique = options.upsert_unique_fields
-        vendor = connection.vendor
         if (
             pk is None
             or unique is None
-            or vendor not in ("sqlite", "postgresql", "mysql")
+            or connection.vendor not in ("sqlite", "postgresql", "mysql")
             or not connection.features.supports_update_conflicts
             or meta.parents
             or not isinstance(pk, AutoField | BigAutoField | SmallAutoField)
@@ -428,54 +412,16 @@ class _Model:
             else:
                 return None, []
         self.fixed_fields = [f for f, _ in fixed]
-        ops = connection.ops
-        qn = ops.quote_name
         fields = [*options.plain_fields, *options.fk_fields, *self.fixed_fields]  # as in _values
-        by_name = {f.name: f for f in options.concrete_fields}
-        update = [f.column for f in options.concrete_fields if f.name not in unique]
-        conflict = OnConflict.UPDATE if update else OnConflict.IGNORE
-        suffix = ops.on_conflict_suffix_sql(
-            fields, conflict, update, [by_name[name].column for name in unique]
+        values = [value for _, value in fixed]
+        if sql.can_upsert(options, self.using):
+            update = [f for f in options.concrete_fields if f.name not in unique]
+            return sql.plan_upsert(options, self.using, fields, update, unnest=True), values
+        # MySQL with unique fields besides the natural key: see write().
+        self.by_pk = sql.plan_upsert(
+            options, self.using, [pk, *fields], list(options.concrete_fields), match="pk"
         )
-        self.returning = vendor in ("sqlite", "postgresql") and bool(
-            connection.features.can_return_rows_from_bulk_insert
-        )
-        self.placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
-        self.suffix = " " + suffix if suffix else ""
-        columns = "(" + ", ".join(qn(str(f.column)) for f in fields) + ") "
-        if vendor == "mysql":  # see write()
-            synced_columns = [f.column for f in options.concrete_fields]
-            by_pk = [pk, *fields]
-            self.suffix = " " + ops.on_conflict_suffix_sql(
-                by_pk, OnConflict.UPDATE, synced_columns, []
-            )
-            self.by_pk_sql = (
-                f"INSERT INTO {qn(meta.db_table)} ({qn(str(pk.column))}, {columns[1:]}VALUES "
-            )
-            self.by_pk_placeholder = "(" + ", ".join(["%s"] * len(by_pk)) + ")"
-            self.per_statement_by_pk = max(1, min(500, _max_params(self.using) // len(by_pk)))
-        self.returning_sql = f" RETURNING {qn(str(pk.column))}" if self.returning else ""
-        self.per_statement = max(1, min(500, _max_params(self.using) // len(fields)))
-        verb = "INSERT INTO" if vendor == "mysql" else ops.insert_statement(on_conflict=conflict)
-        head = f"{verb} {qn(meta.db_table)} {columns}"
-        # PostgreSQL: one array per column (as Django's bulk_create does), so a
-        # statement has a few parameters instead of thousands to bind one by one.
-        types = [_array_type(f.db_type(connection)) for f in fields]
-        self.unnest = (
-            vendor == "postgresql"
-            and all(t and "[" not in t for t in types)
-            # As Django's own bulk insert: only standard types, one placeholder each.
-            and not any(hasattr(f, "get_placeholder") for f in fields)
-            and all(
-                (getattr(f, "target_field", f) if f.is_relation else f).get_internal_type()
-                in connection.data_types
-                for f in fields
-            )
-        )
-        if self.unnest:
-            arrays = ", ".join(f"%s::{t}[]" for t in types)
-            self.unnest_sql = f"{head}SELECT * FROM unnest({arrays})"
-        return head + "VALUES ", [value for _, value in fixed]
+        return sql.plan_upsert(options, self.using, fields, [], match="none"), values
 
     # ------------------------------------------------------------ making room
 
@@ -536,7 +482,7 @@ class _Model:
                 continue
             lookups = [f.attname if not f.is_relation else f"{f.name}__pk" for f in group]
             holders = []
-            for chunk in chunked(list(wanted), max(1, _max_params(self.using) // len(group))):
+            for chunk in chunked(list(wanted), max(1, max_params(self.using) // len(group))):
                 condition = Q()
                 for values in chunk:
                     condition |= Q(**dict(zip(lookups, values, strict=True)))
@@ -685,40 +631,23 @@ class _Model:
             self.overrides = {}  # the general path writes every row as received
             _apply_upserts(changes, self.using, ApplyStats())
             return None
-        returning = self.returning and want_pks
-        suffix = self.suffix + (self.returning_sql if returning else "")
-        written: list[Any] = []
-        with self.connection.cursor() as cursor:
-            if self.by_pk_sql is not None:
-                # MySQL: ON DUPLICATE KEY UPDATE matches any unique key, so a new row
-                # holding another row's unique value would silently overwrite that
-                # row. New rows are plain inserts (such a clash is an error, handled
-                # by _pull_page), rows here are matched by their primary key, which
-                # MySQL checks before any other unique key.
-                new = [row for row, pk in zip(rows, pks, strict=True) if pk is None]
-                old = [[pk, *row] for row, pk in zip(rows, pks, strict=True) if pk is not None]
-                for sql, part, size in (
-                    (self.insert_sql, new, self.per_statement),
-                    (self.by_pk_sql, old, self.per_statement_by_pk),
-                ):
-                    holder = self.placeholder if part is new else self.by_pk_placeholder
-                    for chunk in chunked(part, size):
-                        params = [value for row in chunk for value in row]
-                        tail = self.suffix if part is old else ""
-                        cursor.execute(sql + ", ".join([holder] * len(chunk)) + tail, params)
-                rows = []
-            if self.unnest:
-                cursor.execute(self.unnest_sql + suffix, [list(column) for column in zip(*rows)])
-                if returning:
-                    written.extend(r[0] for r in cursor.fetchall())
-                rows = []
-            for chunk in chunked(rows, self.per_statement):
-                params = [value for row in chunk for value in row]
-                cursor.execute(
-                    self.insert_sql + ", ".join([self.placeholder] * len(chunk)) + suffix, params
-                )
-                if returning:
-                    written.extend(r[0] for r in cursor.fetchall())
+        if self.by_pk is not None:
+            # MySQL: ON DUPLICATE KEY UPDATE matches any unique key, so a new row
+            # holding another row's unique value would silently overwrite that row.
+            # New rows are plain inserts (such a clash is an error, handled by
+            # _pull_page); rows here are matched by their primary key (sql.py).
+            self.insert_sql.write(
+                [row for row, pk in zip(rows, pks, strict=True) if pk is None], returning=False
+            )
+            self.by_pk.write(
+                [[pk, *row] for row, pk in zip(rows, pks, strict=True) if pk is not None],
+                returning=False,
+            )
+            written: list[Any] = []
+            returning = False
+        else:
+            returning = want_pks and bool(self.insert_sql.returning)
+            written = self.insert_sql.write(rows, returning=returning)
         if self.options.m2m_fields:
             self._write_m2m(changes)
         return written if returning else None
@@ -835,16 +764,6 @@ def _base36(n: int) -> str:
         out = digits[r] + out
         if not n:
             return out
-
-
-def _array_type(db_type: str | None) -> str | None:
-    """The element type to cast a column's array to, without its length or precision:
-    an explicit cast to varchar(2) would silently cut 'abc' to 'ab', where assigning
-    the value to the column refuses it, as a plain INSERT does."""
-    if db_type is None:
-        return None
-    base = re.sub(r"\(.*?\)", "", db_type).strip()
-    return "text" if base in ("char", "character", "varchar", "character varying") else base
 
 
 class _Lost(Exception):
@@ -1045,7 +964,7 @@ class _SourceDigests:
         self.pool: ThreadPoolExecutor | None = None
         self.futures: dict[str, Future[DigestPage]] = {}
         if buckets:
-            limit = _DIGEST_PAGES * page_size()
+            limit = _DIGEST_PAGES * conf.pull_page_size()
             self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="changefeed-digests")
             for label, n in buckets.items():
                 self.futures[label] = self.pool.submit(_source_digests, client, label, n, limit)
@@ -1187,7 +1106,7 @@ def run_pull(
                 if model.only is not None:
                     extra = {label: model.only}
                     meanwhile = partial(_scope_deletes, model)  # while the source reads
-                for _, body in _pages(client, [label], page_size(), extra, meanwhile):
+                for _, body in _pages(client, [label], conf.pull_page_size(), extra, meanwhile):
                     with collection_paused():
                         _pull_page(model, body["rows"], counts[label], stage)
                     done[label] += len(body["rows"])
@@ -1202,7 +1121,7 @@ def run_pull(
             relink_extra = {
                 label: only for label in relink if (only := pullers[label].only) is not None
             }
-            for label, body in _pages(client, relink, page_size(), relink_extra):
+            for label, body in _pages(client, relink, conf.pull_page_size(), relink_extra):
                 with collection_paused():
                     _pull_page(pullers[label], body["rows"], _new_counts(), None)
                 done[label] += len(body["rows"])
@@ -1295,7 +1214,7 @@ def stale_reason(pull: DataPull, *, vendor: str, now: datetime | None = None) ->
         # The pull's transaction holds SQLite's write lock, so no heartbeat can be
         # written while it runs: a live process is all there is to go by.
         return ""
-    if now - last > timedelta(seconds=stale_after()):
+    if now - last > timedelta(seconds=conf.pull_stale_after()):
         return f"runner {runner} stopped responding at {last.isoformat()}"
     return ""
 
@@ -1340,7 +1259,7 @@ class _Heartbeat:
             self._thread.start()
 
     def _run(self) -> None:
-        interval = min(2.0, stale_after() / 4)
+        interval = min(2.0, conf.pull_stale_after() / 4)
         written: str | None = None
         try:
             while not self._stop.wait(interval):

@@ -13,6 +13,11 @@ how a row is matched holds for both:
   used only for models whose natural key is their only unique key besides
   the primary key (:func:`can_upsert`); other models are written by key
   (read, insert the new rows, update the others).
+* Models MySQL cannot upsert that way are written in two statements: new
+  rows as plain ``INSERT`` (a clash on any unique field is an error), rows
+  already here by their primary key (``match="pk"``: the primary key is the
+  conflict MySQL meets first, and the update it then makes is checked against
+  every other unique key like any UPDATE).
 * A row whose every synced column is part of the key is "updated" by setting
   the key to itself, never with ``INSERT IGNORE`` (MySQL downgrades errors
   such as a value too long to warnings under IGNORE, and keeps a cut value).
@@ -88,29 +93,44 @@ def plan_upsert(
     columns: Sequence[Field],
     update: Sequence[Field],
     *,
+    match: str = "key",
     unnest: bool = False,
 ) -> Upsert:
-    """The statement writing ``columns`` of ``options.model`` by natural key and, for a
-    row that exists, setting ``update`` (the key's own columns when empty). Only for
-    models :func:`can_upsert` accepts. ``unnest`` asks for PostgreSQL's one array per
-    column where every column's type allows it."""
+    """The statement writing ``columns`` of ``options.model``, matching a row that
+    exists by ``match`` and then setting ``update`` (the matched columns themselves
+    when empty):
+
+    * ``"key"``: by natural key, for models :func:`can_upsert` accepts;
+    * ``"pk"``: by primary key, the first of ``columns`` (rows known to be here);
+    * ``"none"``: a plain ``INSERT`` (rows known to be new; any clash is an error).
+
+    ``unnest`` asks for PostgreSQL's one array per column where every column's
+    type allows it."""
     connection = connections[using]
     ops = connection.ops
     qn = ops.quote_name
     meta = options.model._meta
-    unique = options.upsert_unique_fields
-    assert unique is not None and can_upsert(options, using), options.label
-    key_columns = [str(meta.get_field(name).column) for name in unique]  # type: ignore[union-attr]
-    update_columns = [str(f.column) for f in update] or key_columns
-    suffix = ops.on_conflict_suffix_sql(
-        list(columns), OnConflict.UPDATE, update_columns, key_columns
-    )
-    head = (
-        f"{ops.insert_statement(on_conflict=OnConflict.UPDATE)} {qn(meta.db_table)} "
-        f"({', '.join(qn(str(f.column)) for f in columns)}) "
-    )
     pk = meta.pk
     assert pk is not None
+    if match == "key":
+        unique = options.upsert_unique_fields
+        assert unique is not None and can_upsert(options, using), options.label
+        key_columns = [str(meta.get_field(name).column) for name in unique]  # type: ignore[union-attr]
+    elif match == "pk":
+        assert columns[0] is pk, "match='pk' needs the primary key as the first column"
+        key_columns = [str(pk.column)]
+    else:
+        assert match == "none", match
+        key_columns = []
+    if key_columns:
+        update_columns = [str(f.column) for f in update] or key_columns
+        suffix = ops.on_conflict_suffix_sql(
+            list(columns), OnConflict.UPDATE, update_columns, key_columns
+        )
+        verb = ops.insert_statement(on_conflict=OnConflict.UPDATE)
+    else:
+        suffix, verb = "", ops.insert_statement()
+    head = f"{verb} {qn(meta.db_table)} ({', '.join(qn(str(f.column)) for f in columns)}) "
     # Rows come back in VALUES order (bulk_create relies on it too); MySQL returns none.
     returning = (
         f" RETURNING {qn(str(pk.column))}"
