@@ -524,11 +524,43 @@ def _apply_rename(change: _Change, using: str, stats: ApplyStats) -> None:
         # Nothing to rename (never had it, or already renamed): a plain upsert.
         _apply_upserts([change], using, stats)
         return
+    manager = options.model._base_manager.using(using)
     fk_maps = _fk_maps([change], using)
-    values = _build_values(change, using, fk_maps, set())
-    options.model._base_manager.using(using).filter(pk=old_pk).update(**values)
+    try:
+        values = _build_values(change, using, fk_maps, set())
+    except ApplyError:
+        # The row may point at a row whose natural key goes through this one (a
+        # nation's capital is one of its regions, keyed by the nation's code): the
+        # event names it by its new key, which exists once this row has its new
+        # key. So the key first, then the rest.
+        manager.filter(pk=old_pk).update(**_key_values(change, fk_maps))
+        values = _build_values(change, using, _fk_maps([change], using), set())
+    manager.filter(pk=old_pk).update(**values)
     _write_m2m(options, [change], using)
     stats.upserted[options.label] += 1
+
+
+def _key_values(change: _Change, fk_maps: dict[str, dict[Key, Any]]) -> dict[str, Any]:
+    """The columns a row's natural key starts from, by attname, from an event."""
+    options = change.options
+    values: dict[str, Any] = {}
+    for head in options.key_heads:
+        f: Any = options.model._meta.get_field(head)
+        raw = change.data[head]
+        if not f.is_relation:
+            values[f.attname] = decode_value(f, raw)
+            continue
+        value = None if raw is None else fk_maps.get(f.name, {}).get(tuple(raw))
+        if value is None and raw is not None:
+            raise ApplyError(
+                f"foreign natural key {raw!r} resolves to nothing",
+                model=options.label,
+                key=change.key,
+                field=f.name,
+                seq=change.seq,
+            )
+        values[f.attname] = value
+    return values
 
 
 def _flush(run: list[_Change], using: str, stats: ApplyStats) -> None:
