@@ -148,7 +148,7 @@ class DataSourceAdmin(admin.ModelAdmin):
         "last_error_short",
     ]
     search_fields = ["name", "url"]
-    readonly_fields = ["checkpoint", "last_sync_at", "last_error", "last_error_at"]
+    readonly_fields = ["checkpoint", "source_id", "last_sync_at", "last_error", "last_error_at"]
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         secret = ["new_secrets"] if obj is None else ["new_secrets", "keep_current_secrets"]

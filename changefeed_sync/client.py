@@ -16,10 +16,11 @@ from .exceptions import (
     CursorExpired,
     ProtocolError,
     SignatureError,
+    SourceReset,
     SourceUnavailable,
 )
 from .framing import FramingError, check_page
-from .models import DataSource
+from .models import SOURCE_ID_MAX, DataSource
 from .serialization import PROTOCOL_VERSION
 from .signing import sign_request
 
@@ -31,6 +32,21 @@ class FetchedPage:
     last_seq: int
     more: bool
     pending: int
+    #: The identity the source claims (None: an older source sends none).
+    source_id: str | None = None
+
+
+def source_id_of(body: dict[str, Any], what: str) -> str | None:
+    """The ``source_id`` of a feed page, snapshot start or webhook body: None when
+    absent (an older source), ProtocolError unless a short non-empty string."""
+    claimed = body.get("source_id")
+    if claimed is None:
+        return None
+    if not isinstance(claimed, str) or not 0 < len(claimed) <= SOURCE_ID_MAX:
+        raise ProtocolError(
+            f"{what}: source_id must be a string of 1 to {SOURCE_ID_MAX} characters"
+        )
+    return claimed
 
 
 class SourceClient:
@@ -113,6 +129,12 @@ class SourceClient:
             )
         if response.status_code == 410 and body.get("code") == "cursor_expired":
             raise CursorExpired(f"source {self.source.name}: {body.get('error')}")
+        if response.status_code == 409 and body.get("code") == "cursor_ahead":
+            raise SourceReset(
+                self.source.name,
+                f"it answered that checkpoint {self.source.checkpoint} is beyond its last "
+                f"position {body.get('position')!r:.30}",
+            )
         if response.status_code != 200:
             raise ProtocolError(
                 f"source {self.source.name} answered HTTP {response.status_code}: {body.get('error')}"
@@ -154,4 +176,5 @@ class SourceClient:
             last_seq=last,
             more=body.get("more") is True,
             pending=pending if type(pending) is int else 0,
+            source_id=source_id_of(body, f"source {self.source.name}: malformed feed page"),
         )

@@ -73,6 +73,31 @@ class CursorExpired(SourceError):
     """The checkpoint is older than the oldest event the source still keeps."""
 
 
+class CursorAhead(ChangefeedError):
+    """Source side: a cursor beyond every position this outbox ever gave out."""
+
+    def __init__(self, since: int, head: int) -> None:
+        self.since = since
+        self.head = head
+        super().__init__(
+            f"cursor {since} is beyond this source's last position {head}: the source was "
+            "reset or replaced, or the target follows another site; run a full Data Pull"
+        )
+
+
+class SourceReset(SourceError):
+    """Target side: the source is not the one the checkpoint belongs to (its identity
+    changed, or it refused the checkpoint as beyond its last position). Only a full
+    Data Pull goes on from here."""
+
+    def __init__(self, source: str, detail: str) -> None:
+        self.source = source
+        self.detail = detail
+        super().__init__(
+            f"source was reset or replaced: run a full Data Pull (Data Source {source}: {detail})"
+        )
+
+
 class SignatureError(ChangefeedError):
     """A request's credential is missing, malformed, wrong, expired or replayed.
 

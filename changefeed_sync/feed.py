@@ -16,10 +16,11 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connections
+from django.db.models import Max
 
 from . import conf, outbox
-from .exceptions import CursorExpired
-from .models import Event, OutboxState
+from .exceptions import CursorAhead, CursorExpired
+from .models import Event
 from .serialization import PROTOCOL_VERSION
 
 # Counting what is left is capped, so a far-behind reader costs no long scan
@@ -38,6 +39,8 @@ class FeedPage:
     last_seq: int
     more: bool
     pending: int
+    #: The source's identity (README, "Source identity"), sent when set.
+    source_id: str | None = None
 
     @cached_property
     def events(self) -> list[dict[str, Any]]:
@@ -45,13 +48,16 @@ class FeedPage:
         return decoded
 
     def header(self) -> dict[str, Any]:
-        return {
+        header: dict[str, Any] = {
             "protocol": PROTOCOL_VERSION,
             "since": self.since,
             "last_seq": self.last_seq,
             "more": self.more,
             "pending": self.pending,
         }
+        if self.source_id is not None:
+            header["source_id"] = self.source_id
+        return header
 
     def to_wire(self) -> dict[str, Any]:
         return {**self.header(), "events": self.events}
@@ -63,8 +69,32 @@ class FeedPage:
 
 
 def pruned_through(using: str) -> int:
-    state = OutboxState.objects.using(using).filter(id=1).values_list("pruned_through", flat=True)
-    return next(iter(state), 0)
+    return outbox.state(using).pruned_through
+
+
+def head(using: str) -> int:
+    """The last position this outbox gave out: its newest event, or, when every
+    event was pruned, the last pruned one. No reader's cursor can be beyond it."""
+    newest = Event.objects.using(using).aggregate(m=Max("id"))["m"] or 0
+    return max(int(newest), pruned_through(using))
+
+
+def check_cursor(since: int, using: str) -> outbox.State:
+    """The outbox's state, after checking that ``since`` is a position it can
+    continue from: CursorExpired when older than what is kept, CursorAhead when
+    beyond its head (the source was reset or replaced, or the cursor comes from
+    another site)."""
+    state = outbox.state(using)
+    if since < state.pruned_through:
+        raise CursorExpired(
+            f"cursor {since} is older than the oldest event kept "
+            f"(pruned through {state.pruned_through}): run a full Data Pull"
+        )
+    if since > state.pruned_through:
+        newest = Event.objects.using(using).filter(id__gte=since).aggregate(m=Max("id"))["m"]
+        if newest is None:
+            raise CursorAhead(since, head(using))
+    return state
 
 
 def read(
@@ -72,8 +102,8 @@ def read(
 ) -> FeedPage:
     """Events with position > ``since``, oldest first, at most ``limit``.
 
-    ``models`` limits the events to those labels (a Target's selection); the
-    cursor still moves past the others.
+    ``models`` limits the events to those labels (a Target's selection, an empty
+    list: none); the cursor still moves past the others.
     """
     using = using or conf.feed_database()
     if since < pruned_through(using):
@@ -87,7 +117,7 @@ def read(
     last = rows[-1][0] if rows else since
     if more:
         events = Event.objects.using(using).filter(id__gt=last)
-        if models:
+        if models is not None:
             events = events.filter(model__in=models)
         pending = events[:PENDING_CAP].count()
     else:
@@ -116,7 +146,9 @@ def _rows(since: int, count: int, using: str, models: list[str] | None) -> list[
     )
     sql = f"SELECT {columns} FROM {qn(Event._meta.db_table)} WHERE {qn('id')} > %s"
     params: list[Any] = [since]
-    if models:
+    if models is not None:
+        if not models:
+            return []
         sql += f" AND {qn('model')} IN ({', '.join(['%s'] * len(models))})"
         params.extend(models)
     sql += f" ORDER BY {qn('id')} LIMIT {int(count)}"
@@ -180,7 +212,7 @@ def _splice(rows: list[tuple[Any, ...]], connection: Any) -> str:
 
 def has_events_after(since: int, using: str, models: list[str] | None = None) -> bool:
     events = Event.objects.using(using).filter(id__gt=since)
-    if models:
+    if models is not None:
         events = events.filter(model__in=models)
     return bool(events.exists())
 

@@ -101,8 +101,11 @@ def digest(storage: Storage, name: str) -> tuple[int, str]:
 # ------------------------------------------------------------------ source side
 
 
-def describe(options: ModelOptions, rows: Iterable[dict[str, Any]]) -> None:
-    """Add ``files: {field: {name, size, sha256, token} | {name, missing}}`` to snapshot rows."""
+def describe(
+    options: ModelOptions, rows: Iterable[dict[str, Any]], target: str | None = None
+) -> None:
+    """Add ``files: {field: {name, size, sha256, token} | {name, missing}}`` to snapshot
+    rows; the tokens work for ``target`` only, when given."""
     fields = [(name, storage_of(options, name)) for name in options.file_fields]
     for row in rows:
         files: dict[str, Any] = {}
@@ -117,7 +120,7 @@ def describe(options: ModelOptions, rows: Iterable[dict[str, Any]]) -> None:
             if size < 0:
                 files[field_name] = {"name": name, "missing": True}
                 continue
-            token = _token(options.label, field_name, name)
+            token = _token(options.label, field_name, name, target)
             files[field_name] = {"name": name, "size": size, "sha256": sha, "token": token}
         if files:
             row["files"] = files
@@ -154,7 +157,7 @@ def describe_current(
     except (KeyError, TypeError, ValueError):
         return {"status": REFUSED}
     options = registry.options_for_label(label)
-    allowed = set(models) if models else None
+    allowed = set(models) if models is not None else None
     if (
         options is None
         or field_name not in options.file_fields
@@ -193,11 +196,14 @@ def describe_current(
     }
 
 
-def open_listed(token: str, requester: str | None = None) -> tuple[File, int]:
+def open_listed(
+    token: str, requester: str | None = None, *, models: Iterable[str] | None = None
+) -> tuple[File, int]:
     """The file a token names, opened for reading, and its size.
 
     Raises BadFileToken for a token this source did not sign (or too old, or
-    issued to another Target than ``requester``), FileNotFoundError when the
+    issued to another Target than ``requester``, or of a model not in ``models``,
+    the labels the requester receives; None: all), FileNotFoundError when the
     file is gone since it was listed.
     """
     try:
@@ -207,6 +213,9 @@ def open_listed(token: str, requester: str | None = None) -> tuple[File, int]:
         raise BadFileToken(f"bad or expired file token ({exc})") from None
     if "t" in claims and claims["t"] != requester:
         raise BadFileToken("file token issued to another target")
+    if models is not None and label not in set(models):
+        # The same answer as a forged token: nothing tells whether the model exists.
+        raise BadFileToken("bad or expired file token (not a model this target receives)")
     options = registry.options_for_label(label)
     if options is None or field_name not in options.file_fields:
         raise BadFileToken(f"{label}.{field_name} is not a synced file field here")

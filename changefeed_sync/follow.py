@@ -19,17 +19,18 @@ from django.utils import timezone
 from . import conf
 from .apply import ApplyStats
 from .client import SourceClient
-from .exceptions import ConfigurationError, CursorExpired
+from .exceptions import ConfigurationError, CursorExpired, SourceReset
 from .increment_files import apply_with_files
 from .models import DataSource
 
 logger = logging.getLogger("changefeed_sync.follow")
 
 #: Errors that end even a follower: this site's configuration is unusable, or
-#: only an operator can go on (a full Data Pull). Everything else (the source
-#: away, answering 401/403/5xx or something garbled, a page refused, this site's
-#: database restarting) is recorded on the Data Source and retried with backoff.
-FATAL: tuple[type[BaseException], ...] = (ConfigurationError, CursorExpired)
+#: only an operator can go on (a full Data Pull: the checkpoint expired, or the
+#: source was reset or replaced). Everything else (the source away, answering
+#: 401/403/5xx or something garbled, a page refused, this site's database
+#: restarting) is recorded on the Data Source and retried with backoff.
+FATAL: tuple[type[BaseException], ...] = (ConfigurationError, CursorExpired, SourceReset)
 
 
 @dataclass
@@ -60,6 +61,28 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, (SourceUnavailable, OperationalError, InterfaceError))
 
 
+def check_source_id(source: DataSource, claimed: str | None, *, using: str) -> None:
+    """SourceReset unless ``claimed`` (the identity a feed page or webhook carries) is
+    the one the checkpoint belongs to (README, "Source identity").
+
+    The first identity seen is recorded (a Data Source pulled or synced by an older
+    version, or never synced): from then on only a full Data Pull changes it. A source
+    that sends none (an older version) is not checked.
+    """
+    if claimed is None or claimed == source.source_id:
+        return
+    if not source.source_id:
+        DataSource.objects.using(using).filter(pk=source.pk, source_id="").update(source_id=claimed)
+    # Recorded meanwhile by a pull, a webhook or this update: read what is recorded.
+    source.refresh_from_db(using=using, fields=["source_id", "checkpoint"])
+    if claimed != source.source_id:
+        raise SourceReset(
+            source.name,
+            f"it answers as {claimed!r}, the checkpoint {source.checkpoint} belongs to "
+            f"{source.source_id!r}",
+        )
+
+
 def sync_page(
     source: DataSource,
     client: SourceClient,
@@ -71,6 +94,9 @@ def sync_page(
     """Fetch and apply one page. Returns (stats, more waiting)."""
     since = source.checkpoint
     page = client.fetch_feed(since, limit or conf.batch_size(), wait)
+    check_source_id(source, page.source_id, using=using)
+    if since != source.checkpoint:  # a pull moved it meanwhile: that page is not ours
+        return ApplyStats(), True
     if not page.events and page.last_seq == since:
         return ApplyStats(), page.more
     # File contents are fetched before the page's transaction, written inside it.
@@ -78,8 +104,9 @@ def sync_page(
         source, client, page.events, since=since, last_seq=page.last_seq, using=using
     )
     if stats is None:
-        # Someone else moved the checkpoint: reload it and carry on from there.
-        source.refresh_from_db(using=using, fields=["checkpoint"])
+        # Someone else moved the checkpoint (a webhook, a pull): reload it and carry
+        # on from there, with the identity it belongs to.
+        source.refresh_from_db(using=using, fields=["checkpoint", "source_id"])
     return stats, page.more
 
 

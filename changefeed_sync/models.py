@@ -144,12 +144,29 @@ class Event(models.Model):
         return f"#{self.id} {self.op} {self.model} {self.key}"
 
 
+def new_source_id() -> str:
+    """A source identity: 128 random bits in hex (32 characters)."""
+    return _secrets.token_hex(16)
+
+
+#: Longest source identity either side stores or accepts.
+SOURCE_ID_MAX = 64
+
+
 class OutboxState(models.Model):
     """A single row: the lock that serializes outbox writers where advisory locks
-    are not available, and how far the outbox was pruned."""
+    are not available, how far the outbox was pruned, and the identity of this
+    outbox (its positions mean something only together with it: a site recreated
+    or replaced gets a new one, so its targets notice, as CouchDB's replication
+    ids carry the server's UUID)."""
 
     id = models.PositiveSmallIntegerField(primary_key=True, default=1)
     pruned_through = models.BigIntegerField(default=0)
+    source_id = models.CharField(
+        max_length=SOURCE_ID_MAX,
+        default=new_source_id,
+        help_text="Identity of this outbox, sent with every feed page, snapshot and webhook.",
+    )
 
     def __str__(self) -> str:
         return f"outbox pruned through {self.pruned_through}"
@@ -205,6 +222,15 @@ class Target(models.Model):
     def secret_list(self) -> list[str]:
         return split_secrets(self.secrets)
 
+    def allowed_models(self) -> list[str] | None:
+        """The model labels this Target receives (lower case), or None for all."""
+        labels = self.model_labels
+        if not labels:
+            return None
+        if not isinstance(labels, list):
+            return []  # not a list of labels (edited by hand): nothing, never everything
+        return sorted({str(label).lower() for label in labels})
+
 
 class Nonce(models.Model):
     """Nonces of accepted signed requests, kept until their signature expires (replay guard)."""
@@ -244,6 +270,13 @@ class DataSource(models.Model):
     )
     checkpoint = models.BigIntegerField(
         default=0, help_text="Feed position of the last applied event."
+    )
+    source_id = models.CharField(
+        max_length=SOURCE_ID_MAX,
+        blank=True,
+        default="",
+        help_text="Identity of the source the checkpoint belongs to, recorded by a full Data "
+        "Pull or the first sync; a source answering with another one was reset or replaced.",
     )
     last_sync_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True, default="")

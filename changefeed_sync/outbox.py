@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from django.db import IntegrityError, connections, transaction
 
-from .models import Event, OutboxState
+from .models import Event, OutboxState, new_source_id
 
 # "cfsy" in ASCII; any constant works, it only has to be ours.
 ADVISORY_KEY = 0x63667379
@@ -60,8 +60,9 @@ def lock(using: str) -> None:
             # duplicate to upgrade later (a deadlock between first writers).
             table = connection.ops.quote_name(OutboxState._meta.db_table)
             cursor.execute(
-                f"INSERT INTO {table} (id, pruned_through) VALUES (1, 0) "
-                "ON DUPLICATE KEY UPDATE id = id"
+                f"INSERT INTO {table} (id, pruned_through, source_id) VALUES (1, 0, %s) "
+                "ON DUPLICATE KEY UPDATE id = id",
+                [new_source_id()],
             )
         else:
             table = connection.ops.quote_name(OutboxState._meta.db_table)
@@ -83,11 +84,52 @@ def _create_state_row(using: str) -> None:
     try:
         with wrapper.cursor() as cursor:
             try:
-                cursor.execute(f"INSERT INTO {table} (id, pruned_through) VALUES (1, 0)")
+                cursor.execute(
+                    f"INSERT INTO {table} (id, pruned_through, source_id) VALUES (1, 0, %s)",
+                    [new_source_id()],
+                )
             except IntegrityError:
                 pass
     finally:
         wrapper.close()
+
+
+class State(NamedTuple):
+    pruned_through: int
+    source_id: str
+
+
+def state(using: str) -> State:
+    """How far the outbox was pruned, and its identity (README, "Source identity").
+
+    A database flushed since its migrations lacks the row: it is created, with a
+    new identity (a flushed outbox is a new one: positions start again).
+    """
+    for _ in range(2):
+        found = (
+            OutboxState.objects.using(using)
+            .filter(id=1)
+            .values_list("pruned_through", "source_id")
+            .first()
+        )
+        if found is not None and found[1]:
+            return State(int(found[0]), str(found[1]))
+        if found is None:
+            OutboxState.objects.using(using).get_or_create(id=1)  # default: a new id
+        else:  # emptied by hand: draw one, unless another process just did
+            OutboxState.objects.using(using).filter(id=1, source_id="").update(
+                source_id=new_source_id()
+            )
+    raise RuntimeError("changefeed_sync: the outbox state row cannot be created")
+
+
+def reset_source_id(using: str) -> str:
+    """Give this outbox a new identity (after restoring it from a backup): every
+    target's checkpoint then belongs to the former one, and each needs a full Data Pull."""
+    state(using)
+    value = new_source_id()
+    OutboxState.objects.using(using).filter(id=1).update(source_id=value)
+    return value
 
 
 def write(using: str, events: Iterable[Event], *, locked: bool = False) -> None:

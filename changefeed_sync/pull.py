@@ -86,7 +86,7 @@ from .apply import (
     _write_m2m,
     is_relay,
 )
-from .client import SourceClient
+from .client import SourceClient, source_id_of
 from .context import applying
 from .exceptions import ApplyError, ChangefeedError, ProtocolError
 from .files import Stage
@@ -1052,6 +1052,9 @@ def run_pull(
         digests = start.get("digests") == DIGEST_VERSION
         labels = [str(label) for label in start["models"]]
         totals = {str(k): int(v) for k, v in (start.get("counts") or {}).items()}
+        # The source's identity: the checkpoint set below belongs to it (an older
+        # source sends none, and the recorded one is cleared).
+        source_id = source_id_of(start, f"source {source.name}: malformed snapshot start")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ProtocolError(f"source {source.name}: malformed snapshot start ({exc})") from exc
     all_options = []
@@ -1145,9 +1148,13 @@ def run_pull(
             if dry_run:
                 raise _DryRun
             DataSource.objects.using(using).filter(pk=source.pk).update(
-                checkpoint=position, last_sync_at=timezone.now(), last_error=""
+                checkpoint=position,
+                source_id=source_id or "",
+                last_sync_at=timezone.now(),
+                last_error="",
             )
             source.checkpoint = position
+            source.source_id = source_id or ""
             if stage is not None:
                 # Last, so that nothing before it can fail after files were written.
                 stage.publish()

@@ -32,7 +32,7 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import conf, feed
+from . import conf, feed, outbox
 from .models import Target
 from .serialization import PROTOCOL_VERSION
 from .signing import sign_request
@@ -118,19 +118,25 @@ def batches(target: Target, using: str, *, max_events: int = 1000) -> Iterator[B
     """Undelivered events of ``target`` as signed-ready bodies under the size limit."""
     # A target that already read the feed further needs nothing before that.
     since = max(target.delivered_seq, target.last_seen_seq or 0)
+    if since > target.delivered_seq and since > feed.head(using):
+        # Beyond every position given out (recorded before the feed refused such
+        # cursors, or the outbox was recreated under it): not a position it has.
+        since = target.delivered_seq
+    source_id = outbox.state(using).source_id
+    models = target.allowed_models()
     limit_bytes = conf.delivery_max_bytes()
     while True:
-        page = feed.read(since, max_events, using=using, models=target.model_labels or None)
+        page = feed.read(since, max_events, using=using, models=models)
         if not page.events:
             return
         events = page.events
         while events:
-            body = _body(target, since, events)
+            body = _body(target, since, events, source_id)
             count = len(events)
             # Halve until it fits; one event that alone is too big still goes.
             while len(body) > limit_bytes and count > 1:
                 count //= 2
-                body = _body(target, since, events[:count])
+                body = _body(target, since, events[:count], source_id)
             last = events[count - 1]["seq"]
             yield Batch(target, since, last, body)
             since = last
@@ -139,11 +145,14 @@ def batches(target: Target, using: str, *, max_events: int = 1000) -> Iterator[B
             return
 
 
-def _body(target: Target, since: int, events: list[dict[str, Any]]) -> bytes:
+def _body(
+    target: Target, since: int, events: list[dict[str, Any]], source_id: str | None = None
+) -> bytes:
     last = events[-1]["seq"]
     payload = {
         "protocol": PROTOCOL_VERSION,
         "id": f"{target.name}-{since}-{last}",
+        **({"source_id": source_id} if source_id is not None else {}),
         "since": since,
         "last_seq": last,
         "events": events,

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from django.db import connections, models
 from django.db.models import Max
 
-from . import files, registry
+from . import files, outbox, registry
 from .apply import _max_params, model_order, resolve_keys
 from .models import Event
 from .registry import Key, ModelOptions
@@ -174,11 +174,21 @@ def decode_buckets(text: str, buckets: int) -> frozenset[int]:
     return wanted
 
 
-def start(using: str) -> dict[str, Any]:
-    position = Event.objects.using(using).aggregate(m=Max("id"))["m"] or 0
-    ordered = model_order(registry.get_registered_models())
+def start(using: str, models: Sequence[str] | None = None) -> dict[str, Any]:
+    """The snapshot's feed position, this source's identity and the models to read,
+    parents first: every registered model, or those of ``models`` (a Target's selection)."""
+    state = outbox.state(using)
+    # Every event is pruned: continue after the last pruned one (0 would be expired).
+    position = max(Event.objects.using(using).aggregate(m=Max("id"))["m"] or 0,
+                   state.pruned_through)  # fmt: skip
+    registered = list(registry.get_registered_models())
+    if models is not None:
+        allowed = set(models)
+        registered = [m for m in registered if m._meta.label_lower in allowed]
+    ordered = model_order(registered)
     return {
         "protocol": PROTOCOL_VERSION,
+        "source_id": state.source_id,
         "position": position,
         "models": [m._meta.label_lower for m in ordered],
         # For progress only: rows may come and go while the snapshot is read.
@@ -227,8 +237,11 @@ def page(
     using: str,
     buckets: int | None = None,
     only: str | None = None,
+    *,
+    target: str | None = None,
 ) -> dict[str, Any]:
-    """Rows after ``after``; with ``buckets`` and ``only``, just the rows of those buckets."""
+    """Rows after ``after``; with ``buckets`` and ``only``, just the rows of those buckets.
+    File tokens of the rows work for ``target`` only, when given."""
     options = _options(label)
     with collection_paused():
         if buckets is None:
@@ -240,7 +253,7 @@ def page(
                 after, limit, buckets, wanted
             )
     if options.file_fields:
-        files.describe(options, rows)
+        files.describe(options, rows, target)
     return {
         "protocol": PROTOCOL_VERSION,
         "model": label,

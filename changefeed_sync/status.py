@@ -25,8 +25,9 @@ def target_lag(target: Target, using: str = "default") -> TargetLag:
     """Events after what the target has (delivered, or read from the feed) and their age."""
     position = max(target.delivered_seq, target.last_seen_seq or 0)
     pending = Event.objects.using(using).filter(id__gt=position)
-    if target.model_labels:
-        pending = pending.filter(model__in=target.model_labels)
+    models = target.allowed_models()
+    if models is not None:
+        pending = pending.filter(model__in=models)
     count = pending[:LAG_CAP].count()
     oldest = pending.order_by("id").values_list("created_at", flat=True).first()
     seconds = (timezone.now() - oldest).total_seconds() if oldest else 0.0
@@ -59,6 +60,7 @@ def source_rows(using: str = "default") -> list[dict[str, Any]]:
         {
             "source": source.name,
             "checkpoint": source.checkpoint,
+            "source_id": source.source_id,
             "last_sync_at": source.last_sync_at.isoformat() if source.last_sync_at else None,
             "last_error": source.last_error,
             "last_error_at": (

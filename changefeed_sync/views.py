@@ -15,8 +15,8 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from . import conf, feed, files, snapshot
-from .exceptions import CursorExpired, SignatureError
+from . import conf, feed, files, outbox, snapshot
+from .exceptions import CursorAhead, CursorExpired, SignatureError
 from .models import Target
 from .serialization import PROTOCOL_VERSION
 from .sqlite_waits import prompt_lock_waits, retry_transaction
@@ -129,13 +129,28 @@ def _refused(request: HttpRequest, exc: SignatureError) -> JsonResponse:
     return _error(403, "authentication failed", "authentication_failed")
 
 
-def _authenticated(request: HttpRequest, using: str) -> str | JsonResponse:
+def _authenticated(request: HttpRequest, using: str) -> Target | JsonResponse:
     try:
-        name, nonce, _ = verify(request, using)
+        name, nonce, target = verify(request, using)
         record_request(name, nonce, using)
-        return name
+        return target
     except SignatureError as exc:
         return _refused(request, exc)
+
+
+def _not_offered(label: str) -> JsonResponse:
+    """The one answer for a model a Target may not read, registered here or not:
+    nothing tells the two apart."""
+    return _error(404, f"model {_shown(label)} is not offered to this target", "unknown_model")
+
+
+def _offered(target: Target, label: str) -> bool:
+    """Whether ``label`` is a registered model this Target receives."""
+    from .registry import options_for_label
+
+    allowed = target.allowed_models()
+    options = options_for_label(label)
+    return options is not None and (allowed is None or options.label in allowed)
 
 
 @transaction.non_atomic_requests
@@ -143,12 +158,15 @@ def _authenticated(request: HttpRequest, using: str) -> str | JsonResponse:
 def snapshot_view(request: HttpRequest) -> JsonResponse:
     """Without ``model``: the snapshot's feed position and model order; with it: one page."""
     using = conf.feed_database()
-    name = _authenticated(request, using)
-    if isinstance(name, JsonResponse):
-        return name
+    target = _authenticated(request, using)
+    if isinstance(target, JsonResponse):
+        return target
     label = request.GET.get("model")
+    models = target.allowed_models()
     if not label:
-        return JsonResponse(snapshot.start(using))
+        return JsonResponse(snapshot.start(using, models))
+    if not _offered(target, label):
+        return _not_offered(label)
     after = request.GET.get("after")
     try:
         _check_after(label, after, using)
@@ -162,9 +180,11 @@ def snapshot_view(request: HttpRequest) -> JsonResponse:
         else:
             limit = min(limit, conf.feed_max_limit())
             only = request.GET.get("only") if buckets else None
-            body = snapshot.page(label, after, limit, using, buckets or None, only)
-    except LookupError as exc:
-        return _error(404, str(exc), "unknown_model")
+            body = snapshot.page(
+                label, after, limit, using, buckets or None, only, target=target.name
+            )
+    except LookupError:
+        return _not_offered(label)
     except (ValueError, TypeError) as exc:
         return _error(400, f"bad snapshot request: {exc}", "bad_parameter")
     return JsonResponse(body)
@@ -220,9 +240,14 @@ def file_view(request: HttpRequest) -> FileResponse | JsonResponse:
     if request.method == "POST":
         return _describe_files(request, target, using)
     try:
-        handle, size = files.open_listed(request.GET.get("t", ""), name)
+        handle, size = files.open_listed(
+            request.GET.get("t", ""), name, models=target.allowed_models()
+        )
     except files.BadFileToken as exc:
-        return _error(403, str(exc), "bad_file_token")
+        # One answer for every reason (forged, expired, another Target's, another
+        # model's): nothing tells whether a model or file exists. The reason is logged.
+        logger.warning("file request of %.200s refused: %.500s", name, exc)
+        return _error(403, "bad or expired file token", "bad_file_token")
     except FileNotFoundError:
         return _error(404, "file listed by the snapshot is gone", "file_missing")
     response = FileResponse(handle, content_type="application/octet-stream")
@@ -253,7 +278,7 @@ def _describe_files(request: HttpRequest, target: Target, using: str) -> JsonRes
         return _error(400, f"bad files request: {exc}", "bad_request")
     if len(items) > MAX_DESCRIBE:
         return _error(400, f"at most {MAX_DESCRIBE} files per request", "bad_request")
-    models = target.model_labels or None
+    models = target.allowed_models()
     answers = [
         files.describe_current(item, target=target.name, models=models, using=using)
         for item in items
@@ -289,14 +314,27 @@ def _feed(request: HttpRequest, using: str) -> HttpResponse:
     limit = min(limit, conf.feed_max_limit())
     wait = min(max(wait, 0.0), conf.feed_max_wait())
     try:
+        state = feed.check_cursor(since, using)
+    except (CursorAhead, CursorExpired) as exc:
+        # Refused: the request still counts against replays, its cursor is not recorded.
+        try:
+            record_request(name, nonce, using)
+        except SignatureError as refused:
+            return _refused(request, refused)
+        if isinstance(exc, CursorAhead):
+            return _error(409, str(exc), "cursor_ahead", position=exc.head,
+                          source_id=outbox.state(using).source_id)  # fmt: skip
+        return _error(410, str(exc), "cursor_expired")
+    try:
         record_request(name, nonce, using, seq=since)
     except SignatureError as exc:
         return _refused(request, exc)
-    models = target.model_labels or None
+    models = target.allowed_models()
     try:
         page = feed.read_or_wait(since, limit, wait, using=using, models=models)
     except CursorExpired as exc:
         return _error(410, str(exc), "cursor_expired")
+    page.source_id = state.source_id
     # The events are spliced in as stored, not decoded and encoded again.
     return HttpResponse(page.to_json(), content_type="application/json")
 
@@ -308,7 +346,7 @@ def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
     """Receive a pushed batch from the Data Source ``source_name`` (target side)."""
     from . import webhook
     from .conf import webhook_files_seconds
-    from .exceptions import ApplyError, ChangefeedError, SourceUnavailable
+    from .exceptions import ApplyError, ChangefeedError, SourceReset, SourceUnavailable
     from .files import TransferDeadline
     from .framing import FramingError
     from .models import DataSource
@@ -325,30 +363,38 @@ def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
     if int(raw_length) > conf.webhook_max_bytes():
         return _error(413, f"body larger than {conf.webhook_max_bytes()} bytes", "body_too_large")
     using = conf.target_database()
+    signature = request.headers.get(SIGNATURE_HEADER)
+    if not signature:
+        # Whatever the name: nothing tells a known source from an unknown one.
+        logger.warning("webhook for %.200s refused: no signature", source_name)
+        return _error(401, "authentication required", "authentication_required")
     source = (
         DataSource.objects.using(using).filter(name=source_name).first()
         if _plausible_name(source_name)
         else None
     )
-    if source is None:
-        return _error(404, f"unknown source {_shown(source_name)}", "unknown_source")
     try:
+        if source is None:
+            raise SignatureError(f"unknown source {source_name[:200]!r}")
+        known = source
+        # The body's signature first: without the shared secret, every answer is
+        # the same 403 whether the source exists, and whether it uses OIDC.
+        _, nonce = verify_request(
+            signature,
+            "POST",
+            request.get_full_path(),
+            request.body,
+            lambda name: known.secret_list() if name == known.client_name else None,
+            max_age=conf.webhook_tolerance(),
+        )
         if source.oidc_service_account:
             verify_oidc(
                 request.headers.get("Authorization"),
                 audience=source.oidc_audience or request.build_absolute_uri(),
                 email=source.oidc_service_account,
             )
-        _, nonce = verify_request(
-            request.headers.get(SIGNATURE_HEADER),
-            "POST",
-            request.get_full_path(),
-            request.body,
-            lambda name: source.secret_list() if name == source.client_name else None,
-            max_age=conf.webhook_tolerance(),
-        )
     except SignatureError as exc:
-        logger.warning("webhook for %s refused: %.500s", source_name[:200], exc.reason)
+        logger.warning("webhook for %.200s refused: %.500s", source_name, exc.reason)
         if exc.missing:
             return _error(401, "authentication required", "authentication_required")
         return _error(403, "authentication failed", "authentication_failed")
@@ -382,6 +428,12 @@ def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
         response = _error(503, f"files still downloading: {exc}", "files_pending")
         response["Retry-After"] = "1"
         return response
+    except SourceReset as exc:
+        # The checkpoint belongs to another source (or to this one before a reset).
+        DataSource.objects.using(using).filter(pk=source.pk).update(
+            last_error=str(exc)[:2000], last_error_at=timezone.now()
+        )
+        return _error(409, str(exc), "source_reset")
     except SourceUnavailable as exc:
         return _error(503, f"catching up from the feed failed: {exc}", "source_unavailable")
     except ApplyError as exc:

@@ -19,9 +19,9 @@ from django.db import DataError, IntegrityError, connections
 
 from . import conf
 from .apply import ApplyStats
-from .client import SourceClient
+from .client import SourceClient, source_id_of
 from .exceptions import ApplyError, ProtocolError
-from .follow import sync
+from .follow import check_source_id, sync
 from .framing import check_page
 from .increment_files import apply_with_files, kept_dir, references
 from .models import DataSource
@@ -43,6 +43,7 @@ def parse(body: Any) -> tuple[int, int, list[dict[str, Any]]]:
     if type(since) is not int or type(last_seq) is not int or not isinstance(events, list):
         raise ProtocolError("webhook body lacks since/last_seq (integers) or events (a list)")
     check_page(events, since=since, last_seq=last_seq)
+    source_id_of(body, "webhook body")
     return since, last_seq, events
 
 
@@ -124,8 +125,12 @@ def receive(
     with its credentials before the batch's transaction (increment_files.py),
     until ``deadline`` (time.monotonic()); then files.TransferDeadline, and
     what was downloaded is kept for the retry.
+
+    A batch from a source whose identity (``source_id``) is not the one the
+    checkpoint belongs to raises SourceReset before anything moves.
     """
     since, last_seq, events = parse(body)
+    check_source_id(source, source_id_of(body, "webhook body"), using=using)
     for _ in range(3):  # another delivery may move the checkpoint between read and apply
         source.refresh_from_db(using=using, fields=["checkpoint"])
         checkpoint = source.checkpoint

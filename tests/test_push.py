@@ -108,7 +108,10 @@ def test_bad_webhooks_get_4xx_and_write_nothing(sites: tuple[Target, DataSource]
     assert post(batch.body + b" ", good).status_code == 403  # body changed after signing
     other = {push.SIGNATURE_HEADER: sign_request("other", ["pw"], "POST", path, batch.body)}
     assert post(batch.body, other).status_code == 403
-    assert post(batch.body, good, to=url.replace("/hq/", "/nosuch/")).status_code == 404
+    # An unknown source gets the answer of bad credentials: nothing tells the names.
+    unknown = post(batch.body, good, to=url.replace("/hq/", "/nosuch/"))
+    assert (unknown.status_code, unknown.json()["code"]) == (403, "authentication_failed")
+    assert post(batch.body, {}, to=url.replace("/hq/", "/nosuch/")).status_code == 401
     junk = b"{not json"
     assert post(junk, {push.SIGNATURE_HEADER: sign_request("regional", ["pw"], "POST", path, junk)}).status_code == 400
     big = json.dumps({"pad": "x" * 1_100_000}).encode()

@@ -37,7 +37,9 @@ class Command(BaseCommand):
             self.stdout.write("  none")
         for s in sources:
             self.stdout.write(
-                f"  {s['source']}: checkpoint {s['checkpoint']}, last sync {s['last_sync_at']}"
+                f"  {s['source']}: checkpoint {s['checkpoint']}"
+                + (f" of source id {s['source_id']}" if s["source_id"] else "")
+                + f", last sync {s['last_sync_at']}"
                 + (
                     f", last error ({s['last_error_at'] or 'time unknown'}): {s['last_error']}"
                     if s["last_error"]
