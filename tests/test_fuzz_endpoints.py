@@ -37,10 +37,13 @@ pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
 SECRET = "fuzz-secret-R2v9Qx7LmT4pZk8WcB3nY6hJdF0sA5gE1uVoKi"
 SOURCE_SECRET = "fuzz-source-secret-Hq3Lw8Zn2Vc7Xb5Mk9Pt4Rj6Gy1Df0Sa"
-#: Examples per endpoint and database; CFS_FUZZ_EXAMPLES=1000 for a longer hunt.
+#: Examples per endpoint and database; CFS_FUZZ_EXAMPLES=1000 CFS_FUZZ_RANDOM=1 for a hunt.
 EXAMPLES = int(os.environ.get("CFS_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(
     max_examples=EXAMPLES,
+    # The same examples on every run in CI (a fixed seed); CFS_FUZZ_RANDOM=1 hunts.
+    derandomize=not os.environ.get("CFS_FUZZ_RANDOM"),
+    database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
