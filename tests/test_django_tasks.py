@@ -111,7 +111,8 @@ def test_a_failing_delivery_records_the_failure_then_recovers(
         Country.objects.create(code="aa")
         target.refresh_from_db()
         assert target.failures == 1
-        assert "HTTP 404" in target.last_error and "unknown source" in target.last_error
+        # An unknown source name is answered as bad credentials (no name is revealed).
+        assert "HTTP 403" in target.last_error and "authentication_failed" in target.last_error
         assert target.last_error_at is not None and target.next_attempt_at is not None
         assert target.delivered_seq == 0
         assert not Country.objects.using(TGT).exists()
