@@ -1,9 +1,9 @@
 """End-to-end lag: from a commit on the source to the row visible on the target.
 
-    .venv/bin/python bench/lag.py            # 1/s for 60 s and 100/s for 30 s, per mode
-    .venv/bin/python bench/lag.py --quick    # 1/s for 10 s and 100/s for 4 s
-    .venv/bin/python bench/lag.py --json PATH
-    .venv/bin/python bench/lag.py --modes inline --rates 100   # one case
+    .venv-django6/bin/python bench/lag.py            # 1/s for 60 s and 100/s for 30 s, per mode
+    .venv-django6/bin/python bench/lag.py --quick    # 1/s for 10 s and 100/s for 4 s
+    .venv-django6/bin/python bench/lag.py --json PATH
+    .venv-django6/bin/python bench/lag.py --modes inline --rates 100   # one case
 
 Two sites of tests/servers.py, each its own SQLite database and ``runserver``
 process (the source's serves the feed, the target's the webhook). This process is

@@ -1,9 +1,9 @@
 """Full Data Pull benchmark: real HTTP between real processes, against dumpdata + loaddata.
 
-    .venv/bin/python bench/pull.py                  # 100k rows, SQLite and PostgreSQL; memory at 1M
-    .venv/bin/python bench/pull.py --quick          # 10k rows, memory at 50k: a smoke run
-    .venv/bin/python bench/pull.py --rows 200000 --large-rows 2000000
-    .venv/bin/python bench/pull.py --backends sqlite --no-memory --profile
+    .venv-django6/bin/python bench/pull.py                  # 100k rows, SQLite and PostgreSQL; memory at 1M
+    .venv-django6/bin/python bench/pull.py --quick          # 10k rows, memory at 50k: a smoke run
+    .venv-django6/bin/python bench/pull.py --rows 200000 --large-rows 2000000
+    .venv-django6/bin/python bench/pull.py --backends sqlite --no-memory --profile
 
 For each backend (SQLite -> SQLite, PostgreSQL -> PostgreSQL), in one run:
 

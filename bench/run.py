@@ -1,10 +1,10 @@
 """Benchmarks of changefeed_sync, every figure and its reference measured side by side in one run.
 
-    .venv/bin/python bench/run.py                   # full run (5-10 minutes on 2 CPUs)
-    .venv/bin/python bench/run.py --quick           # smoke run, small sizes
-    .venv/bin/python bench/run.py --only apply      # one section: capture | apply | ochanges
-    .venv/bin/python bench/run.py --json PATH       # also write the results as JSON
-    .venv/bin/python bench/run.py --profile         # cProfile of the timed regions only
+    .venv-django6/bin/python bench/run.py                   # full run (5-10 minutes on 2 CPUs)
+    .venv-django6/bin/python bench/run.py --quick           # smoke run, small sizes
+    .venv-django6/bin/python bench/run.py --only apply      # one section: capture | apply | ochanges
+    .venv-django6/bin/python bench/run.py --json PATH       # also write the results as JSON
+    .venv-django6/bin/python bench/run.py --profile         # cProfile of the timed regions only
 
 Sections (each figure is the median of several repetitions; the contenders of a
 comparison are run in alternation, so that load from other processes drifting

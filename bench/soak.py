@@ -1,11 +1,11 @@
 """Soak of the convergence property (tests/test_convergence.py): many more examples than
 CI runs, with a random seed, failures shrunk to a minimal sequence.
 
-    .venv/bin/python bench/soak.py                          # 200 examples per pair, all pairs
-    .venv/bin/python bench/soak.py --examples 1000 --steps 50
-    .venv/bin/python bench/soak.py --pairs sqlite-postgres mariadb-sqlite
-    .venv/bin/python bench/soak.py --seed 1234              # repeat a run
-    .venv/bin/python bench/soak.py --no-shrink              # report failures as found
+    .venv-django6/bin/python bench/soak.py                          # 200 examples per pair, all pairs
+    .venv-django6/bin/python bench/soak.py --examples 1000 --steps 50
+    .venv-django6/bin/python bench/soak.py --pairs sqlite-postgres mariadb-sqlite
+    .venv-django6/bin/python bench/soak.py --seed 1234              # repeat a run
+    .venv-django6/bin/python bench/soak.py --no-shrink              # report failures as found
 
 It runs pytest on tests/test_convergence.py (the test suite's settings and database
 servers, test databases suffixed ``soak`` so that other runs are not disturbed) with
