@@ -34,6 +34,7 @@ from django.db.models import QuerySet, signals
 
 from . import outbox, outbox_pg, registry
 from .context import _applying
+from .keys import resolve_keys
 from .models import Event
 from .registry import ModelOptions
 from .serialization import (
@@ -517,8 +518,6 @@ def _bulk_create(original: Any) -> Any:
             if any(pk is None for pk in pks):
                 # ignore_conflicts / update_conflicts on some databases: no ids
                 # come back, so find the rows by natural key.
-                from .apply import resolve_keys
-
                 keys = [key_of_instance(options, obj) for obj in objs]
                 pks = list(resolve_keys(options, keys, using).values())
             _write_upserts(options, pks, using, changed=None)

@@ -32,7 +32,7 @@ from django.db import connections, models
 from django.db.models import Max
 
 from . import files, outbox, registry
-from .apply import _max_params, model_order, resolve_keys
+from .keys import max_params, model_order, resolve_keys
 from .models import Event
 from .registry import Key, ModelOptions
 from .serialization import (
@@ -408,7 +408,7 @@ class RowReader:
     def _related(self, rows: Sequence[Sequence[Any]]) -> list[dict[Any, tuple[Any, ...]]]:
         """Per foreign key: its column value -> (our key's parts through it, its natural key)."""
         maps: list[dict[Any, tuple[Any, ...]]] = []
-        limit = _max_params(self.using)
+        limit = max_params(self.using)
         for link in self.links:
             found: dict[Any, tuple[Any, ...]] = {}
             values = {row[link.column] for row in rows} - {None}
@@ -744,7 +744,7 @@ class RowReader:
             existing = resolve_keys(options, wanted, self.using)
             payloads = payloads_from_db(options, list(existing.values()), self.using)
             return {k: (pk, payloads[pk]["data"]) for k, pk in existing.items() if pk in payloads}
-        limit = _max_params(self.using)
+        limit = max_params(self.using)
         # Our key's parts through each foreign key -> that foreign key's column value.
         via: dict[int, dict[tuple[Any, ...], Any]] = {}
         for j, positions in self.link_subs:
