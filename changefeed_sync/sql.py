@@ -172,3 +172,16 @@ def _array_type(db_type: str | None) -> str | None:
         return None
     base = re.sub(r"\(.*?\)", "", db_type).strip()
     return "text" if base in ("char", "character", "varchar", "character varying") else base
+
+
+def integer_range(connection: Any, internal_type: str) -> tuple[int, int]:
+    """The integers a column of ``internal_type`` stores on ``connection``: its
+    database's range, within 64 bits (SQLite names no range, its driver stops there)."""
+    try:
+        low, high = connection.ops.integer_field_range(internal_type)
+    except KeyError:
+        low = high = None
+    return (
+        max(low, -(2**63)) if low is not None else -(2**63),
+        min(high, 2**63 - 1) if high is not None else 2**63 - 1,
+    )

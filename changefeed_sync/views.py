@@ -214,7 +214,7 @@ def _check_after(label: str, after: str | None, using: str) -> None:
         raise ValueError(problem) from None
     internal = pk.get_internal_type()
     if isinstance(value, int) and internal.endswith(("IntegerField", "AutoField")):
-        from .webhook import integer_range
+        from .sql import integer_range
 
         low, high = integer_range(connections[using], internal)
         if not low <= value <= high:

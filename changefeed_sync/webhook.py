@@ -17,7 +17,7 @@ from typing import Any
 
 from django.db import DataError, IntegrityError, connections
 
-from . import conf
+from . import conf, sql
 from .apply import ApplyStats
 from .client import SourceClient, source_id_of
 from .exceptions import ApplyError, ProtocolError
@@ -67,19 +67,6 @@ def explain(exc: BaseException, events: list[dict[str, Any]], using: str) -> App
     return ApplyError(f"the target's database refused the batch ({type(exc).__name__}: {exc})")
 
 
-def integer_range(connection: Any, internal_type: str) -> tuple[int, int]:
-    """The integers a column of ``internal_type`` stores on ``connection``: its
-    database's range, within 64 bits (SQLite names no range, its driver stops there)."""
-    try:
-        low, high = connection.ops.integer_field_range(internal_type)
-    except KeyError:
-        low = high = None
-    return (
-        max(low, -(2**63)) if low is not None else -(2**63),
-        min(high, 2**63 - 1) if high is not None else 2**63 - 1,
-    )
-
-
 def _unstorable(f: Any, raw: Any, connection: Any) -> str | None:
     if raw is None:
         return None
@@ -89,7 +76,7 @@ def _unstorable(f: Any, raw: Any, connection: Any) -> str | None:
         return f"bad value {raw!r:.60} ({exc})"
     internal = f.get_internal_type()
     if isinstance(value, int) and internal.endswith(("IntegerField", "AutoField")):
-        low, high = integer_range(connection, internal)
+        low, high = sql.integer_range(connection, internal)
         if not low <= value <= high:
             return f"value {value} is out of the column's range [{low}, {high}]"
     if isinstance(value, str):
