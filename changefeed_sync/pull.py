@@ -411,8 +411,7 @@ class _Model:
                 fixed.append((f, None))
             else:
                 return None, []
-        self.fixed_fields = [f for f, _ in fixed]
-        fields = [*options.plain_fields, *options.fk_fields, *self.fixed_fields]  # as in _values
+        fields = [*options.plain_fields, *options.fk_fields, *(f for f, _ in fixed)]  # as _values
         values = [value for _, value in fixed]
         if sql.can_upsert(options, self.using):
             update = [f for f in options.concrete_fields if f.name not in unique]
@@ -564,7 +563,7 @@ class _Model:
                     candidates = list("~!#$%&*+-=?@^_|") if not attempt else []
                 else:
                     candidates = [
-                        text for i in range(n, n + 64) if len(text := f"~{_base36(i)}") <= room
+                        text for i in range(n, n + 64) if len(text := f"~{i:x}") <= room
                     ]
             elif isinstance(f, models.IntegerField) and not f.is_relation:
                 try:
@@ -756,16 +755,6 @@ class _Model:
         return columns
 
 
-def _base36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if not n:
-            return out
-
-
 class _Lost(Exception):
     """A row written by the general path is not there after its write."""
 
@@ -832,11 +821,9 @@ def _pull_page(
         try:
             with transaction.atomic(using=model.using):
                 written = model.write(changes, pks, want_pks=track)
-                if not track:
-                    pass
-                elif written is not None:
+                if track and written is not None:
                     seen.extend(written)
-                elif created:
+                elif track and created:
                     there = resolve_keys(options, created, model.using)
                     if len(there) < len(created):
                         # MySQL's general path: a clash on another unique key updated
