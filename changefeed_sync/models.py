@@ -115,8 +115,10 @@ def validate_secrets(text: str) -> None:
 class Event(models.Model):
     """One change of one row, written in the transaction that made the change.
 
-    Its id is the feed position. Writers are serialized (``outbox.lock``), so
-    ids become visible in commit order and a cursor never skips a late commit.
+    ``position`` is its place in the feed, given after its transaction
+    committed by the sequencer (``outbox.sequence``): writers take no lock
+    among themselves, and positions are gap-free and become visible in order,
+    so a cursor never skips a late commit. ``id`` only records insertion order.
     """
 
     UPSERT = "upsert"
@@ -135,13 +137,20 @@ class Event(models.Model):
     )
     data = models.JSONField(null=True, blank=True)
     changed = models.JSONField(null=True, blank=True, help_text="Names of the fields that changed.")
+    position = models.BigIntegerField(
+        null=True,
+        blank=True,
+        unique=True,
+        help_text="Place in the feed, given once the event's transaction committed.",
+    )
 
     class Meta:
         ordering = ["id"]
         verbose_name = "outbox event"
 
     def __str__(self) -> str:
-        return f"#{self.id} {self.op} {self.model} {self.key}"
+        where = "unsequenced" if self.position is None else f"@{self.position}"
+        return f"#{self.id} {where} {self.op} {self.model} {self.key}"
 
 
 def new_source_id() -> str:
@@ -154,14 +163,17 @@ SOURCE_ID_MAX = 64
 
 
 class OutboxState(models.Model):
-    """A single row: the lock that serializes outbox writers where advisory locks
-    are not available, how far the outbox was pruned, and the identity of this
-    outbox (its positions mean something only together with it: a site recreated
-    or replaced gets a new one, so its targets notice, as CouchDB's replication
-    ids carry the server's UUID)."""
+    """A single row: the sequencer's lock and the last position it gave, how far
+    the outbox was pruned, and the identity of this outbox (its positions mean
+    something only together with it: a site recreated or replaced gets a new
+    one, so its targets notice, as CouchDB's replication ids carry the server's
+    UUID)."""
 
     id = models.PositiveSmallIntegerField(primary_key=True, default=1)
     pruned_through = models.BigIntegerField(default=0)
+    last_position = models.BigIntegerField(
+        default=0, help_text="The last feed position given (the feed's head)."
+    )
     source_id = models.CharField(
         max_length=SOURCE_ID_MAX,
         default=new_source_id,
