@@ -14,10 +14,15 @@ Three ways a row changes, three hooks:
 - Rows written by ``apply`` (changes coming from a source) are not captured
   again: ``applying()`` marks them, like Django's ``raw=True``.
 
-On PostgreSQL a save in autocommit whose event needs nothing but the
-instance (no relations) skips the atomic block: its row statement is
-rewritten to carry the lock and the event (``outbox_pg``), one round trip
-instead of five, still one transaction.
+On PostgreSQL a save whose event needs nothing but the instance (no
+relations) sends its row and its event as one statement (``outbox_pg``): in
+autocommit one round trip instead of four, still one transaction; inside
+``atomic()`` one instead of two.
+
+Writers take no lock among themselves: the feed's order is given after commit
+(``outbox.sequence``). What a writer reads to build its event, it reads under
+a row lock, so that the order of events never contradicts what they say (see
+``_lock_rows``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from django.db import connections, models, router, transaction
 from django.db.models import QuerySet, signals
 
 from . import outbox, outbox_pg, registry
+from .read_locks import lock_for_events
 from .context import _applying
 from .keys import resolve_keys
 from .models import Event
@@ -162,7 +168,7 @@ PLAN_ATTR = "_changefeed_one_statement"
 
 
 class _Plan:
-    """A save whose row statements carry their own event (PostgreSQL, autocommit)."""
+    """A save whose row statements carry their own event (PostgreSQL)."""
 
     __slots__ = ("options", "using", "rewritten")
 
@@ -184,7 +190,7 @@ def _one_statement_plan(
     update (an instance that was never loaded is read first, in a transaction).
     """
     connection = connections[using]
-    if connection.vendor != "postgresql" or connection.in_atomic_block:
+    if connection.vendor != "postgresql":
         return None
     options = _capturing(type(instance))
     if options is None or args or kwargs.get("raw") or kwargs.get("update_fields") is not None:
@@ -192,8 +198,8 @@ def _one_statement_plan(
     concrete: Any = instance._meta.concrete_model  # a proxy's parents are not tables
     if not options.payload_in_memory or concrete._meta.parents:
         return None
-    if not connection.get_autocommit():
-        return None
+    if not connection.in_atomic_block and not connection.get_autocommit():
+        return None  # a transaction managed by hand (set_autocommit(False))
     if not instance._state.adding and SNAPSHOT_ATTR not in instance.__dict__:
         return None
     if _has_expression(instance):
@@ -240,7 +246,7 @@ class _Rewriter:
             model = type(self.instance)
             result = outbox_pg.execute_with_event(execute, sql, params, context, model, change)
             if result is not outbox_pg.DECLINED:
-                outbox.after_commit(plan.using)  # committed with the statement (autocommit)
+                outbox.after_this_transaction(plan.using)
                 return result
             if not outbox_pg.values_are_parameters(sql):
                 # A field's pre_save returned an expression: the instance does not
@@ -248,8 +254,8 @@ class _Rewriter:
                 change = None
         # A value only the database knows (an expression set by a pre_save
         # receiver or returned by a field's pre_save), or a statement shape
-        # outbox_pg does not know: in one transaction, the lock, the row, then
-        # the event (for a value the database computed, from what was stored).
+        # outbox_pg does not know: in one transaction, the row, then the event
+        # (for a value the database computed, from what was stored).
         with transaction.atomic(using=plan.using, savepoint=False):
             outbox.lock(plan.using)
             result = execute(sql, params, many, context)
@@ -291,16 +297,15 @@ def _wrap_row_writes(model: type[models.Model]) -> None:
 
 def _pre_write(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
     if _capturing(sender) is None or instance.__dict__.get(PLAN_ATTR) is not None:
-        return  # a one-statement save takes the lock in its statement
+        return  # a one-statement save sends its event with its row
     using = kwargs.get("using") or instance._state.db or "default"
-    # Lock before the row is written: every writer then takes the outbox lock
-    # before its row locks, which keeps lock order consistent (no deadlock with
-    # another writer that holds the outbox lock and waits for our row).
-    outbox.lock(using)
+    outbox.lock(using)  # SQLite: the write lock before this transaction reads
     if not instance._state.adding and SNAPSHOT_ATTR not in instance.__dict__:
-        # Built by hand with a primary key, never loaded: read what is stored.
+        # Built by hand with a primary key, never loaded: read what is stored,
+        # locked, so that no other writer changes its key in between.
         stored = (
             sender._base_manager.using(using)
+            .select_for_update()
             .filter(pk=instance.pk)
             .values(*(f.attname for f in sender._meta.concrete_fields))
             .first()
@@ -322,9 +327,12 @@ def _post_save(
         return
     plan = instance.__dict__.get(PLAN_ATTR)
     if plan is None or not plan.rewritten:
+        if not options.payload_in_memory:
+            # The row is written (locked); the rows its event names are not.
+            lock_for_events(sender, [instance.pk], using, rows=False)
         change = _upsert_change(options, instance, created, using, update_fields, raw)
         # Outside a plan the lock was taken in pre_save; a plan whose row
-        # statement was never seen (not expected) writes in its own transaction.
+        # statement was never seen (not expected) takes it here.
         outbox.write(using, [change.event()], locked=plan is None)
     # Later saves of this instance compare with what is stored now.
     instance.__dict__[SNAPSHOT_ATTR] = _snapshot(instance)
@@ -397,6 +405,7 @@ def _pre_delete(
     if options is None:
         return
     outbox.lock(using)
+    lock_for_events(sender, [instance.pk], using)
     # Read the key now: in a cascade, rows it goes through may be gone by post_delete.
     heads = {getattr(sender._meta.get_field(h), "attname", h) for h in options.key_heads}
     values = {attname: getattr(instance, attname) for attname in heads}
@@ -466,6 +475,8 @@ def _write_upserts(
 ) -> None:
     if not pks:
         return
+    # Locked first: a many-to-many change does not write the row itself.
+    lock_for_events(options.model, pks, using)
     payloads = payloads_from_db(options, pks, using)
     events = []
     for pk in pks:
@@ -537,8 +548,11 @@ def _bulk_update(original: Any) -> Any:
         with transaction.atomic(using=using, savepoint=False):
             outbox.lock(using)
             pks = [obj.pk for obj in objs]
+            # Locked: no other writer may change their keys between this read
+            # and the update.
             old_keys = _keys_by_pk(
-                options, self.model._base_manager.using(using).filter(pk__in=pks)
+                options,
+                self.model._base_manager.using(using).select_for_update().filter(pk__in=pks),
             )
             with _no_capture():
                 result = original(self, objs, fields, *args, **kwargs)
@@ -558,16 +572,28 @@ def _update(original: Any) -> Any:
         using = _write_db(self)
         with transaction.atomic(using=using, savepoint=False):
             outbox.lock(using)
-            # Every captured writer holds the outbox lock, so the set of rows
-            # read here is the set the update below changes.
-            old_keys = _keys_by_pk(options, self)
+            # The rows to change, locked, then changed by primary key: the events
+            # name exactly the rows the update changed, even when other writers
+            # add or change matching rows meanwhile (a plain UPDATE would also
+            # change rows committed between this read and it).
+            pks = list(_locked(self, using).values_list("pk", flat=True))
+            base = self.model._base_manager.using(using).filter(pk__in=pks)
+            old_keys = _keys_by_pk(options, base)
             with _no_capture():
-                result = original(self, **kwargs)
+                result = original(base, **kwargs) if pks else 0
             changed = sorted(set(kwargs) & options.field_names)
             _write_upserts(options, list(old_keys), using, changed=changed, old_keys=old_keys)
         return result
 
     return update
+
+
+def _locked(qs: QuerySet[Any], using: str) -> QuerySet[Any]:
+    """``qs`` with its own rows locked for update (not the rows its filter joins,
+    where the database can tell them apart)."""
+    if connections[using].features.has_select_for_update_of:
+        return qs.select_for_update(of=("self",))
+    return qs.select_for_update()
 
 
 _installed = False

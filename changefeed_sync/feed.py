@@ -1,8 +1,9 @@
 """Reading the outbox after a cursor. No HTTP here: views.py wraps it.
 
-Positions are event ids. ``outbox.lock`` makes ids visible in commit order,
-so "every event with id > cursor, in id order" never skips a transaction
-that commits late: reading is a plain indexed range scan.
+A cursor is a feed position (``Event.position``). Positions are given after
+commit by ``outbox.sequence``, gap-free and in order, so "every event with
+position > cursor, in position order" never skips a transaction that commits
+late: reading is a plain indexed range scan, after sequencing what committed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connections
-from django.db.models import Max
 
 from . import conf, outbox
 from .exceptions import CursorAhead, CursorExpired
@@ -73,10 +73,9 @@ def pruned_through(using: str) -> int:
 
 
 def head(using: str) -> int:
-    """The last position this outbox gave out: its newest event, or, when every
-    event was pruned, the last pruned one. No reader's cursor can be beyond it."""
-    newest = Event.objects.using(using).aggregate(m=Max("id"))["m"] or 0
-    return max(int(newest), pruned_through(using))
+    """The last position this outbox gave out (after giving positions to every
+    event committed so far). No reader's cursor can be beyond it."""
+    return outbox.head(using)
 
 
 def check_cursor(since: int, using: str) -> outbox.State:
@@ -91,9 +90,9 @@ def check_cursor(since: int, using: str) -> outbox.State:
             f"(pruned through {state.pruned_through}): run a full Data Pull"
         )
     if since > state.pruned_through:
-        newest = Event.objects.using(using).filter(id__gte=since).aggregate(m=Max("id"))["m"]
-        if newest is None:
-            raise CursorAhead(since, head(using))
+        current = head(using)
+        if since > current:
+            raise CursorAhead(since, current)
     return state
 
 
@@ -106,6 +105,7 @@ def read(
     list: none); the cursor still moves past the others.
     """
     using = using or conf.feed_database()
+    outbox.sequence(using)
     if since < pruned_through(using):
         raise CursorExpired(
             f"cursor {since} is older than the oldest event kept "
@@ -116,7 +116,7 @@ def read(
     rows = rows[:limit]
     last = rows[-1][0] if rows else since
     if more:
-        events = Event.objects.using(using).filter(id__gt=last)
+        events = Event.objects.using(using).filter(position__gt=last)
         if models is not None:
             events = events.filter(model__in=models)
         pending = events[:PENDING_CAP].count()
@@ -126,7 +126,7 @@ def read(
 
 
 def _rows(since: int, count: int, using: str, models: list[str] | None) -> list[tuple[Any, ...]]:
-    """(id, created_at, model, op, key, old_key, data, changed) with the JSON
+    """(position, created_at, model, op, key, old_key, data, changed) with the JSON
     columns as the text the database holds.
 
     The feed's hot path: the stored JSON is valid JSON already, so it is
@@ -142,16 +142,17 @@ def _rows(since: int, count: int, using: str, models: list[str] | None) -> list[
         # text instead of parsing a datetime that is only formatted again.
         created_at += " || ''"
     columns = ", ".join(
-        [qn("id"), created_at, qn("model"), qn("op")] + [f"{qn(c)}{cast}" for c in _JSON_COLUMNS]
+        [qn("position"), created_at, qn("model"), qn("op")]
+        + [f"{qn(c)}{cast}" for c in _JSON_COLUMNS]
     )
-    sql = f"SELECT {columns} FROM {qn(Event._meta.db_table)} WHERE {qn('id')} > %s"
+    sql = f"SELECT {columns} FROM {qn(Event._meta.db_table)} WHERE {qn('position')} > %s"
     params: list[Any] = [since]
     if models is not None:
         if not models:
             return []
         sql += f" AND {qn('model')} IN ({', '.join(['%s'] * len(models))})"
         params.extend(models)
-    sql += f" ORDER BY {qn('id')} LIMIT {int(count)}"
+    sql += f" ORDER BY {qn('position')} LIMIT {int(count)}"
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         rows: list[tuple[Any, ...]] = cursor.fetchall()
@@ -211,7 +212,8 @@ def _splice(rows: list[tuple[Any, ...]], connection: Any) -> str:
 
 
 def has_events_after(since: int, using: str, models: list[str] | None = None) -> bool:
-    events = Event.objects.using(using).filter(id__gt=since)
+    outbox.sequence(using)
+    events = Event.objects.using(using).filter(position__gt=since)
     if models is not None:
         events = events.filter(model__in=models)
     return bool(events.exists())

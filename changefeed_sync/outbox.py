@@ -1,20 +1,19 @@
-"""Writing events, serialized so that positions become visible in commit order.
+"""Writing events, and giving them their feed positions once they committed.
 
-Why serialize: with several writers, transaction A may take id 101 and
-commit after B took 102, so a reader that saw 102 would never see 101 (the
-"visibility gap"). Holding one lock from the first event until commit makes
-commit order equal id order:
+Writers only INSERT: an event's ``id`` is its insertion order, taken when the
+row is written, and ids commit out of order (transaction A takes 101, B takes
+102 and commits first). A reader following ids would move past 101 before A
+commits and never see it (the "visibility gap"). So the feed does not serve
+ids: ``sequence`` gives committed events without a position the next
+positions, in id order, under a lock only sequencers take (the ``OutboxState``
+row). A position is given only to a committed event, so positions have no
+gaps, and each batch of positions commits at once after the previous one, so
+a reader that saw position n has seen every position below it. Nothing waits
+for a slow transaction or guesses when to skip one (the trap of "high water
+marks"): its events simply get later positions when it commits.
 
-- PostgreSQL: a transaction-scoped advisory lock (a save sent as one
-  statement takes it inside that statement: ``outbox_pg``);
-- MySQL/MariaDB: the row lock of the single ``OutboxState`` row, taken by
-  an ``INSERT ... ON DUPLICATE KEY UPDATE`` that also recreates a flushed row;
-- other databases: ``SELECT ... FOR UPDATE`` on that row;
-- SQLite: the database itself admits one writer at a time; the lock only
-  takes SQLite's write lock early (see ``lock``).
-
-The price is that transactions writing registered models are serialized
-with each other from their first synced write until commit.
+Writers never wait for each other on the outbox. On SQLite, which admits one
+writer at a time anyway, ``lock`` takes the write lock early (see there).
 """
 
 from __future__ import annotations
@@ -28,70 +27,69 @@ from django.db import IntegrityError, connections, transaction
 
 from .models import Event, OutboxState, new_source_id
 
-# "cfsy" in ASCII; any constant works, it only has to be ours.
-ADVISORY_KEY = 0x63667379
+#: Events given positions per sequencer transaction.
+SEQUENCE_BATCH = 5_000
 
 _new_events = threading.Condition()
 
 
 def lock(using: str) -> None:
-    """Take the outbox lock for the current transaction (re-entrant, released at commit)."""
+    """SQLite: take the database's write lock now, for the current transaction.
+
+    SQLite already admits one writer at a time, but a transaction that reads
+    first and writes later fails at once ("database is locked") if another
+    writer got in between. Writing first takes the write lock up front, waiting
+    for it like any plain write would. A write that matches no row takes the
+    lock without dirtying a page (which would cost a journal write at commit).
+    Other databases lock rows, not the database: nothing to do.
+    """
     connection = connections[using]
+    if connection.vendor != "sqlite":
+        return
     if not connection.in_atomic_block:
-        raise RuntimeError("changefeed_sync: the outbox lock needs a transaction (atomic block)")
-    vendor = connection.vendor
+        raise RuntimeError("changefeed_sync: the write lock needs a transaction (atomic block)")
+    if getattr(connection, "transaction_mode", None) == "IMMEDIATE":
+        return  # BEGIN IMMEDIATE took the write lock already (the W001 setting)
+    table = connection.ops.quote_name(OutboxState._meta.db_table)
     with connection.cursor() as cursor:
-        if vendor == "sqlite":
-            if getattr(connection, "transaction_mode", None) == "IMMEDIATE":
-                return  # BEGIN IMMEDIATE took the write lock already (the W001 setting)
-            # SQLite already admits one writer at a time, but a transaction that
-            # reads first and writes later fails at once ("database is locked")
-            # if another writer got in between. Writing first takes the write
-            # lock up front, waiting for it like any plain write would. A write
-            # that matches no row takes the lock without dirtying a page (which
-            # would cost a journal write at commit).
-            table = connection.ops.quote_name(OutboxState._meta.db_table)
-            cursor.execute(f"DELETE FROM {table} WHERE id = -1")
-        elif vendor == "postgresql":
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [ADVISORY_KEY])
-        elif vendor == "mysql":
-            # Lock the row, creating it if a flush removed it, in one statement:
-            # no locking read of a missing row (a gap lock), no shared lock on a
-            # duplicate to upgrade later (a deadlock between first writers).
-            table = connection.ops.quote_name(OutboxState._meta.db_table)
-            cursor.execute(
-                f"INSERT INTO {table} (id, pruned_through, source_id) VALUES (1, 0, %s) "
-                "ON DUPLICATE KEY UPDATE id = id",
-                [new_source_id()],
-            )
-        else:
-            table = connection.ops.quote_name(OutboxState._meta.db_table)
-            cursor.execute(f"SELECT id FROM {table} WHERE id = 1 FOR UPDATE")
-            if cursor.fetchone() is None:
-                _create_state_row(using)
-                cursor.execute(f"SELECT id FROM {table} WHERE id = 1 FOR UPDATE")
+        cursor.execute(f"DELETE FROM {table} WHERE id = -1")
 
 
 def _create_state_row(using: str) -> None:
-    """Create the lock row, which the migration made but a flushed database lacks.
+    """Create the state row, which the migration made but a flushed database lacks.
 
-    On a connection of its own, in autocommit: created inside the writers'
-    transactions, two first writers would both hold shared locks on the new
-    row and deadlock upgrading them.
+    Positions go on from the highest given (events may have outlived the row).
+    On MySQL/MariaDB, outside a transaction, on a connection of its own in
+    autocommit: created inside sequencers' transactions, two first sequencers
+    would both hold shared locks on the new row and deadlock upgrading them.
     """
+    connection = connections[using]
+    if connection.vendor != "mysql" or connection.in_atomic_block:
+        with transaction.atomic(using=using):
+            OutboxState.objects.using(using).get_or_create(
+                id=1, defaults={"last_position": _highest_position(using)}
+            )
+        return
     wrapper = connections.create_connection(using)
     table = wrapper.ops.quote_name(OutboxState._meta.db_table)
     try:
         with wrapper.cursor() as cursor:
             try:
                 cursor.execute(
-                    f"INSERT INTO {table} (id, pruned_through, source_id) VALUES (1, 0, %s)",
-                    [new_source_id()],
+                    f"INSERT INTO {table} (id, pruned_through, last_position, source_id) "
+                    "VALUES (1, 0, %s, %s)",
+                    [_highest_position(using), new_source_id()],
                 )
             except IntegrityError:
-                pass
+                pass  # another process created it first
     finally:
         wrapper.close()
+
+
+def _highest_position(using: str) -> int:
+    found = Event.objects.using(using).order_by("-position").values_list("position", flat=True)
+    highest = found.filter(position__isnull=False).first()
+    return int(highest or 0)
 
 
 class State(NamedTuple):
@@ -115,7 +113,7 @@ def state(using: str) -> State:
         if found is not None and found[1]:
             return State(int(found[0]), str(found[1]))
         if found is None:
-            OutboxState.objects.using(using).get_or_create(id=1)  # default: a new id
+            _create_state_row(using)  # with a new id
         else:  # emptied by hand: draw one, unless another process just did
             OutboxState.objects.using(using).filter(id=1, source_id="").update(
                 source_id=new_source_id()
@@ -135,8 +133,8 @@ def reset_source_id(using: str) -> str:
 def write(using: str, events: Iterable[Event], *, locked: bool = False) -> None:
     """Insert events in the caller's transaction and wake long-polls after commit.
 
-    ``locked``: the caller already took ``lock()`` in this transaction (one
-    round trip less per save).
+    ``locked``: the caller already took ``lock()`` in this transaction (SQLite:
+    one statement less per save).
     """
     batch = list(events)
     if not batch:
@@ -145,7 +143,7 @@ def write(using: str, events: Iterable[Event], *, locked: bool = False) -> None:
         if not locked:
             lock(using)
         _insert(using, batch)
-        transaction.on_commit(lambda: after_commit(using), using=using)
+        after_this_transaction(using)
 
 
 def _insert(using: str, batch: list[Event]) -> None:
@@ -177,6 +175,136 @@ def _insert(using: str, batch: list[Event]) -> None:
                 for f in fields
             ]
             cursor.execute(head + ", ".join([row] * len(chunk)), params)
+
+
+# ---------------------------------------------------------------- positions
+
+
+def sequence(using: str) -> None:
+    """Give every committed event without a position the next positions, in id order.
+
+    Cheap when there is nothing to do (one indexed read). Otherwise one short
+    transaction per ``SEQUENCE_BATCH`` events, under the state row's lock,
+    which only sequencers take: writers never wait for it. Called before
+    reading the feed, so a reader always sees every event committed before it
+    asked; any process may call it, and they queue up on the lock.
+
+    Inside an atomic block it runs in that transaction (a savepoint) and its
+    lock is held until the transaction ends: call it outside one where you can.
+    """
+    connection = connections[using]
+    qn = connection.ops.quote_name
+    events = qn(Event._meta.db_table)
+    pending_sql = f"SELECT 1 FROM {events} WHERE {qn('position')} IS NULL LIMIT 1"
+    with connection.cursor() as cursor:
+        cursor.execute(pending_sql)
+        if cursor.fetchone() is None:
+            return
+    while _sequence_batch(using) >= SEQUENCE_BATCH:
+        pass
+
+
+def _sequence_batch(using: str) -> int:
+    """One sequencer transaction; the number of events it gave positions to."""
+    connection = connections[using]
+    qn = connection.ops.quote_name
+    events = qn(Event._meta.db_table)
+    state_table = qn(OutboxState._meta.db_table)
+    nested = connection.in_atomic_block
+    for _ in range(2):
+        with transaction.atomic(using=using):
+            with connection.cursor() as cursor:
+                if connection.vendor == "postgresql" and not nested:
+                    # Each statement must see what committed before it, above all
+                    # the previous sequencer's positions (under REPEATABLE READ the
+                    # snapshot would be older than the lock): the first statement.
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                lock(using)  # SQLite: the write lock before the first read
+                # A locking read returns the latest committed row in every
+                # isolation level; on MySQL/MariaDB it comes before any plain
+                # read, so the transaction's read view is taken after the lock.
+                for_update = " FOR UPDATE" if connection.features.has_select_for_update else ""
+                cursor.execute(
+                    f"SELECT {qn('last_position')}, {qn('pruned_through')} FROM {state_table} "
+                    f"WHERE {qn('id')} = 1{for_update}"
+                )
+                row = cursor.fetchone()
+                if row is None:
+                    missing = True
+                else:
+                    missing = False
+                    last = max(int(row[0]), int(row[1]))
+                    cursor.execute(
+                        f"SELECT {qn('id')} FROM {events} WHERE {qn('position')} IS NULL "
+                        f"ORDER BY {qn('id')} LIMIT {SEQUENCE_BATCH}"
+                    )
+                    ids = [int(r[0]) for r in cursor.fetchall()]
+                    if ids:
+                        _assign(connection, cursor, ids, last)
+                        cursor.execute(
+                            f"UPDATE {state_table} SET {qn('last_position')} = %s "
+                            f"WHERE {qn('id')} = 1",
+                            [last + len(ids)],
+                        )
+                    return len(ids)
+        if missing:
+            _create_state_row(using)
+    raise RuntimeError("changefeed_sync: the outbox state row cannot be created")
+
+
+def _assign(connection: Any, cursor: Any, ids: list[int], last: int) -> None:
+    """Positions ``last + 1``, ``last + 2``... to ``ids`` (sorted), in as few statements
+    as the database allows."""
+    qn = connection.ops.quote_name
+    events = qn(Event._meta.db_table)
+    position, id_ = qn("position"), qn("id")
+    if connection.vendor == "postgresql":
+        cursor.execute(
+            f"UPDATE {events} SET {position} = v.p FROM unnest(%s::bigint[], %s::bigint[]) "
+            f"AS v(i, p) WHERE {events}.{id_} = v.i",
+            [ids, list(range(last + 1, last + 1 + len(ids)))],
+        )
+        return
+    from .keys import max_params
+
+    per_statement = max(1, min(1000, (max_params(connection.alias) - 1) // 2))
+    for start in range(0, len(ids), per_statement):
+        chunk = ids[start : start + per_statement]
+        marks = ", ".join(["%s"] * len(chunk))
+        base = last + start
+        if connection.vendor == "mysql":
+            # FIELD(id, a, b, ...) is id's place in the list, counted from 1.
+            cursor.execute(
+                f"UPDATE {events} SET {position} = %s + FIELD({id_}, {marks}) "
+                f"WHERE {id_} IN ({marks})",
+                [base, *chunk, *chunk],
+            )
+        else:
+            cases = " ".join(["WHEN %s THEN %s"] * len(chunk))
+            params: list[Any] = []
+            for n, event_id in enumerate(chunk, 1):
+                params.extend((event_id, base + n))
+            cursor.execute(
+                f"UPDATE {events} SET {position} = CASE {id_} {cases} END "
+                f"WHERE {id_} IN ({marks})",
+                [*params, *chunk],
+            )
+
+
+def head(using: str) -> int:
+    """The last position given (after giving positions to what committed): no
+    reader's cursor can be beyond it."""
+    sequence(using)
+    found = (
+        OutboxState.objects.using(using)
+        .filter(id=1)
+        .values_list("last_position", "pruned_through")
+        .first()
+    )
+    if found is None:
+        state(using)
+        return head(using)
+    return max(int(found[0]), int(found[1]))
 
 
 class Change(NamedTuple):
@@ -218,6 +346,11 @@ def make_event(
     changed: Any = None,
 ) -> Event:
     return Event(model=label, op=op, key=list(key), old_key=old_key, data=data, changed=changed)
+
+
+def after_this_transaction(using: str) -> None:
+    """Run ``after_commit`` once the current transaction commits (at once in autocommit)."""
+    transaction.on_commit(lambda: after_commit(using), using=using)
 
 
 def after_commit(using: str) -> None:

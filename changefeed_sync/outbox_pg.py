@@ -1,24 +1,20 @@
-"""PostgreSQL: one save's row, the outbox lock and its event in one statement.
+"""PostgreSQL: one save's row and its event in one statement.
 
-In autocommit a registered save would otherwise cost five round trips
-(BEGIN, lock, row, event, COMMIT) where an unregistered one costs one.
-``capture`` hands the row's INSERT or UPDATE, as Django compiled it, to
-``execute_with_event``, which sends instead::
+A registered save would otherwise cost a statement more than an unregistered
+one (the event's INSERT), and in autocommit three more (BEGIN, the event,
+COMMIT). ``capture`` hands the row's INSERT or UPDATE, as Django compiled it,
+to ``execute_with_event``, which sends instead::
 
-    WITH "_cfs_lock" AS (SELECT pg_advisory_xact_lock(...)),
-         "_cfs_row" AS (<the row statement, reading from "_cfs_lock">),
+    WITH "_cfs_row" AS (<the row statement> RETURNING ...),
          "_cfs_event" AS (INSERT INTO <outbox> ... SELECT ... FROM "_cfs_row")
     SELECT ... FROM "_cfs_row"
 
-One statement is one transaction: the row and its event commit together or
-not at all, and the advisory lock, taken inside it, is held until that
-commit. The row statement reads from the lock's result, so the lock is taken
-before the row is written (the lock order every other writer follows, see
-``capture._pre_write``) and the event's id is drawn after both. The event is
-inserted only if the row statement wrote a row (an UPDATE may match none).
-The statement returns what the row statement returned, or one row per row
-written, so Django reads it unchanged (``fetchone`` after an INSERT,
-``rowcount`` after an UPDATE).
+One statement is atomic: the row and its event are written together or not
+at all (in autocommit, one statement is one transaction; inside ``atomic()``
+it is part of the caller's). The event is inserted only if the row statement
+wrote a row (an UPDATE may match none). The statement returns what the row
+statement returned, or one row per row written, so Django reads it unchanged
+(``fetchone`` after an INSERT, ``rowcount`` after an UPDATE).
 
 Planning that statement costs about as much as running it, so each shape is
 prepared once per connection (``PREPARE``, then ``EXECUTE`` with the values).
@@ -40,12 +36,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import DatabaseError, models
+from django.db import DatabaseError, models, transaction
 from django.utils import timezone
 
 from . import conf
 from .models import Event
-from .outbox import ADVISORY_KEY, Change
+from .outbox import Change
 
 logger = logging.getLogger("changefeed_sync.capture")
 
@@ -98,8 +94,12 @@ def execute_with_event(
             except DatabaseError as exc:
                 if not _gone(exc):
                     raise
-                # In autocommit the failed statement changed nothing: send it unprepared.
                 _stop_preparing(connection, exc)
+                if connection.in_atomic_block:
+                    # The failed statement aborted the caller's transaction: it
+                    # fails this once; later saves are sent unprepared.
+                    raise
+                # In autocommit the failed statement changed nothing: send it unprepared.
     return execute(statement.text, values, False, context)
 
 
@@ -123,7 +123,7 @@ def _event_params(connection: Any, change: Change) -> list[Any]:
 def _statement(connection: Any, sql: str, model: type[models.Model]) -> _Statement | None:
     """The one statement for ``sql`` (a save of ``model``), or None when ``sql`` is
     of another shape."""
-    row = row_reading_lock(sql)
+    row = row_statement(sql)
     if row is None:
         return None
     row_sql, returns = row
@@ -131,8 +131,7 @@ def _statement(connection: Any, sql: str, model: type[models.Model]) -> _Stateme
     column = {f.name: f.column for f in Event._meta.concrete_fields}
     columns = ", ".join(qn(column[name]) for name in _EVENT_FIELDS)
     text = (
-        f'WITH "_cfs_lock" AS (SELECT pg_advisory_xact_lock({ADVISORY_KEY})), '
-        f'"_cfs_row" AS ({row_sql if returns else row_sql + " RETURNING 1"}), '
+        f'WITH "_cfs_row" AS ({row_sql if returns else row_sql + " RETURNING 1"}), '
         f'"_cfs_event" AS (INSERT INTO {qn(Event._meta.db_table)} ({columns}) '
         'SELECT %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb FROM "_cfs_row") '
         f'SELECT {"*" if returns else "1"} FROM "_cfs_row"'
@@ -210,31 +209,25 @@ def values_are_parameters(sql: str) -> bool:
     return False
 
 
-def row_reading_lock(sql: str) -> tuple[str, bool] | None:
-    """``sql`` rewritten to read from ``"_cfs_lock"``, and whether it has RETURNING.
-
-    ``INSERT INTO t (a, b) VALUES (%s, %s) ...`` becomes ``INSERT INTO t (a, b)
-    SELECT %s, %s FROM "_cfs_lock" ...`` (an INSERT's SELECT gives untyped
-    values the target columns' types, as VALUES does); ``UPDATE t SET ...
-    WHERE pk = %s`` gets ``FROM "_cfs_lock"`` before its WHERE. Anything else
+def row_statement(sql: str) -> tuple[str, bool] | None:
+    """``sql``, and whether it has RETURNING, when it is a statement whose event
+    follows from the instance: one row's INSERT, or an UPDATE of one row by
+    primary key, writing only values the instance holds. Anything else
     (several rows, a WHERE beyond the primary key, a value that is not a
-    parameter: DEFAULT, an expression) is not rewritten: the event is built
-    from the instance, which does not know what the database made of those.
+    parameter: DEFAULT, an expression) is None: the event is built from the
+    instance, which does not know what the database made of those.
     """
     if not values_are_parameters(sql):
         return None
     if sql.startswith("INSERT INTO "):
         parts = _insert_parts(sql)
-        if parts is None:
-            return None
-        head, values, tail = parts
-        return f'{head}) SELECT {values} FROM "_cfs_lock"{tail}', bool(tail)
+        return None if parts is None else (sql, bool(parts[2]))
     if sql.startswith("UPDATE "):
         at = sql.rfind(" WHERE ")
         match = _PK_WHERE.fullmatch(sql[at + len(" WHERE ") :]) if at >= 0 else None
         if match is None:
             return None
-        return f'{sql[:at]} FROM "_cfs_lock"{sql[at:]}', match.group(1) is not None
+        return sql, match.group(1) is not None
     return None
 
 
@@ -284,7 +277,13 @@ _unpreparable: set[str] = set()
 def _prepare(execute: Execute, statement: _Statement, context: dict[str, Any]) -> bool:
     """PREPARE ``statement`` on the session; False if PostgreSQL refused it."""
     try:
-        execute(statement.prepare, None, False, context)
+        if context["connection"].in_atomic_block:
+            # A refused PREPARE would abort the caller's transaction: in a
+            # savepoint (once per statement shape and session).
+            with transaction.atomic(using=context["connection"].alias):
+                execute(statement.prepare, None, False, context)
+        else:
+            execute(statement.prepare, None, False, context)
     except DatabaseError as exc:
         state = _sqlstate(exc) or ""
         if state == "42P05":

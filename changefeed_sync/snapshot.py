@@ -2,7 +2,7 @@
 
 Rows are paged by primary key (keyset, never OFFSET), so each page costs the
 same whatever the table size. The snapshot starts by recording the feed
-position: every event up to it is committed (outbox.lock), so the rows read
+position: every event up to it is committed (outbox.sequence), so the rows read
 afterwards reflect at least that state, and a target that continues the feed
 from that position misses nothing. Events after it may already be in the
 rows read; replaying them is harmless because applying is idempotent.
@@ -29,7 +29,6 @@ from operator import methodcaller
 from typing import Any, Literal
 
 from django.db import connections, models
-from django.db.models import Max
 
 from . import files, outbox, registry
 from .keys import max_params, model_order, resolve_keys
@@ -178,9 +177,11 @@ def start(using: str, models: Sequence[str] | None = None) -> dict[str, Any]:
     """The snapshot's feed position, this source's identity and the models to read,
     parents first: every registered model, or those of ``models`` (a Target's selection)."""
     state = outbox.state(using)
-    # Every event is pruned: continue after the last pruned one (0 would be expired).
-    position = max(Event.objects.using(using).aggregate(m=Max("id"))["m"] or 0,
-                   state.pruned_through)  # fmt: skip
+    # Every event committed before now has a position up to the head (the
+    # sequencer gives positions only after commit), so the rows read after
+    # this reflect at least that state. When every event was pruned, the head
+    # is the last pruned one (0 would be expired).
+    position = outbox.head(using)
     registered = list(registry.get_registered_models())
     if models is not None:
         allowed = set(models)

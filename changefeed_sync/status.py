@@ -10,6 +10,7 @@ from typing import Any
 
 from django.utils import timezone
 
+from . import outbox
 from .models import DataSource, Event, Target
 
 LAG_CAP = 100_000
@@ -24,12 +25,13 @@ class TargetLag:
 def target_lag(target: Target, using: str = "default") -> TargetLag:
     """Events after what the target has (delivered, or read from the feed) and their age."""
     position = max(target.delivered_seq, target.last_seen_seq or 0)
-    pending = Event.objects.using(using).filter(id__gt=position)
+    outbox.sequence(using)  # events that committed a moment ago count too
+    pending = Event.objects.using(using).filter(position__gt=position)
     models = target.allowed_models()
     if models is not None:
         pending = pending.filter(model__in=models)
     count = pending[:LAG_CAP].count()
-    oldest = pending.order_by("id").values_list("created_at", flat=True).first()
+    oldest = pending.order_by("position").values_list("created_at", flat=True).first()
     seconds = (timezone.now() - oldest).total_seconds() if oldest else 0.0
     return TargetLag(count, seconds)
 

@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 
 from changefeed_sync import feed, outbox
 from changefeed_sync.models import Event, OutboxState
-from tests.testapp.models import Category, Country, Tag
+from tests.testapp.models import Category, Copy, Country, Language, Tag
 
 pytestmark = [
     pytest.mark.django_db(transaction=True, databases="__all__"),
@@ -316,6 +316,9 @@ def test_control_a_reader_of_ids_would_skip_an_event_that_the_feed_serves(db_ali
         b.finish()  # B commits while A is still open
         naive_seen = ids_after(alias, start_id)  # what an id reader sees now
         naive_cursor = max(naive_seen)
+        # The feed, meanwhile, serves B at the next position, and nothing of A.
+        page = feed.read(cursor, 100, using=alias)
+        assert [e["key"] for e in page.events] == [["ctl-b"]]
     finally:
         release_a.set()
         a.finish()
@@ -327,6 +330,92 @@ def test_control_a_reader_of_ids_would_skip_an_event_that_the_feed_serves(db_ali
     seen = follow(alias, cursor, limit=1)
     assert [e["key"] for e in seen] == [["ctl-b"], ["ctl-a"]]
     assert_consecutive([e["seq"] for e in seen], cursor)
+
+
+# ---------------------------------------------------------------- what an event reads, another changes
+
+
+def _rename_country(alias: str) -> None:
+    country = Country.objects.using(alias).get(code="fr")
+    country.code = "fx"
+    country.save(using=alias)
+
+
+def _tag_the_copy(alias: str) -> None:
+    Copy.objects.using(alias).get(key="k0").tags.add(Tag.objects.using(alias).get(slug="t-b"))
+
+
+def _a_copy(alias: str) -> None:
+    Copy.objects.using(alias).create(language=Language.objects.using(alias).get(), key="k1")
+
+
+def _a_tag(alias: str) -> None:
+    Copy.objects.using(alias).get(key="k0").tags.add(Tag.objects.using(alias).get(slug="t-a"))
+
+
+# (A's write, left open; B's write, on other rows than A's but changing what A's event says)
+READ_WRITE: dict[str, tuple[Callable[[str], None], Callable[[str], None]]] = {
+    # A's copy names its language by key (fr, fr, k1); B renames the country in it.
+    "key-through-a-parent-renamed": (_a_copy, _rename_country),
+    # A and B each add a tag to one copy; each event lists the copy's tags.
+    "many-to-many-added-twice": (_a_tag, _tag_the_copy),
+}
+
+
+@pytest.mark.parametrize("case", list(READ_WRITE))
+@pytest.mark.parametrize("db_alias", ["postgres", "mariadb"], indirect=True)
+def test_an_event_and_a_change_of_what_it_reads_replicate_in_an_order_that_agrees(
+    db_alias: str, case: str
+) -> None:
+    """A's open transaction built an event from rows B now changes. Whatever
+    waits for whom, the feed's order must be one the events agree with: the
+    whole feed, applied to an empty target, gives the source's state.
+    (Without locks on what an event reads, B committed first and the target
+    met A's copy under a language key that no longer existed, or lost a tag.)"""
+    from tests.helpers import data_source, pump, state
+
+    alias = db_alias
+    write_a, write_b = READ_WRITE[case]
+    country = Country.objects.using(alias).create(code="fr")
+    language = Language.objects.using(alias).create(country=country, code="fr")
+    Copy.objects.using(alias).create(language=language, key="k0")
+    Tag.objects.using(alias).create(slug="t-a")
+    Tag.objects.using(alias).create(slug="t-b")
+
+    a_wrote = threading.Event()
+    release_a = threading.Event()
+    b_done = threading.Event()
+
+    def writer_a() -> None:
+        with transaction.atomic(using=alias):
+            write_a(alias)
+            a_wrote.set()
+            if not release_a.wait(JOIN_TIMEOUT):
+                raise AssertionError("writer A was never released")
+
+    def writer_b() -> None:
+        with transaction.atomic(using=alias):
+            write_b(alias)
+        b_done.set()
+
+    a = Worker("writer-A", writer_a)
+    b = Worker("writer-B", writer_b)
+    try:
+        a.start()
+        wait_for(a_wrote, a, "write")
+        b.start()
+        # Give B every chance to commit first; whatever it committed gets its
+        # positions now, before A's.
+        b_done.wait(BLOCKED_FOR)
+        feed.read(head(alias), 100, using=alias)
+    finally:
+        release_a.set()
+        finish_all([a, b])
+
+    target = "default"
+    ds = data_source(target)
+    pump(alias, target, ds, limit=1)
+    assert state(target) == state(alias)
 
 
 # ---------------------------------------------------------------- randomized stress

@@ -18,11 +18,13 @@ def prune(older_than: timedelta, using: str) -> int:
     """Delete old events; record how far, so older cursors get 'cursor expired'."""
     cutoff = timezone.now() - older_than
     with transaction.atomic(using=using):
-        old = Event.objects.using(using).filter(created_at__lt=cutoff)
-        last = old.aggregate(m=Max("id"))["m"]
+        # Only events with a position: one still waiting for the sequencer
+        # (its transaction committed a moment ago) has not been served yet.
+        old = Event.objects.using(using).filter(created_at__lt=cutoff, position__isnull=False)
+        last = old.aggregate(m=Max("position"))["m"]
         if last is None:
             return 0
-        deleted, _ = Event.objects.using(using).filter(id__lte=last).delete()
+        deleted, _ = Event.objects.using(using).filter(position__lte=last).delete()
         state, _ = OutboxState.objects.using(using).get_or_create(id=1)
         if last > state.pruned_through:
             OutboxState.objects.using(using).filter(id=1).update(pruned_through=last)
