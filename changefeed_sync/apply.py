@@ -727,10 +727,8 @@ def apply_page(
     """
     using = using or source._state.db or "default"
     with transaction.atomic(using=using):
-        # Take the outbox lock first, as local writers do: on SQLite this takes
-        # the write lock up front (a transaction that reads, then writes, fails
-        # at once if another writer got in between); elsewhere it keeps lock
-        # order consistent with local writers when this site relays events.
+        # SQLite: take the write lock up front (a transaction that reads, then
+        # writes, fails at once if another writer got in between).
         outbox.lock(using)
         locked = DataSource.objects.using(using).select_for_update().get(pk=source.pk)
         if locked.checkpoint != since:

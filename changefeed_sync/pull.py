@@ -1061,9 +1061,8 @@ def run_pull(
     try:
         with transaction.atomic(using=using), applying():
             # A relay passes on what the pull writes (chained replication), in this
-            # transaction. The outbox lock comes before any row is written, as every
-            # event writer takes it (lock order). A dry run passes nothing on, and
-            # would hold the lock (every local writer here waiting) for nothing.
+            # transaction (SQLite: its write lock taken up front). A dry run passes
+            # nothing on.
             relay = not dry_run and is_relay(using)
             if relay:
                 outbox.lock(using)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 from unittest import mock
 
-from changefeed_sync import feed, registry
+from changefeed_sync import feed, outbox, registry
 from changefeed_sync.apply import ApplyStats, apply_page
 from changefeed_sync.models import DataSource, Event
 from changefeed_sync.serialization import payloads_from_db
@@ -47,7 +47,9 @@ def state(alias: str) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
 
 
 def events(alias: str) -> list[Event]:
-    return list(Event.objects.using(alias).order_by("id"))
+    """The outbox's events in feed order, every committed one given its position first."""
+    outbox.sequence(alias)
+    return list(Event.objects.using(alias).order_by("position"))
 
 
 @contextmanager

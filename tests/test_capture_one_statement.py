@@ -1,11 +1,11 @@
-"""PostgreSQL: a save in autocommit sends its row and its event as one statement.
+"""PostgreSQL: a save sends its row and its event as one statement.
 
 ``capture`` rewrites the row's INSERT / UPDATE into a data-modifying WITH that
-also takes the outbox lock and inserts the event (``outbox_pg``). These
-tests pin what that must keep: one statement, the same event the transaction
-path writes, all or nothing (tests/test_capture.py refuses the event row with
-a trigger), the lock taken before the row, and every other kind of save left
-on the transaction path.
+also inserts the event (``outbox_pg``), in autocommit and inside ``atomic()``.
+These tests pin what that must keep: one statement, the same event the
+two-statement path writes, all or nothing (tests/test_capture.py refuses the
+event row with a trigger), no wait for other writers, and every other kind of
+save left on the two-statement path.
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def _sent_per_save(sent: list[str]) -> list[str]:
     return [q.split()[0] for q in sent if not q.startswith("PREPARE ")]
 
 
-def _locks(sent: list[str]) -> int:
-    """Outbox locks taken by a statement of their own (the transaction path)."""
-    return sum(q.startswith("SELECT pg_advisory_xact_lock(") for q in sent)
+def _separate_events(sent: list[str]) -> int:
+    """Events inserted by a statement of their own (the two-statement path)."""
+    return sum(q.startswith('INSERT INTO "changefeed_sync_event"') for q in sent)
 
 
 def _saves(alias: str, code: str) -> None:
@@ -114,7 +114,7 @@ def test_an_autocommit_save_is_one_statement(db_alias: str) -> None:
     name = sent[-1].removeprefix("EXECUTE ").partition("(")[0]
     text = _prepared(db_alias)[name]
     assert text.startswith("PREPARE cfs_") and " AS WITH " in text, text
-    assert "pg_advisory_xact_lock" in text
+    assert '"_cfs_event" AS (INSERT INTO "changefeed_sync_event"' in text, text
     # The next save of the same shape only executes it.
     sent = _statements(db_alias, lambda: Country(code="ab").save(using=db_alias))
     assert sent == [f"EXECUTE {name}({', '.join(['%s'] * 9)})"], sent
@@ -135,27 +135,40 @@ def test_an_autocommit_save_is_one_statement(db_alias: str) -> None:
     assert tail == [("delete", ["aa"], None), ("upsert", ["aa"], {"code": "aa", "name": "again"})]
 
 
-def test_one_statement_events_equal_the_transaction_path(db_alias: str) -> None:
-    """The same saves, once in autocommit (one statement each) and once each
-    in its own atomic block (lock, row, event): the events must be the same."""
+def test_a_save_inside_atomic_is_one_statement_too(db_alias: str) -> None:
+    """Inside ``atomic()`` the row and its event are one statement as well (a
+    statement more per save was twice the cost of an unregistered save), and
+    the event becomes visible with the transaction."""
+    Country(code="zz").save(using=db_alias)  # prepared on this session
+    with transaction.atomic(using=db_alias):
+        sent = _statements(db_alias, lambda: _saves(db_alias, "ab"))
+        assert _separate_events(sent) == 0, sent
+        assert sum(q.startswith("EXECUTE ") for q in sent) == 3, sent
+    assert [e.key for e in events(db_alias)[1:]] == [["ab"], ["ab"], ["AB"]]
+    assert events(db_alias)[-1].old_key == ["ab"]
+    # Rolled back with the transaction: row and event.
+    with pytest.raises(RuntimeError), transaction.atomic(using=db_alias):
+        Country(code="rb").save(using=db_alias)
+        raise RuntimeError("roll back")
+    assert not Event.objects.using(db_alias).filter(key=["rb"]).exists()
+    assert not Country.objects.using(db_alias).filter(code="rb").exists()
+
+
+def test_one_statement_events_equal_the_two_statement_path(
+    db_alias: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same saves, once as one statement each and once with the rewrite
+    switched off (row, then event): the events must be the same."""
     _saves(db_alias, "ab")
     fast = events(db_alias)
 
-    def in_transactions() -> None:
-        original = Country.save
-
-        def save(self: Country, *args: Any, **kwargs: Any) -> None:
-            with transaction.atomic(using=db_alias):
-                original(self, *args, **kwargs)
-
-        Country.save = save  # type: ignore[method-assign]
-        try:
+    def two_statements() -> None:
+        with monkeypatch.context() as m:
+            m.setattr(capture, "_one_statement_plan", lambda *args: None)
             _saves(db_alias, "cd")
-        finally:
-            Country.save = original  # type: ignore[method-assign]
 
-    sent = _statements(db_alias, in_transactions)
-    assert _locks(sent) == 3  # the transaction path ran
+    sent = _statements(db_alias, two_statements)
+    assert _separate_events(sent) == 3  # the two-statement path ran
     slow = events(db_alias)[len(fast) :]
     assert len(fast) == len(slow) == 3
     assert [_content(e, "ab") for e in fast] == [_content(e, "cd") for e in slow]
@@ -164,11 +177,11 @@ def test_one_statement_events_equal_the_transaction_path(db_alias: str) -> None:
 
 def test_other_saves_keep_the_transaction(db_alias: str) -> None:
     """Where the event needs more than the instance, the save is a transaction
-    with the lock as its own statement, as on the other databases."""
+    with the event as its own statement, as on the other databases."""
     fr = Country.objects.using(db_alias).create(code="fr", name="France")
 
     def lock_statements(action: Any) -> int:
-        return _locks(_statements(db_alias, action))
+        return _separate_events(_statements(db_alias, action))
 
     # A foreign key in the key and payload: the related row's key is read.
     assert lock_statements(lambda: Language(country=fr, code="fr").save(using=db_alias)) == 1
@@ -183,11 +196,11 @@ def test_other_saves_keep_the_transaction(db_alias: str) -> None:
     stranger._state.adding = False
     assert lock_statements(lambda: stranger.save(using=db_alias)) == 1
     assert events(db_alias)[-1].changed == ["name"]
-    # Inside a transaction the caller's transaction is used.
+    # Inside a transaction a plain save is one statement too.
     with transaction.atomic(using=db_alias):
         fr = Country.objects.using(db_alias).get(code="fr")
         fr.name = "Inside"
-        assert lock_statements(lambda: fr.save(using=db_alias)) == 1
+        assert lock_statements(lambda: fr.save(using=db_alias)) == 0
 
 
 def test_a_statement_of_an_unknown_shape_falls_back_to_a_transaction(
@@ -197,14 +210,13 @@ def test_a_statement_of_an_unknown_shape_falls_back_to_a_transaction(
     version send another, the save must still write row and event together.
     Faked here by making the rewrite decline every statement (no database
     produces an unknown shape today)."""
-    monkeypatch.setattr(outbox_pg, "row_reading_lock", lambda sql: None)
+    monkeypatch.setattr(outbox_pg, "row_statement", lambda sql: None)
     outbox_pg._statements.clear()
     try:
         country = Country(code="ee", name="created")
         sent = _statements(db_alias, lambda: country.save(using=db_alias))
-        # In a transaction: the lock, the row, the event.
+        # In a transaction: the row, the event.
         assert [q.split()[:3] for q in sent] == [
-            ["SELECT", "pg_advisory_xact_lock(%s)"],
             ["INSERT", "INTO", '"testapp_country"'],
             ["INSERT", "INTO", '"changefeed_sync_event"'],
         ], sent
@@ -219,36 +231,15 @@ def test_a_statement_of_an_unknown_shape_falls_back_to_a_transaction(
 
 
 @pytest.mark.parametrize(
-    ("sql", "expected"),
+    ("sql", "returns"),
     [
-        (
-            'INSERT INTO "t" ("a", "b") VALUES (%s, %s) RETURNING "t"."id"',
-            ('INSERT INTO "t" ("a", "b") SELECT %s, %s FROM "_cfs_lock" RETURNING "t"."id"', True),
-        ),
-        (
-            'INSERT INTO "t" ("id", "a") VALUES (%s, %s)',
-            ('INSERT INTO "t" ("id", "a") SELECT %s, %s FROM "_cfs_lock"', False),
-        ),
-        (
-            'UPDATE "t" SET "a" = %s, "b" = %s WHERE "t"."id" = %s',
-            ('UPDATE "t" SET "a" = %s, "b" = %s FROM "_cfs_lock" WHERE "t"."id" = %s', False),
-        ),
-        (
-            'UPDATE "t" SET "a" = %s WHERE "t"."id" = %s RETURNING "t"."g"',
-            (
-                'UPDATE "t" SET "a" = %s FROM "_cfs_lock" WHERE "t"."id" = %s RETURNING "t"."g"',
-                True,
-            ),
-        ),
+        ('INSERT INTO "t" ("a", "b") VALUES (%s, %s) RETURNING "t"."id"', True),
+        ('INSERT INTO "t" ("id", "a") VALUES (%s, %s)', False),
+        ('UPDATE "t" SET "a" = %s, "b" = %s WHERE "t"."id" = %s', False),
+        ('UPDATE "t" SET "a" = %s WHERE "t"."id" = %s RETURNING "t"."g"', True),
         ('INSERT INTO "t" ("a") VALUES (%s), (%s) RETURNING "t"."id"', None),  # two rows
-        (
-            'INSERT INTO "t" ("a", "b") VALUES (%s::integer[], %s::numeric(5, 2)[])',
-            ('INSERT INTO "t" ("a", "b") SELECT %s::integer[], %s::numeric(5, 2)[] FROM "_cfs_lock"', False),
-        ),
-        (
-            'UPDATE "t" SET "a" = NULL, "b" = %s WHERE "t"."id" = %s',
-            ('UPDATE "t" SET "a" = NULL, "b" = %s FROM "_cfs_lock" WHERE "t"."id" = %s', False),
-        ),
+        ('INSERT INTO "t" ("a", "b") VALUES (%s::integer[], %s::numeric(5, 2)[])', False),
+        ('UPDATE "t" SET "a" = NULL, "b" = %s WHERE "t"."id" = %s', False),
         ('INSERT INTO "t" ("a", "b") VALUES (%s, DEFAULT) RETURNING "t"."id"', None),
         # A value the database computes (an expression a field's pre_save returned).
         ('INSERT INTO "t" ("a", "b") VALUES (%s, UPPER(%s)) RETURNING "t"."id", "t"."b"', None),
@@ -258,25 +249,25 @@ def test_a_statement_of_an_unknown_shape_falls_back_to_a_transaction(
         ('DELETE FROM "t" WHERE "t"."id" = %s', None),
     ],
 )
-def test_which_statements_are_rewritten(db_alias: str, sql: str, expected: Any) -> None:
-    assert outbox_pg.row_reading_lock(sql) == expected
+def test_which_statements_are_rewritten(db_alias: str, sql: str, returns: Any) -> None:
+    assert outbox_pg.row_statement(sql) == (None if returns is None else (sql, returns))
 
 
-def test_the_lock_is_taken_before_the_row(db_alias: str) -> None:
-    """A transaction holds the outbox lock; an autocommit save of a row that the
-    transaction then updates too must wait for the lock before touching the
-    row. Were the row written first, the two would deadlock (PostgreSQL would
-    abort one of them after deadlock_timeout)."""
+def test_an_autocommit_save_does_not_wait_for_an_open_transaction(db_alias: str) -> None:
+    """A transaction wrote events and stays open; a save in autocommit of another
+    row commits at once (no lock among writers), and its event comes first in the
+    feed. A save of a row the transaction changed waits for that row only."""
+    from changefeed_sync import feed
+
     alias = db_alias
     row = Country.objects.using(alias).create(code="aa", name="start")
-    theirs = Country.objects.using(alias).get(code="aa")
+    cursor = feed.head(alias)
     done = threading.Event()
     errors: list[BaseException] = []
 
     def autocommit_save() -> None:
         try:
-            theirs.name = "autocommit"
-            theirs.save(using=alias)
+            Country(code="cc", name="autocommit").save(using=alias)
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
         finally:
@@ -285,25 +276,27 @@ def test_the_lock_is_taken_before_the_row(db_alias: str) -> None:
 
     worker = threading.Thread(target=autocommit_save, daemon=True)
     with transaction.atomic(using=alias):
-        Country.objects.using(alias).create(code="bb")  # takes the outbox lock
-        worker.start()
-        with connections[alias].cursor() as cursor:
-            for _ in range(500):  # until the other save waits for the advisory lock
-                cursor.execute(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                )
-                if cursor.fetchone()[0]:
-                    break
-                assert not done.wait(0.01), f"the autocommit save did not wait: {errors!r}"
-            else:
-                raise AssertionError("the autocommit save never waited for the outbox lock")
+        Country.objects.using(alias).create(code="bb")
         row.name = "transaction"
-        row.save(using=alias)  # the same row: waits for nobody
+        row.save(using=alias)
+        worker.start()
+        assert done.wait(10), "the autocommit save waited for the open transaction"
+        assert not errors, errors
+        # Read on a connection of its own (this one sees its own uncommitted events).
+        seen: list[Any] = []
+        reader = threading.Thread(
+            target=lambda: (
+                seen.extend(e["key"] for e in feed.read(cursor, 10, using=alias).events),
+                connections.close_all(),
+            ),
+            daemon=True,
+        )
+        reader.start()
+        reader.join(30)
+        assert seen == [["cc"]]
     worker.join(30)
-    assert done.is_set() and not errors, errors
-    assert Country.objects.using(alias).get(code="aa").name == "autocommit"
-    tail = [(e.key, e.data.get("name")) for e in events(alias)[1:]]
-    assert tail == [(["bb"], ""), (["aa"], "transaction"), (["aa"], "autocommit")]
+    tail = [(e["key"], e["data"]["name"]) for e in feed.read(cursor, 10, using=alias).events]
+    assert tail == [(["cc"], "autocommit"), (["bb"], ""), (["aa"], "transaction")]
 
 
 def test_a_prepared_statement_that_went_missing_is_sent_unprepared(
@@ -457,7 +450,7 @@ def test_an_expression_set_by_a_pre_save_receiver(db_alias: str) -> None:
     finally:
         signals.pre_save.disconnect(sender=Country, dispatch_uid="test-shout")
     for sent in (created, updated):
-        assert _locks(sent) == 1 and not any(q.startswith("EXECUTE") for q in sent), sent
+        assert _separate_events(sent) == 1 and not any(q.startswith("EXECUTE") for q in sent), sent
     assert [(e.key, e.old_key, e.data) for e in events(db_alias)] == [
         (["aa"], None, {"code": "aa", "name": "<aa>"}),
         (["ab"], ["aa"], {"code": "ab", "name": "<ab>"}),
@@ -519,7 +512,7 @@ def test_an_expression_returned_by_a_field_pre_save(
     country.name = "edited in memory"
     updated = _statements(db_alias, lambda: country.save(using=db_alias))
     for sent in (created, updated):
-        assert _locks(sent) == 1 and not any(q.startswith("EXECUTE") for q in sent), sent
+        assert _separate_events(sent) == 1 and not any(q.startswith("EXECUTE") for q in sent), sent
     stored = Country.objects.using(db_alias).get(code="aa")
     assert stored.name == "AA-OLD"
     assert [(e.key, e.data) for e in events(db_alias)] == [
@@ -539,7 +532,7 @@ def test_a_natural_key_the_database_assigns(db_alias: str) -> None:
         sent = _statements(db_alias, lambda: row.save(using=db_alias))
     finally:
         changefeed_sync.unregister(Plain)
-    assert _locks(sent) == 1, sent
+    assert _separate_events(sent) == 1, sent
     assert [(e.model, e.key) for e in events(db_alias)] == [("testapp.plain", [row.pk])]
 
 

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from django.test import override_settings
 
-from changefeed_sync import push
+from changefeed_sync import feed, push
 from changefeed_sync.delivery.cloud_tasks import CloudTasksBackend
-from changefeed_sync.models import Event, Target
+from changefeed_sync.models import Target
 from tests import dbs
 from tests.emulator import Emulator, EmulatorUnavailable
 from tests.helpers import state
@@ -114,7 +114,9 @@ def target(live_server: Any, target_site: Site, emulator: Emulator, queue: str) 
 
 
 def last_event_id() -> int:
-    return int(Event.objects.order_by("-id").values_list("id", flat=True).first() or 0)
+    from changefeed_sync import feed
+
+    return feed.head("default")
 
 
 def checkpoint(site: Site) -> int:

@@ -39,7 +39,6 @@ from typing import Any
 import django
 import pytest
 from django.db import connections, transaction
-
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 

@@ -36,7 +36,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 
 from changefeed_sync import applying
 from changefeed_sync.exceptions import ApplyError
-from changefeed_sync.models import DataSource, Event
+from changefeed_sync.models import DataSource
 from tests.test_increment_files import Pair, sqlite_pair  # noqa: F401 (fixture)
 from tests.test_pull import documents, source_process  # noqa: F401 (fixtures)
 from tests.testapp.models import Document
@@ -62,7 +62,9 @@ def _clear(directory: Path) -> None:
 
 
 def _head() -> int:
-    return Event.objects.using(SRC).order_by("-id").values_list("id", flat=True).first() or 0
+    from changefeed_sync import feed
+
+    return feed.head(SRC)
 
 
 class FilesConvergence(RuleBasedStateMachine):

@@ -86,7 +86,9 @@ class Pair:
         return doc
 
     def last_seq(self) -> int:
-        return Event.objects.using("postgres").order_by("-id").values_list("id", flat=True)[0]
+        from changefeed_sync import feed
+
+        return feed.head("postgres")
 
     # ----------------------------------------------------------- target side
 

@@ -10,7 +10,7 @@ from django.test import Client
 from django.utils import timezone
 
 from changefeed_sync.exceptions import CursorExpired
-from changefeed_sync.feed import read
+from changefeed_sync.feed import head, read
 from changefeed_sync.models import Event, Target
 from changefeed_sync.signing import sign_request
 from tests.testapp.models import Country
@@ -21,10 +21,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def test_prune_drops_old_events_and_expires_old_cursors() -> None:
     for code in ("aa", "bb", "cc"):
         Country.objects.create(code=code)
-    ids = list(Event.objects.values_list("id", flat=True))
-    Event.objects.filter(id__in=ids[:2]).update(created_at=timezone.now() - timedelta(days=40))
+    head("default")  # every event has its position
+    ids = list(Event.objects.order_by("position").values_list("position", flat=True))
+    Event.objects.filter(position__in=ids[:2]).update(
+        created_at=timezone.now() - timedelta(days=40)
+    )
     call_command("changefeed_prune", "--days", "30")
-    assert list(Event.objects.values_list("id", flat=True)) == ids[2:]
+    assert list(Event.objects.order_by("position").values_list("position", flat=True)) == ids[2:]
     with pytest.raises(CursorExpired, match="full Data Pull"):
         read(0, 10, using="default")
     # A target that had read through the pruned events carries on.

@@ -193,7 +193,7 @@ def test_pull_copies_then_feed_continues(source: DataSource, tgt: str) -> None:
     _seed()
     position, counts = run_pull(source, using=tgt)
     assert state(tgt) == state("default")
-    assert position == Event.objects.order_by("-id").first().id  # type: ignore[union-attr]
+    assert position == Event.objects.order_by("-position").first().position  # type: ignore[union-attr]
     assert counts["testapp.copy"]["created"] == 15
     source.refresh_from_db(using=tgt)
     assert source.checkpoint == position

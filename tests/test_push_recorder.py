@@ -1,9 +1,9 @@
-"""The inline worker records deliveries on the Target row off the delivery path.
+"""The inline pool records deliveries on the Target rows off the delivery path.
 
 A slow row write (on SQLite: waiting for the write lock that a busy source's own
 transactions hold) must not hold up the next delivery; the row still moves only to
-positions the target acknowledged, and a failure is never overwritten by a success
-recorded late.
+positions the target acknowledged, a failure is never overwritten by a success
+recorded late, and the successes of many targets go in one UPDATE.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from django.test import override_settings
 
 from changefeed_sync import push
-from changefeed_sync.delivery.inline import _LateRecorder
+from changefeed_sync.delivery.inline import SharedRecorder
 from changefeed_sync.models import Target
 from tests.testapp.models import Country
 
@@ -40,19 +40,21 @@ class Hook:
 
 
 class SlowRow:
-    """``record_success`` that waits until released, like a write waiting for a lock."""
+    """``record_successes`` that waits until released, like a write waiting for a lock."""
 
     def __init__(self, order: list[str]) -> None:
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.order = order
-        self._record = push.record_success
+        self.writes: list[dict[int, int]] = []
+        self._record = push.record_successes
 
-    def __call__(self, target: Target, last_seq: int, using: str) -> None:
+    def __call__(self, acknowledged: dict[int, int], using: str) -> None:
         self.entered.set()
         assert self.gate.wait(20), "never released"
-        self._record(target, last_seq, using)
-        self.order.append(f"success {last_seq}")
+        self._record(acknowledged, using)
+        self.writes.append(dict(acknowledged))
+        self.order.extend(f"success {seq}" for seq in acknowledged.values())
 
 
 def _row(target: Target) -> Target:
@@ -79,7 +81,7 @@ def setup(monkeypatch: pytest.MonkeyPatch) -> Any:
         return delay
 
     monkeypatch.setattr(push, "post", hook)
-    monkeypatch.setattr(push, "record_success", slow)
+    monkeypatch.setattr(push, "record_successes", slow)
     monkeypatch.setattr(push, "record_failure", failure)
     with override_settings(CHANGEFEED_SYNC_DELIVERY_BACKEND=None):  # we deliver by hand
         target = Target.objects.create(
@@ -91,7 +93,7 @@ def setup(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 def test_deliveries_go_on_while_the_row_write_waits(setup: Any) -> None:
     target, hook, slow, order = setup
-    recorder = _LateRecorder(target.pk, "default")
+    recorder = SharedRecorder()
     Country.objects.create(code="aa")
     assert push.deliver_pending(target.pk, recorder=recorder) is None
     first = hook.spans[-1]
@@ -117,7 +119,7 @@ def test_deliveries_go_on_while_the_row_write_waits(setup: Any) -> None:
 
 def test_a_failure_is_written_after_the_success_before_it(setup: Any) -> None:
     target, hook, slow, order = setup
-    recorder = _LateRecorder(target.pk, "default")
+    recorder = SharedRecorder()
     Country.objects.create(code="aa")
     assert push.deliver_pending(target.pk, recorder=recorder) is None
     acked = hook.spans[-1][1]
@@ -138,7 +140,7 @@ def test_the_next_delivery_sees_what_the_row_does_not_show_yet(setup: Any) -> No
     """A failure recorded, then a success whose write is late: the worker neither waits
     for the old backoff nor counts the old failures."""
     target, hook, slow, order = setup
-    recorder = _LateRecorder(target.pk, "default")
+    recorder = SharedRecorder()
     Country.objects.create(code="aa")
     hook.fail = True
     slow.gate.set()
@@ -158,3 +160,37 @@ def test_the_next_delivery_sees_what_the_row_does_not_show_yet(setup: Any) -> No
     assert loaded.delivered_seq == hook.spans[-1][1]
     slow.gate.set()
     _wait(lambda: _row(target).failures == 0, "the success to be written")
+
+
+def test_many_targets_successes_are_one_write(setup: Any) -> None:
+    """Successes of several targets acknowledged while a write waits: the next write
+    covers all of them, each at its own position, in one statement."""
+    target, hook, slow, order = setup
+    others = [
+        Target.objects.create(
+            name=f"t{i}", secrets="pw", webhook_url="http://127.0.0.1:9/sync/webhook/s/"
+        )
+        for i in range(3)
+    ]
+    recorder = SharedRecorder()
+    Country.objects.create(code="aa")
+    assert push.deliver_pending(target.pk, recorder=recorder) is None
+    assert slow.entered.wait(10)  # the first write waits
+    Country.objects.create(code="bb")
+    positions = {}
+    for other in others:
+        assert push.deliver_pending(other.pk, recorder=recorder) is None
+        positions[other.pk] = hook.spans[-1][1]
+        Country.objects.create(code=f"c{other.pk % 10}")  # each at its own position
+    assert push.deliver_pending(target.pk, recorder=recorder) is None
+    positions[target.pk] = hook.spans[-1][1]
+    assert len(set(positions.values())) == 4
+
+    slow.gate.set()
+    _wait(lambda: all(_row(t).delivered_seq == positions[t.pk] for t in [target, *others]),
+          "every row to catch up")
+    assert len(slow.writes) == 2, slow.writes  # the first target's, then all four at once
+    assert slow.writes[1] == positions
+    for row in Target.objects.filter(pk__in=positions):
+        assert (row.failures, row.last_error, row.next_attempt_at) == (0, "", None)
+        assert row.last_delivery_at is not None

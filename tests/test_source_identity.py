@@ -101,7 +101,7 @@ def test_a_cursor_beyond_the_head_is_refused_and_not_recorded(live_server) -> No
     target = Target.objects.create(name="regional", secrets=SECRET)
     for code in ("fr", "de"):
         Country.objects.create(code=code)
-    head = Event.objects.order_by("-id").values_list("id", flat=True)[0]
+    head = feed.head("default")
     assert _get(live_server.url, "feed/", since=head).json()["events"] == []
     for since in (head + 1, head + 1000, 2**63 - 1):
         answer = _get(live_server.url, "feed/", since=since, wait=1)
@@ -141,7 +141,7 @@ def test_a_restricted_target_sees_the_head_of_every_model(live_server) -> None: 
     """A Target of tags only, at the position of the last country: not ahead."""
     Target.objects.create(name="regional", secrets=SECRET, model_labels=["testapp.tag"])
     Country.objects.create(code="fr")
-    head = Event.objects.order_by("-id").values_list("id", flat=True)[0]
+    head = feed.head("default")
     assert _get(live_server.url, "feed/", since=head).status_code == 200
     assert _get(live_server.url, "feed/", since=head + 1).status_code == 409
 
