@@ -406,10 +406,9 @@ _RAW_WRITERS = itertools.count()
 class _RawWriter:
     """The floor of any same-transaction outbox, in plain SQL with no ORM and no Python
     work around it: the row's INSERT alone in autocommit ("raw autocommit"), against
-    BEGIN + (PostgreSQL: one advisory lock) + the same INSERT + one event INSERT +
-    COMMIT ("raw outbox"), and on PostgreSQL against the lock, the INSERT and the
-    event INSERT as one prepared WITH statement ("raw one statement", what a
-    registered save in autocommit sends there)."""
+    BEGIN + the same INSERT + one event INSERT + COMMIT ("raw outbox"), and on
+    PostgreSQL against the INSERT and the event INSERT as one prepared WITH
+    statement ("raw one statement", what a registered save sends there)."""
 
     def __init__(self, alias: str) -> None:
         from django.db import connections
@@ -438,16 +437,11 @@ class _RawWriter:
             f"INSERT INTO {qn(Event._meta.db_table)} ({', '.join(qn(str(f.column)) for f in fields)}) "
             f"VALUES ({', '.join(['%s'] * len(fields))})"
         )
-        self.lock_sql = (
-            "SELECT pg_advisory_xact_lock(1)" if self.connection.vendor == "postgresql" else ""
-        )
         # The statement changefeed_sync/outbox_pg.py sends, prepared once, with the same
         # event parameters.
-        row_from_lock = self.row_sql.replace(" VALUES (%s, %s)", ' SELECT %s, %s FROM "l"')
         event_from_row = self.event_sql.replace(" VALUES (", " SELECT ")[:-1] + ' FROM "r"'
         one_sql = (
-            'WITH "l" AS (SELECT pg_advisory_xact_lock(1)), '
-            f'"r" AS ({row_from_lock} RETURNING {qn("id")}), '
+            f'WITH "r" AS ({self.row_sql} RETURNING {qn("id")}), '
             f'"e" AS ({event_from_row}) SELECT * FROM "r"'
         )
         count = one_sql.count("%s")
@@ -465,8 +459,6 @@ class _RawWriter:
         from django.db import transaction
 
         with transaction.atomic(using=self.alias), self.connection.cursor() as cursor:
-            if self.lock_sql:
-                cursor.execute(self.lock_sql)
             cursor.execute(self.row_sql, [code, "created"])
             cursor.execute(self.event_sql, self.event_params)
 
