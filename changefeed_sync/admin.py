@@ -255,10 +255,14 @@ class TargetAdmin(admin.ModelAdmin):
 
 @admin.register(Event)
 class EventAdmin(admin.ModelAdmin):
-    list_display = ["id", "created", "model", "op", "key", "changed"]
+    # position: the feed's (empty for an instant, until the sequencer gives it);
+    # id: insertion order only.
+    list_display = ["position", "id", "created", "model", "op", "key", "changed"]
     list_filter = ["op", "model"]
     search_fields = ["key", "model"]
-    readonly_fields = ["id", "created_at", "model", "op", "key", "old_key", "data", "changed"]
+    readonly_fields = [
+        "position", "id", "created_at", "model", "op", "key", "old_key", "data", "changed",
+    ]  # fmt: skip
     ordering = ["-id"]
 
     @admin.display(description="created", ordering="created_at")
