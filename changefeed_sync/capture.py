@@ -38,10 +38,10 @@ from django.db import connections, models, router, transaction
 from django.db.models import QuerySet, signals
 
 from . import outbox, outbox_pg, registry
-from .read_locks import lock_for_events
 from .context import _applying
 from .keys import resolve_keys
 from .models import Event
+from .read_locks import lock_for_events
 from .registry import ModelOptions
 from .serialization import (
     key_from_attvalues,

@@ -32,7 +32,6 @@ from django.db import connections, models
 
 from . import files, outbox, registry
 from .keys import max_params, model_order, resolve_keys
-from .models import Event
 from .registry import Key, ModelOptions
 from .serialization import (
     PROTOCOL_VERSION,
