@@ -592,8 +592,10 @@ def _locked(qs: QuerySet[Any], using: str) -> QuerySet[Any]:
     """``qs`` with its own rows locked for update (not the rows its filter joins,
     where the database can tell them apart)."""
     if connections[using].features.has_select_for_update_of:
-        return qs.select_for_update(of=("self",))
-    return qs.select_for_update()
+        locked: QuerySet[Any] = qs.select_for_update(of=("self",))
+    else:
+        locked = qs.select_for_update()
+    return locked
 
 
 _installed = False

@@ -110,7 +110,7 @@ def _select(
 ) -> list[tuple[Any, ...]]:
     """``SELECT pk, columns FROM model WHERE pk IN pks`` with the lock clause, in chunks."""
     qn = connection.ops.quote_name
-    pk = qn(model._meta.pk.column)  # type: ignore[union-attr]
+    pk = qn(model._meta.pk.column)
     selected = ", ".join([pk, *(qn(c) for c in columns)])
     out: list[tuple[Any, ...]] = []
     for chunk in _chunks(sorted(pks, key=repr), max_params(connection.alias)):
