@@ -1,8 +1,8 @@
 """Source side of push: after a commit that wrote events, deliver them to targets.
 
 The delivery backend (``CHANGEFEED_SYNC_DELIVERY_BACKEND``) decides where the
-work runs: inline (a thread of this process, right after commit), Cloud
-Tasks, or Django's task framework. What a delivery is lives here: the events
+work runs: inline (a small pool of threads of this process, right after
+commit), Cloud Tasks, or Django's task framework. What a delivery is lives here: the events
 after the target's ``delivered_seq`` (only the models it receives), split so
 that no body exceeds ``CHANGEFEED_SYNC_DELIVERY_MAX_BYTES``, each signed like
 a feed request and POSTed to the target's webhook URL. The target applies a
@@ -11,6 +11,11 @@ deliveries all converge; the feed stays the source of truth. File contents
 do not travel in the body: the target fetches them from this site's ``files/``
 endpoint before applying (increment_files.py); a target that runs out of time
 doing so answers 503 ``files_pending`` and the batch is sent again at once.
+
+Many targets usually wait at the same position: ``plan`` reads the feed once
+for all of them (per position and model selection) and encodes the events
+once; each target's body only adds its own small header, and is signed with
+its own secret.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -27,7 +32,7 @@ from urllib.parse import urlsplit
 
 import requests
 from django.db import transaction
-from django.db.models import F, Q, Value
+from django.db.models import BigIntegerField, Case, F, Q, Value, When
 from django.db.models.functions import Greatest
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -43,16 +48,59 @@ SIGNATURE_HEADER = "X-Changefeed-Signature"
 ID_HEADER = "Webhook-Id"
 
 
-@dataclass
-class Batch:
-    target: Target
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive events of one feed read, encoded once, under the size limit.
+
+    ``events_json`` is the JSON array as it goes into every body that carries
+    it: targets waiting at the same position share it.
+    """
+
     since: int
     last_seq: int
-    body: bytes
+    events_json: str
+
+
+class Batch:
+    """One webhook body for one target: the events after ``since`` up to ``last_seq``.
+
+    Planned batches carry the shared events JSON and build their body when sent, not
+    when planned: 100 targets need not hold 100 bodies at once.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        since: int,
+        last_seq: int,
+        body: bytes | None = None,
+        *,
+        events_json: str | None = None,
+        source_id: str | None = None,
+    ) -> None:
+        if body is None and events_json is None:
+            raise TypeError("a Batch needs its body or its events' JSON")
+        self.target = target
+        self.since = since
+        self.last_seq = last_seq
+        self.source_id = source_id
+        self._body = body
+        self._events_json = events_json
+
+    def __repr__(self) -> str:
+        return f"<Batch {self.id}>"
 
     @property
     def id(self) -> str:
         return f"{self.target.name}-{self.since}-{self.last_seq}"
+
+    @property
+    def body(self) -> bytes:
+        if self._body is None:
+            assert self._events_json is not None
+            head = _header(self.target.name, self.since, self.last_seq, self.source_id)
+            self._body = (head + self._events_json + "}").encode()
+        return self._body
 
 
 # ---------------------------------------------------------------- scheduling
@@ -114,50 +162,136 @@ def on_commit(using: str) -> None:
 # ---------------------------------------------------------------- batches
 
 
-def batches(target: Target, using: str, *, max_events: int = 1000) -> Iterator[Batch]:
-    """Undelivered events of ``target`` as signed-ready bodies under the size limit."""
-    # A target that already read the feed further needs nothing before that.
-    since = max(target.delivered_seq, target.last_seen_seq or 0)
-    if since > target.delivered_seq and since > feed.head(using):
-        # Beyond every position given out (recorded before the feed refused such
-        # cursors, or the outbox was recreated under it): not a position it has.
-        since = target.delivered_seq
+#: Events read from the feed per planning round (the feed's default page size).
+PAGE_EVENTS = 1000
+
+
+@dataclass
+class Plan:
+    """What one round delivers to one target: batches in order, and whether the feed
+    has more after them (another round then follows)."""
+
+    target: Target
+    batches: list[Batch]
+    more: bool
+
+
+def plan(
+    targets: Iterable[Target], using: str, *, max_events: int = PAGE_EVENTS
+) -> dict[int, Plan]:
+    """The next page of undelivered events of each target, as batches under the size limit.
+
+    The feed is read once per position and model selection, and the events are
+    encoded once per read, whatever the number of targets at that position.
+    Targets with nothing to deliver get no plan.
+    """
+    groups: dict[tuple[int, tuple[str, ...] | None], list[Target]] = {}
+    newest: int | None = None
+    for target in targets:
+        # A target that already read the feed further needs nothing before that.
+        since = max(target.delivered_seq, target.last_seen_seq or 0)
+        if since > target.delivered_seq:
+            if newest is None:
+                newest = feed.head(using)
+            if since > newest:
+                # Beyond every position given out (recorded before the feed refused such
+                # cursors, or the outbox was recreated under it): not a position it has.
+                since = target.delivered_seq
+        labels = target.allowed_models()
+        groups.setdefault((since, None if labels is None else tuple(labels)), []).append(target)
+    if not groups:
+        return {}
     source_id = outbox.state(using).source_id
+    plans: dict[int, Plan] = {}
+    for (since, selection), members in groups.items():
+        chunks, more = _read(since, selection, members, source_id, using, max_events)
+        for target in members:
+            if chunks:
+                plans[target.pk] = Plan(target, _batches(target, chunks, source_id), more)
+    return plans
+
+
+def _read(
+    since: int,
+    models: tuple[str, ...] | None,
+    members: list[Target],
+    source_id: str | None,
+    using: str,
+    max_events: int,
+) -> tuple[list[Chunk], bool]:
+    """One page of the feed after ``since`` in chunks that fit every member's body."""
+    page = feed.read(since, max_events, using=using, models=None if models is None else list(models))
+    if not page.events:
+        return [], False
+    # Room for the longest header among them (and the closing brace).
+    longest = max(members, key=lambda t: len(t.name)).name
+    room = len(_header(longest, page.last_seq, page.last_seq, source_id)) + 1
+    return _chunks(since, page.events, conf.delivery_max_bytes() - room), page.more
+
+
+def batches(target: Target, using: str, *, max_events: int = PAGE_EVENTS) -> Iterator[Batch]:
+    """Undelivered events of ``target`` as signed-ready bodies under the size limit."""
+    planned = plan([target], using, max_events=max_events).get(target.pk)
+    if planned is None:
+        return
+    yield from planned.batches
+    more = planned.more
+    source_id = planned.batches[0].source_id
     models = target.allowed_models()
-    limit_bytes = conf.delivery_max_bytes()
-    while True:
-        page = feed.read(since, max_events, using=using, models=models)
-        if not page.events:
+    key = None if models is None else tuple(models)
+    while more:
+        since = planned.batches[-1].last_seq
+        chunks, more = _read(since, key, [target], source_id, using, max_events)
+        if not chunks:
             return
-        events = page.events
-        while events:
-            body = _body(target, since, events, source_id)
-            count = len(events)
-            # Halve until it fits; one event that alone is too big still goes.
-            while len(body) > limit_bytes and count > 1:
-                count //= 2
-                body = _body(target, since, events[:count], source_id)
-            last = events[count - 1]["seq"]
-            yield Batch(target, since, last, body)
-            since = last
-            events = events[count:]
-        if not page.more:
-            return
+        planned = Plan(target, _batches(target, chunks, source_id), more)
+        yield from planned.batches
+
+
+def _batches(target: Target, chunks: list[Chunk], source_id: str | None) -> list[Batch]:
+    return [
+        Batch(target, c.since, c.last_seq, events_json=c.events_json, source_id=source_id)
+        for c in chunks
+    ]
+
+
+def _chunks(since: int, events: list[dict[str, Any]], limit_bytes: int) -> list[Chunk]:
+    """Consecutive runs of ``events`` whose JSON array stays under ``limit_bytes``; an
+    event that alone is bigger still goes, alone."""
+    chunks: list[Chunk] = []
+    parts: list[str] = []
+    size = 1  # "[" and "]", less the comma the first event does not need
+    for index, event in enumerate(events):
+        text = json.dumps(event, separators=(",", ":"))
+        if parts and size + len(text) + 1 > limit_bytes:
+            last = events[index - 1]["seq"]
+            chunks.append(Chunk(since, last, "[" + ",".join(parts) + "]"))
+            since, parts, size = last, [], 1
+        parts.append(text)
+        size += len(text) + 1
+    if parts:
+        chunks.append(Chunk(since, events[-1]["seq"], "[" + ",".join(parts) + "]"))
+    return chunks
 
 
 def _body(
     target: Target, since: int, events: list[dict[str, Any]], source_id: str | None = None
 ) -> bytes:
-    last = events[-1]["seq"]
-    payload = {
+    """The body of one batch of ``events`` (as the planned batches build theirs)."""
+    text = "[" + ",".join(json.dumps(e, separators=(",", ":")) for e in events) + "]"
+    return (_header(target.name, since, events[-1]["seq"], source_id) + text + "}").encode()
+
+
+def _header(name: str, since: int, last: int, source_id: str | None) -> str:
+    """A body up to its events: ``{"protocol":..,"id":..,...,"events":``."""
+    payload: dict[str, Any] = {
         "protocol": PROTOCOL_VERSION,
-        "id": f"{target.name}-{since}-{last}",
+        "id": f"{name}-{since}-{last}",
         **({"source_id": source_id} if source_id is not None else {}),
         "since": since,
         "last_seq": last,
-        "events": events,
     }
-    return json.dumps(payload, separators=(",", ":")).encode()
+    return json.dumps(payload, separators=(",", ":"))[:-1] + ',"events":'
 
 
 def signed_headers(batch: Batch) -> dict[str, str]:
@@ -188,6 +322,33 @@ def record_success(target: Target, last_seq: int, using: str) -> None:
     target.failures = 0
 
 
+def record_successes(acknowledged: dict[int, int], using: str) -> None:
+    """``record_success`` for many targets in one statement: target id -> position.
+
+    Targets of one round usually share a position, so the CASE is often one branch.
+    """
+    if not acknowledged:
+        return
+    by_seq: dict[int, list[int]] = {}
+    for pk, seq in acknowledged.items():
+        by_seq.setdefault(seq, []).append(pk)
+    reached: Any
+    if len(by_seq) == 1:
+        reached = Value(next(iter(by_seq)))
+    else:
+        reached = Case(
+            *[When(pk__in=pks, then=Value(seq)) for seq, pks in by_seq.items()],
+            output_field=BigIntegerField(),
+        )
+    Target.objects.using(using).filter(pk__in=list(acknowledged)).update(
+        delivered_seq=Greatest(F("delivered_seq"), reached),
+        last_delivery_at=timezone.now(),
+        failures=0,
+        next_attempt_at=None,
+        last_error="",
+    )
+
+
 def record_failure(target: Target, message: str, using: str) -> float:
     """Note a failed delivery; return seconds until the next attempt."""
     delays = conf.delivery_retry_delays()
@@ -213,15 +374,26 @@ def record_failure(target: Target, message: str, using: str) -> float:
 def post(batch: Batch, session: requests.Session | None = None) -> None:
     """POST one batch; raise DeliveryFailed unless the target answered 2xx."""
     sender = session or requests
-    try:
-        response = sender.post(
-            batch.target.webhook_url,
-            data=batch.body,
-            headers=signed_headers(batch),
-            timeout=conf.delivery_timeout(),
-        )
-    except requests.RequestException as exc:
-        raise DeliveryFailed(f"{batch.target.webhook_url}: {exc}") from exc
+    # A kept-alive connection the target closed while idle fails when reused, before
+    # any answer: sent once more on a new connection. (Not after a timeout: the target
+    # may still be working on it.) Safe either way: a batch is idempotent.
+    attempts = 2 if session is not None else 1
+    while True:
+        attempts -= 1
+        try:
+            response = sender.post(
+                batch.target.webhook_url,
+                data=batch.body,
+                headers=signed_headers(batch),
+                timeout=conf.delivery_timeout(),
+            )
+            break
+        except requests.ConnectionError as exc:
+            if attempts and not isinstance(exc, requests.Timeout):
+                continue
+            raise DeliveryFailed(f"{batch.target.webhook_url}: {exc}") from exc
+        except requests.RequestException as exc:
+            raise DeliveryFailed(f"{batch.target.webhook_url}: {exc}") from exc
     if not 200 <= response.status_code < 300:
         raise DeliveryFailed(
             f"{batch.target.webhook_url} answered HTTP {response.status_code}: "
@@ -282,12 +454,39 @@ def deliver_pending(
     to wait before trying again.
     """
     target = Target.objects.using(using).filter(pk=target_id).first()
-    if target is None or not target.active or target.paused or not target.webhook_url:
+    if target is None or not takes_deliveries(target):
         return None
     recorder.loaded(target)
-    if target.next_attempt_at and target.next_attempt_at > timezone.now():
-        return float((target.next_attempt_at - timezone.now()).total_seconds())
-    for batch in batches(target, using):
+    wait = backoff_left(target)
+    if wait is not None:
+        return wait
+    return deliver(target, batches(target, using), using, session, recorder)
+
+
+def takes_deliveries(target: Target) -> bool:
+    return bool(target.active and not target.paused and target.webhook_url)
+
+
+def backoff_left(target: Target) -> float | None:
+    """Seconds until ``target``'s next attempt is due, or None if it is due now."""
+    if target.next_attempt_at is None:
+        return None
+    left = (target.next_attempt_at - timezone.now()).total_seconds()
+    return float(left) if left > 0 else None
+
+
+def deliver(
+    target: Target,
+    batches: Iterable[Batch],
+    using: str,
+    session: requests.Session | None = None,
+    recorder: Recorder = _RECORD_AT_ONCE,
+) -> float | None:
+    """POST ``batches`` in order, each once it was acknowledged; stop at the first failure.
+
+    Returns None when all were delivered, else the seconds until the next attempt.
+    """
+    for batch in batches:
         resends = FILES_PENDING_RESENDS
         while True:
             try:

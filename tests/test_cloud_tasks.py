@@ -114,8 +114,7 @@ def target(live_server: Any, target_site: Site, emulator: Emulator, queue: str) 
 
 
 def last_event_id() -> int:
-    from changefeed_sync import feed
-
+    """The feed position of the newest event (positions are given after commit)."""
     return feed.head("default")
 
 
