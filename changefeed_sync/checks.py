@@ -239,6 +239,10 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _count_or_zero(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _seconds(value: Any) -> bool:
     return _is_number(value) and value >= 0
 
@@ -286,6 +290,8 @@ SETTING_CHECKS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "FEED_DEFAULT_LIMIT": ("E106", _count, _COUNT),
     "FEED_MAX_WAIT": ("E107", _seconds, _SECONDS),
     "FEED_POLL_INTERVAL": ("E108", _positive_seconds, _POSITIVE_SECONDS),
+    "FEED_WSGI_WAITERS": ("E133", _count_or_zero, "a whole number >= 0"),
+    "FEED_WSGI_RETRY_AFTER": ("E134", _positive_seconds, _POSITIVE_SECONDS),
     "SIGNATURE_MAX_AGE": ("E109", _at_least_one_second, "a number of seconds >= 1"),
     "RETENTION_DAYS": ("E110", _seconds, "a number of days >= 0"),
     "DELIVERY_RETRY_DELAYS": (
@@ -404,3 +410,35 @@ def check_sqlite_transaction_mode(
                 )
             )
     return warnings
+
+
+#: Above this many long-polls waiting at once per WSGI process, W004 warns.
+WSGI_WAITERS_WARN = 4
+
+
+@checks.register()
+def check_wsgi_long_polls(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Under WSGI every waiting long-poll holds a server thread that no page can use
+    (50 waiting followers stopped a 3-worker gunicorn site), so waits there are bounded
+    per process. A bound above a few threads gives them back to the followers; whether
+    the site runs under WSGI at all cannot be told from here, hence a warning."""
+    waiters, max_wait = conf.get("FEED_WSGI_WAITERS"), conf.get("FEED_MAX_WAIT")
+    if not (_count_or_zero(waiters) and _seconds(max_wait)):
+        return []  # E133 / E107 say what is wrong
+    if waiters <= WSGI_WAITERS_WARN or max_wait == 0:
+        return []
+    return [
+        _warning(
+            f"CHANGEFEED_SYNC_FEED_WSGI_WAITERS is {waiters}: under WSGI, up to {waiters} "
+            "threads of each server process can be held by followers' long-polls, each "
+            f"for up to CHANGEFEED_SYNC_FEED_MAX_WAIT ({max_wait!r} s), and a held thread "
+            "serves no page (a gunicorn sync worker has one thread, a gthread worker a few).",
+            "Serve the feed under ASGI (uvicorn, or gunicorn with uvicorn workers), where a "
+            "waiting follower holds no thread, or keep this setting at "
+            f"{WSGI_WAITERS_WARN} or below, well under your threads per process; see the "
+            "README's 'Deploying' section. Silence changefeed_sync.W004 if every WSGI "
+            "process has many more threads than that.",
+            None,
+            "W004",
+        )
+    ]

@@ -21,6 +21,12 @@ DEFAULTS: dict[str, Any] = {
     "FEED_MAX_WAIT": 30.0,
     # How often a long-poll looks for new events written by other processes.
     "FEED_POLL_INTERVAL": 0.02,
+    # Long-polls waiting at once per process under WSGI, where each holds a server
+    # thread; more are answered at once with FEED_WSGI_RETRY_AFTER. (None on a WSGI
+    # server that runs one request at a time per process; no bound under ASGI.)
+    "FEED_WSGI_WAITERS": 2,
+    # Seconds a follower refused a wait under WSGI is told to sleep before asking again.
+    "FEED_WSGI_RETRY_AFTER": 1.0,
     # Database alias whose outbox the feed serves.
     "FEED_DATABASE": "default",
     # Seconds a signed request stays valid; also how long nonces are kept.
@@ -95,6 +101,14 @@ def feed_max_wait() -> float:
 
 def feed_poll_interval() -> float:
     return float(get("FEED_POLL_INTERVAL"))
+
+
+def feed_wsgi_waiters() -> int:
+    return int(get("FEED_WSGI_WAITERS"))
+
+
+def feed_wsgi_retry_after() -> float:
+    return float(get("FEED_WSGI_RETRY_AFTER"))
 
 
 def feed_database() -> str:

@@ -29,6 +29,7 @@ from changefeed_sync.checks import (
     check_registered_models,
     check_settings,
     check_sqlite_transaction_mode,
+    check_wsgi_long_polls,
     looks_secret,
 )
 from tests.testapp.models import Category, Copy, Country, Kinds, Language, Tag
@@ -604,6 +605,12 @@ BAD_SETTINGS = [
     ("E130", "PULL_STALE_AFTER", "2 minutes"),
     ("E131", "MAX_FILE_SIZE", "100MB"),
     ("E132", "WEBHOOK_FILES_SECONDS", -1),
+    ("E133", "FEED_WSGI_WAITERS", -1),
+    ("E133", "FEED_WSGI_WAITERS", 2.5),
+    ("E133", "FEED_WSGI_WAITERS", "2"),
+    ("E133", "FEED_WSGI_WAITERS", True),
+    ("E134", "FEED_WSGI_RETRY_AFTER", 0),  # followers would ask again at once
+    ("E134", "FEED_WSGI_RETRY_AFTER", "1"),
 ]
 
 
@@ -645,6 +652,9 @@ def test_every_setting_has_one_id_and_a_test() -> None:
         ("RETENTION_DAYS", 0.5),
         ("SIGNATURE_MAX_AGE", 300),
         ("FEED_DATABASE", "default"),
+        ("FEED_WSGI_WAITERS", 0),  # no long-poll waits under WSGI at all
+        ("FEED_WSGI_WAITERS", 4),
+        ("FEED_WSGI_RETRY_AFTER", 0.5),
         ("TARGET_DATABASE", "default"),
         ("OIDC_CERTS_URL", "http://127.0.0.1:8123/certs"),
         ("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:8123"),
@@ -802,6 +812,37 @@ def test_w001_not_raised_without_sqlite_or_before_django_5_1(
         assert check_sqlite_transaction_mode() == []
 
 
+# --------------------------------------------------------------------------- W004
+
+
+def test_w004_many_long_polls_may_wait_under_wsgi() -> None:
+    with override_settings(CHANGEFEED_SYNC_FEED_WSGI_WAITERS=5):
+        messages = check_wsgi_long_polls()
+    message = the_one(messages, "W004", checks.WARNING)
+    assert "CHANGEFEED_SYNC_FEED_WSGI_WAITERS is 5" in message.msg
+    assert "CHANGEFEED_SYNC_FEED_MAX_WAIT (30.0 s)" in message.msg
+    assert message.hint is not None
+    assert "ASGI" in message.hint and "'Deploying'" in message.hint
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # the default, 2
+        {"CHANGEFEED_SYNC_FEED_WSGI_WAITERS": 4},
+        {"CHANGEFEED_SYNC_FEED_WSGI_WAITERS": 0},
+        # No long-poll waits at all: nothing is held, however many may "wait".
+        {"CHANGEFEED_SYNC_FEED_WSGI_WAITERS": 50, "CHANGEFEED_SYNC_FEED_MAX_WAIT": 0},
+        # Wrong values are E133 / E107's business, not a second message.
+        {"CHANGEFEED_SYNC_FEED_WSGI_WAITERS": "50"},
+        {"CHANGEFEED_SYNC_FEED_WSGI_WAITERS": 50, "CHANGEFEED_SYNC_FEED_MAX_WAIT": "x"},
+    ],
+)
+def test_w004_not_raised_for_a_few_waiters_or_no_waits(overrides: dict[str, Any]) -> None:
+    with override_settings(**overrides):
+        assert check_wsgi_long_polls() == []
+
+
 # --------------------------------------------------------------------------- binding
 
 
@@ -820,3 +861,10 @@ def test_settings_checks_are_bound_to_manage_py_check() -> None:
     with override_settings(CHANGEFEED_SYNC_FEED_DATABASE="nowhere"):
         with pytest.raises(SystemCheckError, match=r"changefeed_sync\.E102"):
             call_command("check", databases=["default"])
+
+
+@pytest.mark.django_db
+def test_w004_is_bound_to_manage_py_check() -> None:
+    with override_settings(CHANGEFEED_SYNC_FEED_WSGI_WAITERS=12):
+        with pytest.raises(SystemCheckError, match=r"changefeed_sync\.W004"):
+            call_command("check", databases=["default"], fail_level="WARNING")
