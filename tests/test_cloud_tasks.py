@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -275,3 +276,41 @@ def test_a_task_retried_after_a_failed_catch_up_succeeds(
     wait_for_checkpoint(target_site, last, timeout=10)
     wait_until(lambda: emulator.tasks(queue) == [], timeout=5, what="the queue to drain")
     assert_target_equals_source(target_site)
+
+
+# ---------------------------------------------------------------------- short-lived writers
+
+
+def test_a_process_that_exits_right_after_a_write_created_its_task(
+    target_site: Site, emulator: Emulator, queue: str, tmp_path: Path
+) -> None:
+    """``manage.py shell -c`` writes one row and exits: the task was created in the
+    committing thread, before ``create()`` returned, so Cloud Tasks delivers it with no
+    process of the source left running."""
+    from tests.test_push_exit import write_and_exit
+
+    target_site.run_python(RESET_TARGET.format(url="http://127.0.0.1:9/sync/", secret=SECRET))
+    source = Site("src", "sqlite", tmp_path)
+    try:
+        source.start_shell()
+        source.create_database()
+        source.migrate()
+        source.run_python(f"""
+            from changefeed_sync.models import Target
+            Target.objects.create(name="tgt", secrets={SECRET!r},
+                                  webhook_url={target_site.url + "sync/webhook/src/"!r})
+        """)
+        took, stderr = write_and_exit(source, "ct", emulator.settings(queue))
+        assert "Traceback" not in stderr, stderr
+        last = int(source.run_python(
+            "from changefeed_sync import feed; print(feed.head('default'))"
+        ))
+        enqueued = source.scalar(
+            "SELECT delivered_seq FROM changefeed_sync_target WHERE name = 'tgt'"
+        )
+    finally:
+        source.close()
+    assert enqueued == last  # recorded as enqueued by the process that wrote
+    wait_for_checkpoint(target_site, last)
+    assert emulator.dispatches(task_id(Target(name="tgt"), 0, last))
+    assert target_site.scalar("SELECT COUNT(*) FROM testapp_country WHERE code = 'ct'") == 1

@@ -3,8 +3,9 @@
 A backend is a class with ``schedule(target_ids, using)``, called after a
 commit that wrote events. Choose one with ``CHANGEFEED_SYNC_DELIVERY_BACKEND``:
 
-- ``changefeed_sync.delivery.inline.InlineBackend`` (default): a thread per
-  target in this process delivers right after commit and retries with backoff;
+- ``changefeed_sync.delivery.inline.InlineBackend`` (default): a small pool of
+  threads of this process delivers right after commit, to every target, and
+  retries with backoff; a process that exits waits a few seconds for them;
 - ``changefeed_sync.delivery.cloud_tasks.CloudTasksBackend``: one Cloud Tasks
   HTTP task per batch, with an OIDC token; Cloud Tasks retries;
 - ``changefeed_sync.delivery.django_tasks.DjangoTasksBackend``: a task of
