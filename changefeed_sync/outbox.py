@@ -139,11 +139,62 @@ def write(using: str, events: Iterable[Event], *, locked: bool = False) -> None:
     batch = list(events)
     if not batch:
         return
+    connection = connections[using]
+    if connection.vendor == "mysql" and connection.in_atomic_block:
+        _insert_at_commit(connection, using, batch)
+        return
     with transaction.atomic(using=using, savepoint=False):
         if not locked:
             lock(using)
         _insert(using, batch)
         after_this_transaction(using)
+
+
+class _AtCommit:
+    """Events of a transaction on MySQL/MariaDB, inserted just before it commits.
+
+    There every statement is a round trip, and no statement writes a row and an
+    event together (PostgreSQL's ``outbox_pg``): inserting each save's event at
+    once cost a registered save twice an unregistered one. Kept in Django's own
+    list of on-commit callbacks, so a rolled-back savepoint drops its events as
+    Django drops its callbacks; called after the commit, it wakes readers.
+    Their ids are drawn at commit, after every read and lock of the transaction
+    (read_locks), which keeps them in an order the events agree with.
+    """
+
+    __slots__ = ("using", "events")
+
+    def __init__(self, using: str, events: list[Event]) -> None:
+        self.using = using
+        self.events = events
+
+    def __call__(self) -> None:
+        after_commit(self.using)
+
+
+def _insert_at_commit(connection: Any, using: str, batch: list[Event]) -> None:
+    if "commit" not in connection.__dict__:
+        _insert_before_commit(connection)
+    transaction.on_commit(_AtCommit(using, batch), using=using)
+
+
+def _insert_before_commit(connection: Any) -> None:
+    """Make ``connection.commit()`` insert the transaction's pending events first
+    (once per connection object; ``atomic()`` commits through it). If the insert
+    fails, the commit raises and ``atomic()`` rolls the transaction back."""
+    commit = connection.commit
+
+    def commit_with_events() -> None:
+        if not connection.in_atomic_block:
+            pending = [f for _, f, _ in connection.run_on_commit if isinstance(f, _AtCommit)]
+            batch = [event for p in pending for event in p.events]
+            if batch:
+                _insert(pending[0].using, batch)
+                for p in pending:
+                    p.events = []
+        commit()
+
+    connection.commit = commit_with_events
 
 
 def _insert(using: str, batch: list[Event]) -> None:

@@ -225,7 +225,8 @@ def test_a_writer_does_not_wait_for_another_open_transaction_and_the_reader_miss
         start = last_id(alias)
         with transaction.atomic(using=alias):
             write_a(alias)
-            # A's own connection sees its uncommitted events.
+            # A's own connection sees its uncommitted events (on MySQL/MariaDB
+            # they are inserted at commit: none yet).
             a_ids.extend(ids_after(alias, start))
             a_wrote.set()
             if not release_a.wait(JOIN_TIMEOUT):
@@ -245,7 +246,7 @@ def test_a_writer_does_not_wait_for_another_open_transaction_and_the_reader_miss
     try:
         a.start()
         wait_for(a_wrote, a, "write")
-        assert len(a_ids) == a_count, a_ids
+        assert len(a_ids) == (0 if connections[alias].vendor == "mysql" else a_count), a_ids
         b.start()
         if one_writer:
             assert not b_committed.wait(BLOCKED_FOR), "SQLite let a second writer commit"
@@ -293,18 +294,21 @@ def test_control_a_reader_of_ids_would_skip_an_event_that_the_feed_serves(db_ali
     a_ids: list[int] = []
     b_ids: list[int] = []
 
+    def event(key: str) -> int:
+        # Written directly: capture on MySQL/MariaDB inserts events at commit,
+        # which would hide the out-of-order ids this control is about.
+        return Event.objects.using(alias).create(model="testapp.tag", op=Event.UPSERT, key=[key]).id
+
     def writer_a() -> None:
         with transaction.atomic(using=alias):
-            Tag.objects.using(alias).create(slug="ctl-a")
-            a_ids.extend(ids_after(alias, start_id))
+            a_ids.append(event("ctl-a"))
             a_wrote.set()
             if not release_a.wait(JOIN_TIMEOUT):
                 raise AssertionError("writer A was never released")
 
     def writer_b() -> None:
         with transaction.atomic(using=alias):
-            Tag.objects.using(alias).create(slug="ctl-b")
-        b_ids.extend(i for i in ids_after(alias, start_id) if i not in a_ids)
+            b_ids.append(event("ctl-b"))
 
     a = Worker("writer-A", writer_a)
     b = Worker("writer-B", writer_b)
