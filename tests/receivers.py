@@ -147,6 +147,9 @@ def running(secret: str) -> Iterator[Receiver]:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as the source's shared session uses it
+        # Headers and body are two writes: with Nagle's algorithm the body waited for the
+        # client's delayed ACK (40 ms a request).
+        disable_nagle_algorithm = True
 
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
             receiver.handle(self)

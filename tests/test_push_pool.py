@@ -65,7 +65,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(since)
         return real(since, *args, **kwargs)
 
-    monkeypatch.setattr(push.feed, "read", read)
+    monkeypatch.setattr(feed, "read", read)
     return calls
 
 
@@ -160,8 +160,9 @@ def test_one_event_reaches_100_targets_from_one_read(
         assert [(r.since, r.last_seq, r.keys) for r in receiver.deliveries[name]] == [
             (0, seq, [["fr"]])
         ]
-    # The 100 targets waited at the same position: the feed was read once for all.
-    assert reads == [0]
+    # The 100 targets waited at the same position: the feed was read once for all
+    # (a later round may look for more after ``seq``).
+    assert reads.count(0) == 1 and set(reads) <= {0, seq}, reads
     started = set(push_threads().values()) - set(before.values())
     assert started == {f"changefeed-push-worker-{i}" for i in range(1, WORKERS + 1)} | {
         "changefeed-push-recorder"
@@ -283,7 +284,9 @@ def test_targets_with_other_models_are_read_for_apart(
     head = feed.head(db_alias)
     receiver.wait_for_seq(everything, head)
     receiver.wait_for_seq(countries, head - 1)
-    assert sorted(reads) == [0, 0]  # one read per selection, not per target
+    # One read per selection, not per target (two writes woke them twice: a second
+    # round may look for more after what they got).
+    assert reads.count(0) == 2 and set(reads) <= {0, head - 1, head}, reads
     for name in everything:
         assert [r.keys for r in receiver.deliveries[name]] == [[["fr"], ["fr", "fr"]]]
     for name in countries:

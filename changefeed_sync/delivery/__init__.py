@@ -10,4 +10,7 @@ commit that wrote events. Choose one with ``CHANGEFEED_SYNC_DELIVERY_BACKEND``:
   HTTP task per batch, with an OIDC token; Cloud Tasks retries;
 - ``changefeed_sync.delivery.django_tasks.DjangoTasksBackend``: a task of
   Django's task framework (``django.tasks``, or the ``django-tasks`` backport).
+
+What every backend sends, planned for many targets at once, is built by
+``batches.py``.
 """
