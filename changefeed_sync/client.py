@@ -34,6 +34,9 @@ class FetchedPage:
     pending: int
     #: The identity the source claims (None: an older source sends none).
     source_id: str | None = None
+    #: Seconds the source asks to be left alone before the next long-poll: it had no
+    #: room to hold one (a WSGI server's bound; 0: it did not ask).
+    retry_after: float = 0.0
 
 
 def source_id_of(body: dict[str, Any], what: str) -> str | None:
@@ -170,6 +173,9 @@ class SourceClient:
         except ProtocolError as exc:
             raise ProtocolError(f"source {self.source.name}: malformed feed page: {exc}") from exc
         pending = body.get("pending", 0)
+        retry_after = body.get("retry_after", 0)
+        if type(retry_after) not in (int, float) or not retry_after > 0:
+            retry_after = 0.0  # absent, or not a number of seconds: ask again as usual
         return FetchedPage(
             events=events,
             since=since,
@@ -177,4 +183,6 @@ class SourceClient:
             more=body.get("more") is True,
             pending=pending if type(pending) is int else 0,
             source_id=source_id_of(body, f"source {self.source.name}: malformed feed page"),
+            # A source cannot park a follower for longer than its backoff's ceiling.
+            retry_after=min(float(retry_after), conf.retry_max_delay()),
         )

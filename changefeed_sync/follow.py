@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from django.db import InterfaceError, OperationalError, close_old_connections
 from django.utils import timezone
@@ -83,6 +84,14 @@ def check_source_id(source: DataSource, claimed: str | None, *, using: str) -> N
         )
 
 
+class PageResult(NamedTuple):
+    stats: ApplyStats | None
+    #: More events are waiting at the source.
+    more: bool
+    #: Seconds the source asked us to wait before the next long-poll (0: none).
+    retry_after: float = 0.0
+
+
 def sync_page(
     source: DataSource,
     client: SourceClient,
@@ -90,15 +99,15 @@ def sync_page(
     using: str,
     limit: int | None = None,
     wait: float = 0.0,
-) -> tuple[ApplyStats | None, bool]:
-    """Fetch and apply one page. Returns (stats, more waiting)."""
+) -> PageResult:
+    """Fetch and apply one page."""
     since = source.checkpoint
     page = client.fetch_feed(since, limit or conf.batch_size(), wait)
     check_source_id(source, page.source_id, using=using)
     if since != source.checkpoint:  # a pull moved it meanwhile: that page is not ours
-        return ApplyStats(), True
+        return PageResult(ApplyStats(), True)
     if not page.events and page.last_seq == since:
-        return ApplyStats(), page.more
+        return PageResult(ApplyStats(), page.more, page.retry_after)
     # File contents are fetched before the page's transaction, written inside it.
     stats = apply_with_files(
         source, client, page.events, since=since, last_seq=page.last_seq, using=using
@@ -107,7 +116,7 @@ def sync_page(
         # Someone else moved the checkpoint (a webhook, a pull): reload it and carry
         # on from there, with the identity it belongs to.
         source.refresh_from_db(using=using, fields=["checkpoint", "source_id"])
-    return stats, page.more
+    return PageResult(stats, page.more)
 
 
 def sync(
@@ -137,7 +146,7 @@ def sync(
     more = True
     while not stop.is_set():
         try:
-            stats, more = sync_page(
+            stats, more, retry_after = sync_page(
                 source, client, using=using, limit=limit, wait=0.0 if more else long_poll
             )
         except FATAL as exc:
@@ -174,4 +183,8 @@ def sync(
                 on_page(stats, source)
         if not more and not follow:
             break
+        if retry_after and not more:
+            # The source had no room to hold our long-poll (a WSGI server's bound) and
+            # answered at once: asking again at once would be a busy loop.
+            stop.wait(retry_after)
     return result

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import re
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
+from django.core.handlers.wsgi import WSGIRequest
 from django.db import transaction
-from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.http import (
+    FileResponse,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    JsonResponse,
+)
 from django.utils import timezone
+from django.utils.log import log_response
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from . import conf, feed, files, outbox, snapshot
+from . import conf, feed, files, longpoll, outbox, snapshot
 from .exceptions import CursorAhead, CursorExpired, SignatureError
 from .models import Target
 from .serialization import PROTOCOL_VERSION
@@ -286,19 +297,110 @@ def _describe_files(request: HttpRequest, target: Target, using: str) -> JsonRes
     return JsonResponse({"protocol": PROTOCOL_VERSION, "files": answers})
 
 
-# Long-polls must not hold a transaction (ATOMIC_REQUESTS): on MySQL a
-# repeatable-read snapshot would hide the very events they wait for.
-@transaction.non_atomic_requests
-@require_GET
-def feed_view(request: HttpRequest) -> HttpResponse:
+_View = TypeVar("_View", bound=Callable[..., Any])
+
+
+class _EveryDatabase(set[str]):
+    """Every database alias, for ``transaction.non_atomic_requests``' record."""
+
+    def __contains__(self, alias: object) -> bool:
+        return True
+
+
+def _non_atomic_on_every_database(view: _View) -> _View:
+    """Keep ``ATOMIC_REQUESTS`` away from ``view`` on every database.
+
+    A long-poll must never run inside a request's transaction (on MySQL a
+    repeatable-read snapshot would hide the very events it waits for, and any
+    database would keep a transaction open for the whole wait), and Django refuses
+    to serve an async view at all where ``ATOMIC_REQUESTS`` applies. The feed reads
+    the alias ``CHANGEFEED_SYNC_FEED_DATABASE`` names, which is not known at import
+    time, where ``transaction.non_atomic_requests`` takes its alias: so every alias.
+    """
+    setattr(view, "_non_atomic_requests", _EveryDatabase())  # noqa: B010 - a typed callable
+    return view
+
+
+#: Long-polls of this process waiting at once under WSGI (where each holds a thread).
+_WSGI_WAITS = longpoll.WaitSlots(conf.feed_wsgi_waiters)
+_NO_WAITS = longpoll.WaitSlots(lambda: 0)
+
+
+def _wsgi_wait_slots(request: HttpRequest) -> longpoll.WaitSlots | None:
+    """The waiting slots a request may take: None (no bound) under ASGI, where a wait
+    holds no thread; under WSGI at most ``CHANGEFEED_SYNC_FEED_WSGI_WAITERS`` per
+    process, and none at all on a server that says it runs one request at a time per
+    process (``wsgi.multithread`` false, e.g. gunicorn's sync workers), whose only
+    thread a wait would take from every page. Django's test client names no server
+    (no ``SERVER_SOFTWARE``): it is one caller calling, and may wait."""
+    if not isinstance(request, WSGIRequest):
+        return None
+    environ = request.environ
+    if not environ.get("wsgi.multithread", True) and environ.get("SERVER_SOFTWARE"):
+        return _NO_WAITS
+    return _WSGI_WAITS
+
+
+@dataclass(frozen=True)
+class _FeedRequest:
+    """A feed request that passed authentication and its checks, with its first page."""
+
+    since: int
+    limit: int
+    wait: float
+    models: list[str] | None
+    source_id: str
+    page: feed.FeedPage
+
+
+@_non_atomic_on_every_database
+async def feed_view(request: HttpRequest) -> HttpResponse:
+    """The feed; a long-poll with ``wait``. Async, so that under ASGI a waiting
+    follower holds no thread; under WSGI Django runs it in the request's thread, and
+    waits are bounded per process (``_wsgi_wait_slots``)."""
+    if request.method != "GET":
+        # What require_GET answers (it wraps async views only from Django 5.0 on).
+        refused = HttpResponseNotAllowed(["GET"])
+        log_response(
+            "Method Not Allowed (%s): %s", request.method, request.path,
+            response=refused, request=request,
+        )  # fmt: skip
+        return refused
     using = conf.feed_database()
-    # A follower's request must not sit out a busy SQLite source's commits in
-    # SQLite's ever longer sleeps (sqlite_waits.py).
+    started = await longpoll.in_db_thread(_start_feed, request, using)
+    if isinstance(started, HttpResponse):
+        return started
+    try:
+        outcome = await longpoll.aread_or_wait(
+            started.since, started.limit, started.wait, using=using, models=started.models,
+            source_id=started.source_id, page=started.page, slots=_wsgi_wait_slots(request),
+        )  # fmt: skip
+    except CursorExpired as exc:  # pruned while it waited
+        return _error(410, str(exc), "cursor_expired")
+    # Pages may be shared by followers woken together: each answer gets its own copy.
+    page = dataclasses.replace(outcome.page, source_id=started.source_id)
+    # The events are spliced in as stored, not decoded and encoded again.
+    body = page.to_json()
+    if not outcome.refused:
+        return HttpResponse(body, content_type="application/json")
+    # No room to wait here: the empty page now, and when to ask again. Followers
+    # sleep that long (a 200 on which an older follower simply asks again).
+    retry_after = conf.feed_wsgi_retry_after()
+    body = body[:-1] + f',"retry_after":{json.dumps(retry_after)}}}'
+    response = HttpResponse(body, content_type="application/json")
+    response["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return response
+
+
+def _start_feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
+    """Authentication, parameters, cursor checks and the first page, in one database
+    thread (a follower's request must not sit out a busy SQLite source's commits in
+    SQLite's ever longer sleeps: sqlite_waits.py)."""
     with prompt_lock_waits(using):
         return _feed(request, using)
 
 
-def _feed(request: HttpRequest, using: str) -> HttpResponse:
+def _feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
     try:
         name, nonce, target = verify(request, using)
     except SignatureError as exc:
@@ -331,12 +433,10 @@ def _feed(request: HttpRequest, using: str) -> HttpResponse:
         return _refused(request, exc)
     models = target.allowed_models()
     try:
-        page = feed.read_or_wait(since, limit, wait, using=using, models=models)
+        page = longpoll.read(using, since, limit, models)
     except CursorExpired as exc:
         return _error(410, str(exc), "cursor_expired")
-    page.source_id = state.source_id
-    # The events are spliced in as stored, not decoded and encoded again.
-    return HttpResponse(page.to_json(), content_type="application/json")
+    return _FeedRequest(since, limit, wait, models, state.source_id, page)
 
 
 @csrf_exempt
