@@ -30,3 +30,9 @@ class ChangefeedSyncConfig(AppConfig):
         from . import push
 
         request_started.connect(push.resume_on_first_request, dispatch_uid="changefeed_resume")
+        # Settings are read once and kept (conf.get); a changed one is read again.
+        from django.core.signals import setting_changed
+
+        from . import conf
+
+        setting_changed.connect(conf.forget, dispatch_uid="changefeed_settings")
