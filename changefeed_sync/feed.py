@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import time
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -217,28 +216,3 @@ def has_events_after(since: int, using: str, models: list[str] | None = None) ->
     if models is not None:
         events = events.filter(model__in=models)
     return bool(events.exists())
-
-
-def read_or_wait(
-    since: int,
-    limit: int,
-    wait: float,
-    *,
-    using: str | None = None,
-    models: list[str] | None = None,
-) -> FeedPage:
-    """Long-poll: return as soon as there is an event after ``since``, or after ``wait`` s."""
-    using = using or conf.feed_database()
-    deadline = time.monotonic() + max(0.0, wait)
-    interval = conf.feed_poll_interval()
-    while True:
-        page = read(since, limit, using=using, models=models)
-        remaining = deadline - time.monotonic()
-        if page.events or remaining <= 0:
-            return page
-        # Woken at once by commits in this process, otherwise re-checked every interval.
-        while remaining > 0:
-            outbox.wait(min(interval, remaining))
-            if has_events_after(since, using, models):
-                break
-            remaining = deadline - time.monotonic()

@@ -19,7 +19,6 @@ writer at a time anyway, ``lock`` takes the write lock early (see there).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -29,9 +28,6 @@ from .models import Event, OutboxState, new_source_id
 
 #: Events given positions per sequencer transaction.
 SEQUENCE_BATCH = 5_000
-
-_new_events = threading.Condition()
-
 
 def lock(using: str) -> None:
     """SQLite: take the database's write lock now, for the current transaction.
@@ -406,22 +402,10 @@ def after_this_transaction(using: str) -> None:
 
 def after_commit(using: str) -> None:
     """Wake long-polls and schedule deliveries: events of ``using`` just committed."""
-    notify()
-    from . import push
+    from . import notifier, push
 
+    notifier.poke(using)  # this process's waiters; other processes' notifiers poll
     try:
         push.on_commit(using)
     except Exception:  # the data is committed; a delivery problem must not fail the writer
         logging.getLogger("changefeed_sync.push").exception("scheduling deliveries failed")
-
-
-def notify() -> None:
-    """Wake long-polls in this process; other processes notice on their next poll."""
-    with _new_events:
-        _new_events.notify_all()
-
-
-def wait(timeout: float) -> None:
-    """Sleep until ``notify()`` or ``timeout`` seconds, whichever comes first."""
-    with _new_events:
-        _new_events.wait(timeout)
