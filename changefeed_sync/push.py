@@ -16,6 +16,7 @@ doing so answers 503 ``files_pending`` and the batch is sent again at once.
 
 from __future__ import annotations
 
+import json  # noqa: F401 - tests/test_source_identity.py reads bodies with push.json
 import logging
 import threading
 import time
