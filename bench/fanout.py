@@ -6,7 +6,8 @@
     .venv-django6/bin/python bench/fanout.py --backend postgres   # the source on PostgreSQL
     .venv-django6/bin/python bench/fanout.py --json PATH
 
-Modes, measured one after the other in the same run, against the same receivers:
+Modes, measured in the same run against the same receivers, taking turns event by
+event (so that load from other processes drifting during the run favours none):
 
 * ``before``: the inline backend as it was before the delivery pool (one thread per
   target and database plus a recorder thread per target), loaded from git
@@ -28,6 +29,7 @@ new Tag in its own transaction; the commit time is taken by a
 ``transaction.on_commit`` callback registered before the write, so it runs first
 once the commit is durable (before deliveries are even scheduled). Events are
 written one at a time: the next one only once every target has the previous one.
+Each mode keeps one backend instance for the whole run, as a process does.
 
 The receivers are a few lightweight HTTP servers (``--receivers``, 2 by default:
 processes of their own, ``http.server`` with a thread per connection, keep-alive)
@@ -63,7 +65,7 @@ import tempfile
 import threading
 import time
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +263,19 @@ def write_one(slug: str) -> tuple[float, float]:
     return committed[0], time.monotonic() - started
 
 
+def recorded(timeout: float) -> None:
+    """Wait until every Target row records the newest event as delivered (or enqueued)."""
+    from changefeed_sync import feed
+    from changefeed_sync.models import Target
+
+    head = feed.head("default")
+    deadline = time.monotonic() + timeout
+    while Target.objects.filter(delivered_seq__lt=head).exists():
+        if time.monotonic() > deadline:
+            raise BenchError("benchmark self-check failed: deliveries were never recorded")
+        time.sleep(0.01)
+
+
 def p99(values: list[float]) -> float:
     ordered = sorted(values)
     if len(ordered) < 2:
@@ -268,33 +283,40 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(ordered, n=100, method="inclusive")[98]
 
 
-def measure(mode: str, names: list[str], events: int, receivers: Receivers,
-            timeout: float) -> Result:
-    all_ms: list[float] = []
-    first_ms: list[float] = []
-    median_ms: list[float] = []
-    writer_ms: list[float] = []
+@dataclass
+class Samples:
+    all_ms: list[float] = field(default_factory=list)
+    first_ms: list[float] = field(default_factory=list)
+    median_ms: list[float] = field(default_factory=list)
+    writer_ms: list[float] = field(default_factory=list)
+    threads: set[int] = field(default_factory=set)
+
+    def result(self, mode: str, targets: int) -> Result:
+        return Result(
+            mode=mode, targets=targets, events=len(self.all_ms),
+            all_p50_ms=statistics.median(self.all_ms), all_p99_ms=p99(self.all_ms),
+            all_max_ms=max(self.all_ms), first_p50_ms=statistics.median(self.first_ms),
+            median_target_p50_ms=statistics.median(self.median_ms),
+            writer_p50_ms=statistics.median(self.writer_ms), writer_max_ms=max(self.writer_ms),
+            push_threads=len(self.threads),
+        )
+
+
+def one_event(mode: str, index: int, names: list[str], receivers: Receivers, timeout: float,
+              samples: Samples, *, counted: bool) -> None:
     threads_before = push_threads()
-    for i in range(WARMUP + events):
-        slug = f"{mode}-{i:04d}"
-        committed, took = write_one(slug)
-        arrived = receivers.wait_for(names, slug, timeout)
-        if i < WARMUP:
-            continue
-        lags = sorted((stamp - committed) * 1000 for stamp in arrived.values())
-        all_ms.append(lags[-1])
-        first_ms.append(lags[0])
-        median_ms.append(statistics.median(lags))
-        writer_ms.append(took * 1000)
-        time.sleep(0.05)  # let the rounds of the previous event end (recorders, queues)
-    return Result(
-        mode=mode, targets=len(names), events=events,
-        all_p50_ms=statistics.median(all_ms), all_p99_ms=p99(all_ms), all_max_ms=max(all_ms),
-        first_p50_ms=statistics.median(first_ms),
-        median_target_p50_ms=statistics.median(median_ms),
-        writer_p50_ms=statistics.median(writer_ms), writer_max_ms=max(writer_ms),
-        push_threads=len(push_threads() - threads_before),
-    )
+    slug = f"{mode}-{index:04d}"
+    committed, took = write_one(slug)
+    arrived = receivers.wait_for(names, slug, timeout)
+    recorded(timeout)  # the round's last writes end before the next mode's write
+    samples.threads |= push_threads() - threads_before
+    if not counted:
+        return
+    lags = sorted((stamp - committed) * 1000 for stamp in arrived.values())
+    samples.all_ms.append(lags[-1])
+    samples.first_ms.append(lags[0])
+    samples.median_ms.append(statistics.median(lags))
+    samples.writer_ms.append(took * 1000)
 
 
 HEADER = (
@@ -325,6 +347,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Result]:
         source.migrate()
         setup_django(source)
         from django.test import override_settings
+        from django.utils.module_loading import import_string
 
         from changefeed_sync import push
         from changefeed_sync.models import Target
@@ -335,6 +358,9 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Result]:
             Target(name=name, secrets=SECRET, webhook_url=receivers.webhook_url(i, name))
             for i, name in enumerate(names)
         )
+        # One backend instance per mode for the whole run, as a process has one; the
+        # modes take turns event by event, so load drifting during the run favours none.
+        chosen: dict[str, tuple[dict[str, Any], Any]] = {}
         for mode in modes:
             settings: dict[str, Any]
             if mode == "before":
@@ -345,19 +371,28 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Result]:
                         "changefeed_sync.delivery.inline.InlineBackend"
                 }
             elif mode == "cloudtasks":
-                if emulator is None:
-                    emulator = Emulator(workdir / "emulator.log")
-                    try:
-                        emulator.start()
-                    except EmulatorUnavailable as exc:
-                        raise BenchError(f"gcloud-tasks-emulator unavailable: {exc}") from exc
-                    emulator.create_queue("fanout")
+                emulator = Emulator(workdir / "emulator.log")
+                try:
+                    emulator.start()
+                except EmulatorUnavailable as exc:
+                    raise BenchError(f"gcloud-tasks-emulator unavailable: {exc}") from exc
+                emulator.create_queue("fanout")
                 settings = emulator.settings("fanout")
             else:
                 raise BenchError(f"unknown mode {mode!r}")
-            with override_settings(**settings):
-                push.forget_targets()
-                results.append(measure(mode, names, args.events, receivers, args.timeout))
+            path = settings["CHANGEFEED_SYNC_DELIVERY_BACKEND"]
+            chosen[mode] = (settings, import_string(path)())
+        samples = {mode: Samples() for mode in modes}
+        for i in range(WARMUP + args.events):
+            for mode in modes:
+                settings, instance = chosen[mode]
+                with override_settings(**settings):
+                    push._backend = instance  # this mode's one instance, not a new one
+                    push._backend_path = settings["CHANGEFEED_SYNC_DELIVERY_BACKEND"]
+                    one_event(mode, i, names, receivers, args.timeout, samples[mode],
+                              counted=i >= WARMUP)
+        for mode in modes:
+            results.append(samples[mode].result(mode, len(names)))
             print_row(results[-1])
     finally:
         if emulator is not None:

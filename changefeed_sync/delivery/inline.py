@@ -2,11 +2,15 @@
 
 What a process runs, whatever the number of targets: ``CHANGEFEED_SYNC_DELIVERY_WORKERS``
 delivery threads (4 by default, started on the first delivery) and one recorder
-thread, so at most that many database connections per database alias, each closed
-when its thread runs out of work; one ``requests.Session`` whose connections the
-threads share (kept alive per target host). The previous design ran a thread per
-target and database plus a recorder thread per target, each with its own
-connection: 100 targets made about 200 threads and connections in every process.
+thread, so at most one database connection more than the workers per database
+alias, each closed when its thread runs out of work; one ``requests.Session``
+whose connections the threads share (kept alive per target host). The previous
+design ran a thread per target and database plus a recorder thread per target,
+each with its own connection: 100 targets made about 200 threads and connections
+in every process. The price of a bounded pool: a target that answers slowly holds
+a worker that long (up to ``CHANGEFEED_SYNC_DELIVERY_TIMEOUT``), and the time until
+every target has an event grows as targets x answer time / workers. For many
+distant targets, raise the workers (or deliver through Cloud Tasks).
 
 A round: a worker takes every target woken since the last round (a commit wakes all
 the database's pushed-to targets), reads their rows in one query, and reads the feed
@@ -24,7 +28,8 @@ A process that exits (a management command, a cron job, ``manage.py shell -c``) 
 at exit for up to ``CHANGEFEED_SYNC_DELIVERY_EXIT_WAIT`` seconds (5 by default) for the
 deliveries it started and records them, then gives up and logs what it left: the
 next commit of any process, the first request a restarted server serves, or
-``manage.py changefeed_push`` delivers those.
+``manage.py changefeed_push`` delivers those (and what a process killed without
+running its exit handlers, SIGKILL or an unhandled SIGTERM, left).
 """
 
 from __future__ import annotations
