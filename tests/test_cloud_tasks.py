@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -314,3 +315,64 @@ def test_a_process_that_exits_right_after_a_write_created_its_task(
     wait_for_checkpoint(target_site, last)
     assert emulator.dispatches(task_id(Target(name="tgt"), 0, last))
     assert target_site.scalar("SELECT COUNT(*) FROM testapp_country WHERE code = 'ct'") == 1
+
+
+# ---------------------------------------------------------------------- many targets
+
+
+def test_one_commit_to_50_targets_one_read_one_update_bounded_threads(
+    emulator: Emulator, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """50 Targets at the same position: one feed read, a task per target created before
+    ``create()`` returns by at most CREATE_CONCURRENCY threads over one client, one
+    UPDATE recording them as enqueued. The emulator POSTs each to a loopback receiver
+    that checks the signature."""
+    from changefeed_sync import feed
+    from changefeed_sync.delivery import cloud_tasks
+    from tests.receivers import running
+
+    reads: list[int] = []
+    writes: list[dict[int, int]] = []
+    real_read, real_record = feed.read, push.record_successes
+
+    def read(since: int, *args: Any, **kwargs: Any) -> Any:
+        reads.append(since)
+        return real_read(since, *args, **kwargs)
+
+    def record(acknowledged: dict[int, int], using: str) -> None:
+        writes.append(dict(acknowledged))
+        real_record(acknowledged, using)
+
+    monkeypatch.setattr(feed, "read", read)
+    monkeypatch.setattr(push, "record_successes", record)
+    with running(SECRET) as receiver, override_settings(**emulator.settings(queue)):
+        feed.head("default")  # the outbox's state row, made before anything races for it
+        names = [f"t{i:02d}" for i in range(50)]
+        Target.objects.bulk_create(
+            Target(name=n, secrets=SECRET, webhook_url=receiver.webhook_url(n)) for n in names
+        )
+        push.forget_targets()
+        backend = CloudTasksBackend()
+        monkeypatch.setattr(push, "_backend", backend)
+        monkeypatch.setattr(push, "_backend_path", emulator.settings(queue)[
+            "CHANGEFEED_SYNC_DELIVERY_BACKEND"])
+        before = {t.ident for t in threading.enumerate()}
+
+        Country.objects.create(code="fr", name="France")
+        last = last_event_id()
+        # Enqueued before create() returned, recorded in one statement.
+        assert reads == [0] and writes == [{t.pk: last for t in Target.objects.all()}]
+        started = [
+            t.name for t in threading.enumerate()
+            if t.ident not in before and t.name.startswith("changefeed-push")
+        ]
+        assert all(name.startswith("changefeed-push-cloudtasks") for name in started), started
+        assert 1 <= len(started) <= cloud_tasks.CREATE_CONCURRENCY, started
+        assert backend._client is not None and backend.client is backend._client  # one client
+
+        receiver.wait_for_seq(names, last, timeout=60)
+        assert receiver.refused == []
+        for name in names:
+            assert receiver.spans(name)[0] == (0, last)
+    dispatched = {n.rsplit("/", 1)[-1] for n in emulator.dispatches()}
+    assert {task_id(Target(name=n), 0, last) for n in names} <= dispatched
