@@ -147,15 +147,18 @@ def write(using: str, events: Iterable[Event], *, locked: bool = False) -> None:
 
 
 class _AtCommit:
-    """Events of a transaction on MySQL/MariaDB, inserted just before it commits.
+    """Events of a transaction on MySQL/MariaDB, inserted when it commits.
 
     There every statement is a round trip, and no statement writes a row and an
     event together (PostgreSQL's ``outbox_pg``): inserting each save's event at
     once cost a registered save twice an unregistered one. Kept in Django's own
     list of on-commit callbacks, so a rolled-back savepoint drops its events as
     Django drops its callbacks; called after the commit, it wakes readers.
-    Their ids are drawn at commit, after every read and lock of the transaction
-    (read_locks), which keeps them in an order the events agree with.
+    They are inserted just before the commit, or earlier, before any statement
+    of the same connection that reads the outbox (so a transaction, and a test
+    wrapped in one, sees its own events). Their ids are drawn then, after the
+    transaction's reads and locks (read_locks), which keeps them in an order the
+    events agree with.
     """
 
     __slots__ = ("using", "events")
@@ -168,29 +171,47 @@ class _AtCommit:
         after_commit(self.using)
 
 
+class _Pending:
+    """Inserts a connection's pending events before its commit and before any
+    statement that reads the outbox (one per connection object)."""
+
+    def __init__(self, connection: Any, using: str) -> None:
+        self.connection = connection
+        self.using = using
+        self.count = 0  # events deferred since the last insert (savepoints may drop some)
+        self.table = Event._meta.db_table
+        self.commit = connection.commit
+        connection.commit = self.commit_with_events
+        # First in the list: Django's execute_wrapper() pops the last one on exit.
+        connection.execute_wrappers.insert(0, self)
+
+    def insert(self) -> None:
+        self.count = 0
+        pending = [f for _, f, _ in self.connection.run_on_commit if isinstance(f, _AtCommit)]
+        batch = [event for p in pending for event in p.events]
+        for p in pending:
+            p.events = []
+        if batch:
+            _insert(self.using, batch)
+
+    def commit_with_events(self) -> None:
+        # If the insert fails, the commit raises and atomic() rolls back.
+        if self.count and not self.connection.in_atomic_block:
+            self.insert()
+        self.commit()
+
+    def __call__(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if self.count and self.table in sql:
+            self.insert()
+        return execute(sql, params, many, context)
+
+
 def _insert_at_commit(connection: Any, using: str, batch: list[Event]) -> None:
-    if "commit" not in connection.__dict__:
-        _insert_before_commit(connection)
+    pending = connection.__dict__.get("_changefeed_pending")
+    if pending is None:
+        pending = connection._changefeed_pending = _Pending(connection, using)
+    pending.count += len(batch)
     transaction.on_commit(_AtCommit(using, batch), using=using)
-
-
-def _insert_before_commit(connection: Any) -> None:
-    """Make ``connection.commit()`` insert the transaction's pending events first
-    (once per connection object; ``atomic()`` commits through it). If the insert
-    fails, the commit raises and ``atomic()`` rolls the transaction back."""
-    commit = connection.commit
-
-    def commit_with_events() -> None:
-        if not connection.in_atomic_block:
-            pending = [f for _, f, _ in connection.run_on_commit if isinstance(f, _AtCommit)]
-            batch = [event for p in pending for event in p.events]
-            if batch:
-                _insert(pending[0].using, batch)
-                for p in pending:
-                    p.events = []
-        commit()
-
-    connection.commit = commit_with_events
 
 
 def _insert(using: str, batch: list[Event]) -> None:
@@ -202,6 +223,8 @@ def _insert(using: str, batch: list[Event]) -> None:
     ORM does; the events' ids are not read back (nothing needs them).
     """
     connection = connections[using]
+    if connection.vendor == "sqlite":
+        _number(connection, batch)
     if connection.vendor not in ("sqlite", "postgresql", "mysql"):
         Event.objects.using(using).bulk_create(batch)
         return
@@ -222,6 +245,35 @@ def _insert(using: str, batch: list[Event]) -> None:
                 for f in fields
             ]
             cursor.execute(head + ", ".join([row] * len(chunk)), params)
+
+
+def _number(connection: Any, batch: list[Event]) -> None:
+    """SQLite: the events' positions, given as they are inserted.
+
+    SQLite admits one writer at a time and this transaction holds the write
+    lock (``lock``) until it commits, so no other transaction can commit events
+    in between: positions given now are gap-free and visible in order, as the
+    sequencer's are. Readers then find nothing to sequence, and never write (on
+    SQLite a reader that writes takes the one write lock from every writer).
+    Without the state row (a flushed database) the sequencer numbers them.
+    """
+    qn = connection.ops.quote_name
+    table = qn(OutboxState._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {qn('last_position')}, {qn('pruned_through')} FROM {table} "
+            f"WHERE {qn('id')} = 1"
+        )
+        row = cursor.fetchone()
+        if row is None:
+            return
+        last = max(int(row[0]), int(row[1]))
+        for n, event in enumerate(batch, 1):
+            event.position = last + n
+        cursor.execute(
+            f"UPDATE {table} SET {qn('last_position')} = %s WHERE {qn('id')} = 1",
+            [last + len(batch)],
+        )
 
 
 # ---------------------------------------------------------------- positions

@@ -58,7 +58,7 @@ from hypothesis.stateful import (
 
 from changefeed_sync import applying, feed
 from changefeed_sync.client import SourceClient
-from changefeed_sync.models import DataSource, Event, Nonce, Target
+from changefeed_sync.models import DataSource, Event, Nonce, OutboxState, Target
 from changefeed_sync.pull import run_pull
 from tests.helpers import data_source, pump, state
 from tests.testapp.models import Category, Copy, Country, Language, Nation, Region, Tag
@@ -100,7 +100,8 @@ def wipe(alias: str) -> None:
     with transaction.atomic(using=alias), applying():
         for model in WIPE_ORDER:
             model._base_manager.using(alias).all().delete()
-        for model in (Event, DataSource, Target, Nonce):
+        # OutboxState too: the head (the last position given) goes with the events.
+        for model in (Event, OutboxState, DataSource, Target, Nonce):
             model._base_manager.using(alias).all().delete()
 
 

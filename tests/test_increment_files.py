@@ -429,7 +429,7 @@ def test_a_batch_answered_files_pending_is_sent_again_at_once(settings: Any) -> 
         server.server_close()
     assert len(received) == 3 and received[0] == received[2]
     target.refresh_from_db()
-    assert target.failures == 0 and target.delivered_seq == Event.objects.get().pk
+    assert target.failures == 0 and target.delivered_seq == Event.objects.get().position
 
 
 # ================================================================ end to end

@@ -18,7 +18,8 @@ import time
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import transaction
+import django
+from django.db import connection, transaction
 from django.db.models import Max
 
 from changefeed_sync.models import Event, Target
@@ -63,6 +64,7 @@ class Command(BaseCommand):
                     time.sleep(options["interval"])
                 n += 1
                 with transaction.atomic():
+                    _write_lock_first()
                     text, expect = self.edit(n)
                 self.emit({"n": n, "t": time.time(), "text": text, "expect": expect})
             if self.push:
@@ -140,3 +142,13 @@ class Command(BaseCommand):
                 return
             time.sleep(0.05)
         self.stderr.write(f"pushes to {self.target_name} not delivered after {timeout} s")
+
+
+def _write_lock_first() -> None:
+    """What ``transaction_mode = "IMMEDIATE"`` (settings.py) does on Django >= 5.1: take
+    SQLite's write lock as the transaction begins. An edit reads, then writes; begun
+    as a read, it fails at once with "database is locked" when another connection
+    (the push recorder, the server) wrote meanwhile, whatever the timeout."""
+    if django.VERSION < (5, 1) and connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute("DELETE FROM demo_country WHERE id = -1")  # matches no row
