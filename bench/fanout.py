@@ -368,8 +368,10 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Result]:
             elif mode == "inline":
                 settings = {
                     "CHANGEFEED_SYNC_DELIVERY_BACKEND":
-                        "changefeed_sync.delivery.inline.InlineBackend"
+                        "changefeed_sync.delivery.inline.InlineBackend",
                 }
+                if args.workers:
+                    settings["CHANGEFEED_SYNC_DELIVERY_WORKERS"] = args.workers
             elif mode == "cloudtasks":
                 emulator = Emulator(workdir / "emulator.log")
                 try:
@@ -418,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         "--modes", default="before,inline,cloudtasks",
         help="comma-separated: before, inline, cloudtasks (default: all three)",
     )
+    parser.add_argument("--workers", type=int,
+                        help="CHANGEFEED_SYNC_DELIVERY_WORKERS of the inline mode (default: its own)")
     parser.add_argument("--before-rev", default=BEFORE_REV,
                         help=f"git revision of the previous inline backend (default {BEFORE_REV})")
     parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite",
