@@ -5,10 +5,11 @@ asks for the head once per interval for the whole process, notifier.py) and read
 again once the head moved. No HTTP here: views.py decides who may wait.
 
 Database work of async callers runs in a small pool of threads of its own
-(``DB_THREADS``), never on the event loop. Django's connections belong to a
-thread, so these threads keep theirs as a request thread would: checked before
-each use (a broken one is replaced), closed after it unless ``CONN_MAX_AGE``
-keeps it. The pool's size bounds the connections; a waiting follower holds none.
+(``DB_THREADS``, and ``WAKE_THREADS`` for the reads after a wake), never on the
+event loop. Django's connections belong to a thread, so these threads keep
+theirs as a request thread would: checked before each use (a broken one is
+replaced), closed after it unless ``CONN_MAX_AGE`` keeps it. The pool's size
+bounds the connections; a waiting follower holds none.
 
 Many followers woken by one event mostly ask for the same page (same cursor,
 limit and models), so the reads made after a wake go through a small per-process
@@ -47,8 +48,13 @@ from .sqlite_waits import prompt_lock_waits
 T = TypeVar("T")
 
 #: Threads (and so at most this many database connections per alias) doing the
-#: database work of async long-polls in one process.
-DB_THREADS = 8
+#: database work of async requests in one process. Few: the work is mostly Python
+#: (the ORM) under one GIL, and every busy thread delays the event loop that answers
+#: the waiting followers (a thread keeps the GIL up to 5 ms at a time).
+DB_THREADS = 4
+#: And one more for the reads after a wake, so that woken followers are answered
+#: without queueing behind the new requests of those answered first.
+WAKE_THREADS = 1
 #: Pages kept by the cache of reads after a wake, and their total size.
 CACHE_PAGES = 64
 CACHE_BYTES = 8 * 1024 * 1024
@@ -90,7 +96,7 @@ class WaitSlots:
 
 # ---------------------------------------------------------------- database threads
 
-_executor: ThreadPoolExecutor | None = None
+_executors: dict[str, ThreadPoolExecutor] = {}
 _executor_lock = threading.Lock()
 
 
@@ -105,14 +111,17 @@ def run_db(work: Callable[..., T], *args: Any) -> T:
         close_old_connections()
 
 
-async def in_db_thread(work: Callable[..., T], *args: Any) -> T:
-    """``run_db(work, *args)`` in one of the pool's threads; the caller's task waits
-    without blocking its event loop."""
-    global _executor
+async def in_db_thread(work: Callable[..., T], *args: Any, lane: str = "db") -> T:
+    """``run_db(work, *args)`` in one of the pool's threads (``lane`` "wake": the
+    thread of the reads after a wake); the caller's task waits without blocking its
+    event loop."""
     with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="changefeed-db")
-        executor = _executor
+        executor = _executors.get(lane)
+        if executor is None:
+            size = WAKE_THREADS if lane == "wake" else DB_THREADS
+            executor = _executors[lane] = ThreadPoolExecutor(
+                size, thread_name_prefix=f"changefeed-{lane}"
+            )
     call = functools.partial(contextvars.copy_context().run, run_db, work, *args)
     return await asyncio.get_running_loop().run_in_executor(executor, call)
 
@@ -143,8 +152,8 @@ counters = {"reads": 0, "shared": 0}
 
 def _forget_after_fork() -> None:
     """A forked worker has none of its parent's threads: a pool of its own, no flight."""
-    global _executor, _executor_lock, _cache_lock, _cached_bytes
-    _executor = None
+    global _executor_lock, _cache_lock, _cached_bytes
+    _executors.clear()
     _executor_lock = threading.Lock()
     _cache_lock = threading.Lock()
     _flights.clear()
@@ -261,7 +270,8 @@ async def acached_read(
     key = _key(using, source_id, since, limit, models, head)
     flight, leader = _join(key)
     if leader:
-        return await in_db_thread(_lead, key, flight, lambda: read(using, since, limit, models))
+        reader = functools.partial(read, using, since, limit, models)
+        return await in_db_thread(_lead, key, flight, reader, lane="wake")
     if not flight.done.is_set():
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
@@ -273,7 +283,7 @@ async def acached_read(
             await future
     if flight.page is not None:
         return flight.page
-    return await in_db_thread(read, using, since, limit, models)
+    return await in_db_thread(read, using, since, limit, models, lane="wake")
 
 
 def cache_stats() -> dict[str, int]:

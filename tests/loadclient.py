@@ -62,6 +62,9 @@ async def get(
     finally:
         writer.close()
     received = time.monotonic()
+    # Let the other answers that came in with this one be stamped before this task goes
+    # on parsing (and its follower asking again): one loop serves every follower.
+    await asyncio.sleep(0)
     head, _, body = raw.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     if not status_line.startswith("HTTP/1."):

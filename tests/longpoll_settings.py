@@ -7,8 +7,9 @@ counters, the page cache's, the threads alive and the long-polls waiting under W
 Statements are counted by a wrapper that every database connection of the process gets
 when it opens (``connection_created``), whatever thread opens it: no statement escapes.
 
-Environment: ``CFS_FEED_WSGI_WAITERS``, ``CFS_FEED_MAX_WAIT`` and ``CFS_CONN_MAX_AGE``
-set the settings of those names.
+Environment: ``CFS_FEED_WSGI_WAITERS``, ``CFS_FEED_WSGI_RETRY_AFTER``,
+``CFS_FEED_MAX_WAIT`` and ``CFS_CONN_MAX_AGE`` set the settings of those names;
+``CFS_NO_MIDDLEWARE`` empties ``MIDDLEWARE``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ ROOT_URLCONF = "tests.longpoll_urls"
 CHANGEFEED_SYNC_DELIVERY_BACKEND = None  # no pushes: followers read the feed
 if os.environ.get("CFS_FEED_WSGI_WAITERS"):
     CHANGEFEED_SYNC_FEED_WSGI_WAITERS = int(os.environ["CFS_FEED_WSGI_WAITERS"])
+if os.environ.get("CFS_FEED_WSGI_RETRY_AFTER"):
+    CHANGEFEED_SYNC_FEED_WSGI_RETRY_AFTER = float(os.environ["CFS_FEED_WSGI_RETRY_AFTER"])
 if os.environ.get("CFS_FEED_MAX_WAIT"):
     CHANGEFEED_SYNC_FEED_MAX_WAIT = float(os.environ["CFS_FEED_MAX_WAIT"])
 if os.environ.get("CFS_NO_MIDDLEWARE"):
