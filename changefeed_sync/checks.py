@@ -320,6 +320,8 @@ SETTING_CHECKS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "PULL_STALE_AFTER": ("E130", _positive_seconds, _POSITIVE_SECONDS),
     "MAX_FILE_SIZE": ("E131", _count, "a number of bytes >= 1"),
     "WEBHOOK_FILES_SECONDS": ("E132", _seconds, _SECONDS),
+    "DELIVERY_WORKERS": ("E135", _count, _COUNT),
+    "DELIVERY_EXIT_WAIT": ("E136", _seconds, _SECONDS),
 }
 
 

@@ -79,6 +79,10 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a webhook spends downloading the files its batch references before
     # answering 503 files_pending (the sender's timeout is 30 s).
     "WEBHOOK_FILES_SECONDS": 20.0,
+    # Inline push: delivery threads per process, whatever the number of targets.
+    "DELIVERY_WORKERS": 4,
+    # Seconds a process that exits waits for the inline deliveries it started.
+    "DELIVERY_EXIT_WAIT": 5.0,
 }
 
 
@@ -104,6 +108,14 @@ def get(name: str) -> Any:
 def forget(**kwargs: Any) -> None:
     """``setting_changed`` receiver (connected in ``AppConfig.ready``): read again."""
     _read.clear()
+
+
+def delivery_workers() -> int:
+    return int(get("DELIVERY_WORKERS"))
+
+
+def delivery_exit_wait() -> float:
+    return float(get("DELIVERY_EXIT_WAIT"))
 
 
 def feed_max_limit() -> int:

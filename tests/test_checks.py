@@ -611,6 +611,10 @@ BAD_SETTINGS = [
     ("E133", "FEED_WSGI_WAITERS", True),
     ("E134", "FEED_WSGI_RETRY_AFTER", 0),  # followers would ask again at once
     ("E134", "FEED_WSGI_RETRY_AFTER", "1"),
+    ("E135", "DELIVERY_WORKERS", 0),  # no thread would deliver
+    ("E135", "DELIVERY_WORKERS", 2.5),
+    ("E136", "DELIVERY_EXIT_WAIT", -1),
+    ("E136", "DELIVERY_EXIT_WAIT", "5"),
 ]
 
 
@@ -655,6 +659,8 @@ def test_every_setting_has_one_id_and_a_test() -> None:
         ("FEED_WSGI_WAITERS", 0),  # no long-poll waits under WSGI at all
         ("FEED_WSGI_WAITERS", 4),
         ("FEED_WSGI_RETRY_AFTER", 0.5),
+        ("DELIVERY_WORKERS", 16),
+        ("DELIVERY_EXIT_WAIT", 0),  # do not wait at exit
         ("TARGET_DATABASE", "default"),
         ("OIDC_CERTS_URL", "http://127.0.0.1:8123/certs"),
         ("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:8123"),

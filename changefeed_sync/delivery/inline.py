@@ -44,21 +44,15 @@ from collections import deque
 from dataclasses import dataclass
 
 import requests
-from django.conf import settings
 from django.db import connections
 from requests.adapters import HTTPAdapter
 
-from .. import push
+from .. import conf, push
 from ..models import Target
 from ..sqlite_waits import prompt_lock_waits
 
 logger = logging.getLogger("changefeed_sync.push")
 
-#: Default of ``CHANGEFEED_SYNC_DELIVERY_WORKERS``: delivery threads per process.
-DELIVERY_WORKERS = 4
-#: Default of ``CHANGEFEED_SYNC_DELIVERY_EXIT_WAIT``: seconds a process that exits waits
-#: for the deliveries it started.
-DELIVERY_EXIT_WAIT = 5.0
 #: Per-host connection pools the shared session keeps (one per target host in use).
 HOST_POOLS = 128
 #: Seconds before a round that crashed (the database away, a bug) is tried again.
@@ -68,11 +62,11 @@ Key = tuple[str, int]  # (database alias, target id)
 
 
 def delivery_workers() -> int:
-    return int(getattr(settings, "CHANGEFEED_SYNC_DELIVERY_WORKERS", DELIVERY_WORKERS))
+    return conf.delivery_workers()
 
 
 def delivery_exit_wait() -> float:
-    return float(getattr(settings, "CHANGEFEED_SYNC_DELIVERY_EXIT_WAIT", DELIVERY_EXIT_WAIT))
+    return conf.delivery_exit_wait()
 
 
 def _alias(target: Target) -> str:
