@@ -108,7 +108,7 @@ class Result:
     server: str
     followers: int
     idle_cpu: float = 0.0  # % of one core
-    threads: int = 0  # in the server's processes while the followers wait
+    threads: int = 0  # in the server's processes at the end of the idle phase
     rss_mb: float = 0.0
     page_p50_ms: float = 0.0
     page_p99_ms: float = 0.0
@@ -299,8 +299,6 @@ class Bench:
             await asyncio.sleep(3.0)  # every follower asked (and, under ASGI, waits)
             check_tasks()
             pids = _tree(server.pid)
-            result.threads = _status(pids, "Threads")
-            result.rss_mb = _status(pids, "VmRSS") / 1024
 
             # 1. idle
             print(f"    {name}: idle", flush=True)
@@ -308,6 +306,9 @@ class Bench:
             await asyncio.sleep(args.idle)
             result.idle_cpu = (_cpu_seconds(pids) - before_cpu) / args.idle * 100
             result.requests_idle = answered[0] - before_answers
+            # Threads are started as needed: counted once the followers were served a while.
+            result.threads = _status(pids, "Threads")
+            result.rss_mb = _status(pids, "VmRSS") / 1024
 
             # 2. an ordinary page while they wait
             print(f"    {name}: page", flush=True)

@@ -9,10 +9,9 @@ import os
 
 from django.core.asgi import get_asgi_application
 
+from changefeed_sync.asgi import feed_application as answering_the_feed
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.e2e_settings")
 
 application = get_asgi_application()
-
-from changefeed_sync.asgi import feed_application as _feed_application  # noqa: E402 - after setup
-
-feed_application = _feed_application(application)
+feed_application = answering_the_feed(application)
