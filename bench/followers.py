@@ -119,6 +119,7 @@ class Result:
     lag_p99_ms: float = 0.0
     lag_events: int = 0
     requests_idle: int = 0  # feed requests answered during the idle phase
+    client_cpu: float = 0.0  # this process (the followers), % of one core over phases 3 and 4
     notes: list[str] = field(default_factory=list)
 
 
@@ -323,6 +324,7 @@ class Bench:
             check_tasks()
 
             # 3. one event to every follower
+            client_started, wall_started = time.process_time(), time.monotonic()
             print(f"    {name}: one event", flush=True)
             to_all = []
             for n in range(args.events):
@@ -345,6 +347,9 @@ class Bench:
                 lags += [(arrival - committed) * 1000 for arrival in arrivals]
             result.lag_p50_ms, result.lag_p99_ms = statistics.median(lags), p99(lags)
             result.lag_events = len(stamps)
+            result.client_cpu = (
+                (time.process_time() - client_started) / (time.monotonic() - wall_started) * 100
+            )
         finally:
             stop.set()
             for task in tasks:
@@ -381,6 +386,7 @@ def table(results: list[Result]) -> str:
         ("one event to all, max, ms", "all_max_ms", "{:.1f}", None),
         ("lag p50, ms", "lag_p50_ms", "{:.1f}", None),
         ("lag p99, ms", "lag_p99_ms", "{:.1f}", TARGETS["lag_p99_ms"]),
+        ("the followers' own CPU (this process), %", "client_cpu", "{:.0f}", None),
     ]
     base = next((r for r in results if r.server == "asgi"), None)
     heads = [r.server for r in results]

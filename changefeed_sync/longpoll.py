@@ -80,6 +80,8 @@ class WaitSlots:
         self.limit = limit
         self._lock = threading.Lock()
         self.taken = 0
+        #: The most ever taken at once (what the bound allowed, seen from outside).
+        self.most = 0
 
     def try_take(self, limit: int | None = None) -> bool:
         allowed = self.limit() if limit is None else limit
@@ -87,6 +89,7 @@ class WaitSlots:
             if self.taken >= allowed:
                 return False
             self.taken += 1
+            self.most = max(self.most, self.taken)
             return True
 
     def give_back(self) -> None:
@@ -235,16 +238,21 @@ def _forget(key: _Key) -> None:
 
 
 def _resolve_futures(futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]) -> None:
+    """Wake the tasks waiting for a read: one call into each event loop for all of its."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
     for loop, future in futures:
+        by_loop.setdefault(loop, []).append(future)
+    for loop, waiting in by_loop.items():
         try:
-            loop.call_soon_threadsafe(_set_done, future)
+            loop.call_soon_threadsafe(_set_done, waiting)
         except RuntimeError:  # its loop is closed: nobody waits there any more
             pass
 
 
-def _set_done(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _set_done(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():  # a task that stopped waiting (its follower went away)
+            future.set_result(None)
 
 
 def cached_read(

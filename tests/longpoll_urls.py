@@ -24,6 +24,7 @@ def stats_view(request: HttpRequest) -> JsonResponse:
         "cache": longpoll.cache_stats(),
         "threads": threading.active_count(),
         "wsgi_waiting": views._WSGI_WAITS.taken,
+        "wsgi_waiting_most": views._WSGI_WAITS.most,
     })  # fmt: skip
 
 
