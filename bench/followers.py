@@ -18,7 +18,8 @@ PostgreSQL database, with ``--followers`` Targets, served in turn by:
 * ``wsgi``: gunicorn, gthread workers, 3 processes x 4 threads, Django's WSGI
   handler: at most ``CHANGEFEED_SYNC_FEED_WSGI_WAITERS`` (2) long-polls wait per
   process, the other followers are answered at once and told to come back after
-  ``CHANGEFEED_SYNC_FEED_WSGI_RETRY_AFTER`` (1 s).
+  ``CHANGEFEED_SYNC_FEED_WSGI_RETRY_AFTER`` (1 s), or later when a process refused
+  more followers than it answers in a second (``views.REFUSED_PER_SECOND``, 10).
 
 All three with persistent database connections (``CONN_MAX_AGE`` 60), as a
 production site has them. The followers are this process: one asyncio loop sending

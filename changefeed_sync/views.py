@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -325,6 +326,42 @@ def _non_atomic_on_every_database(view: _View) -> _View:
 _WSGI_WAITS = longpoll.WaitSlots(conf.feed_wsgi_waiters)
 _NO_WAITS = longpoll.WaitSlots(lambda: 0)
 
+#: Feed requests per second a WSGI process answers at most for followers it refused a
+#: wait (each costs a few statements): with more followers refused, each is told to
+#: come back later than CHANGEFEED_SYNC_FEED_WSGI_RETRY_AFTER.
+REFUSED_PER_SECOND = 10.0
+
+
+class _Refused:
+    """The followers this process refused a wait lately, and when they may ask again.
+
+    Each refused follower asks again after ``retry_after``: n of them told the same
+    interval r ask n / r times a second. So r grows with n, to keep that at
+    ``REFUSED_PER_SECOND`` (at 1 s, 200 followers refused by a 3-process site asked
+    about 70 times a second per process, and its pages waited a second for a worker).
+    """
+
+    #: Seconds a follower counts as refused after its last refusal.
+    WINDOW = 30.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._pruned = 0.0
+
+    def retry_after(self, name: str) -> float:
+        now = time.monotonic()
+        with self._lock:
+            self._last[name] = now
+            if now - self._pruned > 1.0:  # at most once a second: followers are many
+                self._pruned = now
+                self._last = {k: t for k, t in self._last.items() if now - t < self.WINDOW}
+            refused = len(self._last)
+        return max(conf.feed_wsgi_retry_after(), refused / REFUSED_PER_SECOND)
+
+
+_REFUSED = _Refused()
+
 
 def _wsgi_wait_slots(request: HttpRequest) -> longpoll.WaitSlots | None:
     """The waiting slots a request may take: None (no bound) under ASGI, where a wait
@@ -345,6 +382,7 @@ def _wsgi_wait_slots(request: HttpRequest) -> longpoll.WaitSlots | None:
 class _FeedRequest:
     """A feed request that passed authentication and its checks, with its first page."""
 
+    name: str  # the Target's
     since: int
     limit: int
     wait: float
@@ -385,7 +423,7 @@ async def feed_view(request: HttpRequest) -> HttpResponse:
         return HttpResponse(body, content_type="application/json")
     # No room to wait here: the empty page now, and when to ask again. Followers
     # sleep that long (a 200 on which an older follower simply asks again).
-    retry_after = conf.feed_wsgi_retry_after()
+    retry_after = round(_REFUSED.retry_after(started.name), 1)
     body = body[:-1] + f',"retry_after":{json.dumps(retry_after)}}}'
     response = HttpResponse(body, content_type="application/json")
     response["Retry-After"] = str(max(1, math.ceil(retry_after)))
@@ -436,7 +474,7 @@ def _feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
         page = longpoll.read(using, since, limit, models)
     except CursorExpired as exc:
         return _error(410, str(exc), "cursor_expired")
-    return _FeedRequest(since, limit, wait, models, state.source_id, page)
+    return _FeedRequest(name, since, limit, wait, models, state.source_id, page)
 
 
 @csrf_exempt

@@ -429,6 +429,32 @@ def test_a_refused_wait_answers_at_once_and_says_when_to_come_back(target: Targe
     assert "retry_after" not in answer.json() and not answer.has_header("Retry-After")
 
 
+def test_more_refused_followers_are_told_to_come_back_later(
+    target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n followers told to come back after r seconds ask n / r times a second: r grows
+    with n, so that the refused cost a WSGI process REFUSED_PER_SECOND requests."""
+    from changefeed_sync import views
+
+    monkeypatch.setattr(views, "_REFUSED", views._Refused())
+    monkeypatch.setattr(views, "REFUSED_PER_SECOND", 2.0)
+    names = ["regional", "second", "third", "fourth", "fifth"]
+    for name in names[1:]:
+        Target.objects.create(name=name, secrets=SECRET)
+    told = []
+    with override_settings(CHANGEFEED_SYNC_FEED_WSGI_WAITERS=0):
+        for name in [*names, "regional"]:
+            path = "/sync/feed/?since=0&wait=10"
+            answer = Client().get(
+                path, HTTP_AUTHORIZATION=sign_request(name, [SECRET], "GET", path)
+            )
+            told.append((answer.json()["retry_after"], answer["Retry-After"]))
+    # At least FEED_WSGI_RETRY_AFTER (1 s); then the followers refused lately / 2 per s.
+    assert told == [
+        (1.0, "1"), (1.0, "1"), (1.5, "2"), (2.0, "2"), (2.5, "3"), (2.5, "3"),
+    ]  # fmt: skip
+
+
 def test_a_wsgi_server_of_one_thread_per_process_never_waits(target: Target) -> None:
     """gunicorn's sync workers say wsgi.multithread false: a wait would hold the worker's
     only thread, so none is held, whatever FEED_WSGI_WAITERS says."""
@@ -823,9 +849,11 @@ def test_a_wsgi_source_stays_up_with_many_followers(
             loop.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         lags = sorted(f.received[0][0] - committed for f in followers)
-        # Refused followers come back after retry_after.
-        assert lags[-1] < RETRY_AFTER + 5.0, lags
         answers = [a for f in followers for a in f.answers]
+        # Refused followers come back after retry_after (which grows with their number).
+        told = max(a.json().get("retry_after", 0) for a in answers)
+        assert RETRY_AFTER <= told <= WSGI_FOLLOWERS / 10, told
+        assert lags[-1] < told + 5.0, lags
         assert all(a.status == 200 for a in answers), {a.status for a in answers}
         assert any("retry_after" in a.json() for a in answers)  # more followers than slots
         # What each server process did (any worker answers a request: ask until both did).
