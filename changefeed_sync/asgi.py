@@ -37,7 +37,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.core.handlers.asgi import ASGIRequest
 from django.core.handlers.exception import response_for_exception
-from django.http import HttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from django.urls import NoReverseMatch, reverse
 from django.utils.log import log_response
 
@@ -98,10 +98,12 @@ async def _serve(scope: Scope, receive: Receive, send: Send) -> None:
         if not message.get("more_body"):
             break
     request = ASGIRequest(scope, io.BytesIO(bytes(body)))
-    answer = asyncio.ensure_future(_respond(request))
+    answer = asyncio.ensure_future(_answer(request, send))
     gone = asyncio.ensure_future(_disconnected(receive))
     try:
-        # A follower that goes away while its long-poll waits stops the wait.
+        # A follower that goes away while its long-poll waits, or while its stream
+        # runs, stops it (a server may drop what is sent to a closed connection
+        # without a word: the stream would go on reading for nobody).
         await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
@@ -111,8 +113,12 @@ async def _serve(scope: Scope, receive: Receive, send: Send) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await answer
         return
-    response = answer.result()
-    if response.status_code >= 400:
+    answer.result()
+
+
+async def _answer(request: ASGIRequest, send: Send) -> None:
+    response = await _respond(request)
+    if response.status_code >= 400 and isinstance(response, HttpResponse):  # never a stream
         log_response(
             "%s: %s", response.reason_phrase, request.path, response=response, request=request
         )
@@ -124,7 +130,7 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def _respond(request: ASGIRequest) -> HttpResponse:
+async def _respond(request: ASGIRequest) -> HttpResponse | StreamingHttpResponse:
     from .views import feed_view
 
     try:
@@ -136,9 +142,18 @@ async def _respond(request: ASGIRequest) -> HttpResponse:
         return response
 
 
-async def _send(response: HttpResponse, send: Send) -> None:
-    content = response.content
+async def _send(response: HttpResponse | StreamingHttpResponse, send: Send) -> None:
     headers = [(name.encode("ascii"), value.encode("latin-1")) for name, value in response.items()]
+    if isinstance(response, StreamingHttpResponse):
+        # The streamed feed: each line sent as it comes (the server chunks them).
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        async for chunk in response:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    content = response.content
     if not response.has_header("Content-Length"):
         headers.append((b"Content-Length", str(len(content)).encode("ascii")))
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})

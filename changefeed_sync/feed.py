@@ -66,6 +66,16 @@ class FeedPage:
         head = json.dumps(self.header(), separators=(",", ":"))
         return head[:-1] + ',"events":' + self.events_json + "}"
 
+    @cached_property
+    def line(self) -> bytes:
+        """The wire document as one line of a streamed feed, encoded once however many
+        followers a shared page is sent to. Stored JSON has no raw line breaks but as
+        whitespace (JSON strings escape theirs), so any there become spaces."""
+        text = self.to_json()
+        if "\n" in text or "\r" in text:
+            text = text.replace("\r", " ").replace("\n", " ")
+        return (text + "\n").encode()
+
 
 def pruned_through(using: str) -> int:
     return outbox.state(using).pruned_through

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -61,6 +62,10 @@ CACHE_BYTES = 8 * 1024 * 1024
 #: Seconds a page read after a wake is shared (followers woken together ask within
 #: milliseconds of each other).
 CACHE_SECONDS = 5.0
+#: Seconds without a page after which a streamed feed sends an empty line: the
+#: follower's read timeout (CHANGEFEED_SYNC_REQUEST_TIMEOUT) sees a live source, and
+#: a dead connection is found within this time.
+HEARTBEAT = 5.0
 
 
 @dataclass(frozen=True)
@@ -166,10 +171,14 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def read(using: str, since: int, limit: int, models: list[str] | None) -> FeedPage:
-    """One feed page (on SQLite, waiting for a busy writer promptly: sqlite_waits.py)."""
+def read(
+    using: str, since: int, limit: int, models: list[str] | None, source_id: str | None = None
+) -> FeedPage:
+    """One feed page (on SQLite, waiting for a busy writer promptly: sqlite_waits.py),
+    carrying ``source_id`` when given."""
     with prompt_lock_waits(using):
-        return feed.read(since, limit, using=using, models=models)
+        page = feed.read(since, limit, using=using, models=models)
+    return dataclasses.replace(page, source_id=source_id) if source_id else page
 
 
 def _key(
@@ -263,11 +272,11 @@ def cached_read(
     key = _key(using, source_id, since, limit, models, head)
     flight, leader = _join(key)
     if leader:
-        return _lead(key, flight, lambda: read(using, since, limit, models))
+        return _lead(key, flight, lambda: read(using, since, limit, models, source_id))
     flight.done.wait()
     if flight.page is not None:
         return flight.page
-    return read(using, since, limit, models)  # its reader failed: read for ourselves
+    return read(using, since, limit, models, source_id)  # its reader failed: read ourselves
 
 
 async def acached_read(
@@ -278,7 +287,7 @@ async def acached_read(
     key = _key(using, source_id, since, limit, models, head)
     flight, leader = _join(key)
     if leader:
-        reader = functools.partial(read, using, since, limit, models)
+        reader = functools.partial(read, using, since, limit, models, source_id)
         return await in_db_thread(_lead, key, flight, reader, lane="wake")
     if not flight.done.is_set():
         loop = asyncio.get_running_loop()
@@ -291,7 +300,7 @@ async def acached_read(
             await future
     if flight.page is not None:
         return flight.page
-    return await in_db_thread(read, using, since, limit, models, lane="wake")
+    return await in_db_thread(read, using, since, limit, models, source_id, lane="wake")
 
 
 def cache_stats() -> dict[str, int]:
@@ -378,3 +387,51 @@ async def aread_or_wait(
     finally:
         if slots is not None:
             slots.give_back()
+
+
+# ---------------------------------------------------------------- the streamed feed
+
+
+async def stream_pages(
+    since: int,
+    limit: int,
+    duration: float,
+    *,
+    using: str,
+    models: list[str] | None = None,
+    source_id: str = "",
+    page: FeedPage,
+) -> AsyncIterator[FeedPage | None]:
+    """The pages after ``since`` as they come, for ``duration`` seconds (CouchDB's
+    ``feed=continuous``): ``page`` first (the request's first read, even empty), then
+    each page with events as soon as the notifier sees them committed, each following
+    the one before; None for a heartbeat after ``HEARTBEAT`` seconds without one.
+
+    One request then costs nothing per event but its share of one read: followers
+    streaming from the same position (all that are caught up) share each read after a
+    wake, and its encoded line. CursorExpired when pruning overtakes the stream.
+    """
+    deadline = time.monotonic() + max(0.0, duration)
+    yield page
+    floor = since = page.last_seq if page.events else since
+    more = page.more
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        if more:  # catching up: the next page at once, no wake needed
+            page = await in_db_thread(read, using, since, limit, models, source_id)
+        else:
+            head = await notifier.await_head(using, floor, min(HEARTBEAT, remaining))
+            if head is None:
+                if deadline - time.monotonic() > 0:
+                    yield None
+                continue
+            page = await acached_read(using, source_id, since, limit, models, head)
+            # Events of models this follower does not receive: wait for later ones.
+            floor = max(floor, head)
+        more = page.more
+        if page.events:
+            yield page
+            since = page.last_seq
+            floor = max(floor, since)

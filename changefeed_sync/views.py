@@ -9,7 +9,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from django.http import (
     HttpResponse,
     HttpResponseNotAllowed,
     JsonResponse,
+    StreamingHttpResponse,
 )
 from django.utils import timezone
 from django.utils.log import log_response
@@ -132,6 +133,15 @@ def _float_param(request: HttpRequest, name: str, default: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"query parameter {name!r} must be a number, got {_shown(raw)}")
     return value
+
+
+def _bool_param(request: HttpRequest, name: str) -> bool:
+    raw = request.GET.get(name)
+    if raw is None or raw in ("", "0"):
+        return False
+    if raw == "1":
+        return True
+    raise ValueError(f"query parameter {name!r} must be 0 or 1, got {_shown(raw)}")
 
 
 def _refused(request: HttpRequest, exc: SignatureError) -> JsonResponse:
@@ -389,10 +399,12 @@ class _FeedRequest:
     models: list[str] | None
     source_id: str
     page: feed.FeedPage
+    #: Pages as they come, on one answer (``stream=1``), rather than one page.
+    stream: bool = False
 
 
 @_non_atomic_on_every_database
-async def feed_view(request: HttpRequest) -> HttpResponse:
+async def feed_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
     """The feed; a long-poll with ``wait``. Async, so that under ASGI a waiting
     follower holds no thread; under WSGI Django runs it in the request's thread, and
     waits are bounded per process (``_wsgi_wait_slots``)."""
@@ -408,6 +420,10 @@ async def feed_view(request: HttpRequest) -> HttpResponse:
     started = await longpoll.in_db_thread(_start_feed, request, using)
     if isinstance(started, HttpResponse):
         return started
+    if started.stream and not isinstance(request, WSGIRequest):
+        # Under WSGI a stream would hold a server thread for its whole length: there
+        # the follower gets the long-poll's one page (a stream of one line).
+        return _streamed(started, using)
     try:
         outcome = await longpoll.aread_or_wait(
             started.since, started.limit, started.wait, using=using, models=started.models,
@@ -430,6 +446,39 @@ async def feed_view(request: HttpRequest) -> HttpResponse:
     return response
 
 
+def _streamed(started: _FeedRequest, using: str) -> StreamingHttpResponse:
+    """The streamed feed: one JSON page per line as events commit (the first at
+    once), an empty line as a heartbeat, an error line if the stream cannot go on;
+    it ends after ``wait`` seconds and the follower asks again from its last page."""
+
+    async def lines() -> AsyncIterator[bytes]:
+        pages = longpoll.stream_pages(
+            started.since, started.limit, started.wait, using=using, models=started.models,
+            source_id=started.source_id,
+            page=dataclasses.replace(started.page, source_id=started.source_id),
+        )  # fmt: skip
+        try:
+            async for page in pages:
+                yield b"\n" if page is None else page.line
+        except CursorExpired as exc:  # pruned past the stream's position
+            yield _error_line(str(exc), "cursor_expired")
+        except Exception:
+            # Headers are sent: the status cannot say it any more. Logged here; the
+            # follower sees an error line, then the end, and asks again.
+            logger.exception("feed stream of %.200s failed", started.name)
+            yield _error_line("the source failed while streaming", "stream_failed")
+
+    response = StreamingHttpResponse(lines(), content_type="application/x-ndjson")
+    response["X-Accel-Buffering"] = "no"  # nginx would hold the lines back
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+def _error_line(message: str, code: str) -> bytes:
+    body = {"protocol": PROTOCOL_VERSION, "error": message, "code": code}
+    return (json.dumps(body, separators=(",", ":")) + "\n").encode()
+
+
 def _start_feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
     """Authentication, parameters, cursor checks and the first page, in one database
     thread (a follower's request must not sit out a busy SQLite source's commits in
@@ -447,6 +496,7 @@ def _feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
         since = _int_param(request, "since", 0)
         limit = _int_param(request, "limit", conf.feed_default_limit())
         wait = _float_param(request, "wait", 0.0)
+        stream = _bool_param(request, "stream")
     except ValueError as exc:
         return _error(400, str(exc), "bad_parameter")
     if since < 0 or limit < 1:
@@ -474,7 +524,7 @@ def _feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
         page = longpoll.read(using, since, limit, models)
     except CursorExpired as exc:
         return _error(410, str(exc), "cursor_expired")
-    return _FeedRequest(name, since, limit, wait, models, state.source_id, page)
+    return _FeedRequest(name, since, limit, wait, models, state.source_id, page, stream)
 
 
 @csrf_exempt
