@@ -259,6 +259,10 @@ def _string(value: Any) -> bool:
     return isinstance(value, str)
 
 
+def _bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
 def _optional_bool(value: Any) -> bool:
     return value is None or isinstance(value, bool)
 
@@ -313,6 +317,7 @@ SETTING_CHECKS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "OIDC_CERTS_URL": ("E123", _http_url, "an http(s) URL"),
     "BATCH_SIZE": ("E124", _count, _COUNT),
     "FOLLOW_WAIT": ("E125", _seconds, _SECONDS),
+    "FOLLOW_STREAM": ("E137", _bool, "True or False"),
     "REQUEST_TIMEOUT": ("E126", _positive_seconds, _POSITIVE_SECONDS),
     "RETRY_MIN_DELAY": ("E127", _seconds, _SECONDS),
     "RETRY_MAX_DELAY": ("E128", _positive_seconds, _POSITIVE_SECONDS),

@@ -64,7 +64,11 @@ DEFAULTS: dict[str, Any] = {
     "BATCH_SIZE": 1000,
     # Long-poll wait asked for by `changefeed_sync SOURCE --follow`.
     "FOLLOW_WAIT": 25.0,
-    # Seconds to wait for a source's answer, on top of the long-poll wait.
+    # Follow a caught-up source's streamed feed (one request, pages as they commit);
+    # False: long-poll page by page, for proxies that hold a response back until it ends.
+    "FOLLOW_STREAM": True,
+    # Seconds to wait for a source's answer, on top of the long-poll wait; in a
+    # streamed feed, the longest silence between lines (heartbeats come every 5 s).
     "REQUEST_TIMEOUT": 30.0,
     # Backoff bounds when a followed source is unreachable.
     "RETRY_MIN_DELAY": 0.5,
@@ -203,6 +207,10 @@ def batch_size() -> int:
 
 def follow_wait() -> float:
     return float(get("FOLLOW_WAIT"))
+
+
+def follow_stream() -> bool:
+    return bool(get("FOLLOW_STREAM"))
 
 
 def request_timeout() -> float:

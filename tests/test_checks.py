@@ -615,6 +615,9 @@ BAD_SETTINGS = [
     ("E135", "DELIVERY_WORKERS", 2.5),
     ("E136", "DELIVERY_EXIT_WAIT", -1),
     ("E136", "DELIVERY_EXIT_WAIT", "5"),
+    ("E137", "FOLLOW_STREAM", "False"),  # a non-empty string would stream
+    ("E137", "FOLLOW_STREAM", 0),
+    ("E137", "FOLLOW_STREAM", None),
 ]
 
 
@@ -661,6 +664,7 @@ def test_every_setting_has_one_id_and_a_test() -> None:
         ("FEED_WSGI_RETRY_AFTER", 0.5),
         ("DELIVERY_WORKERS", 16),
         ("DELIVERY_EXIT_WAIT", 0),  # do not wait at exit
+        ("FOLLOW_STREAM", False),  # long-poll page by page (a buffering proxy)
         ("TARGET_DATABASE", "default"),
         ("OIDC_CERTS_URL", "http://127.0.0.1:8123/certs"),
         ("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:8123"),
