@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -19,7 +20,7 @@ from django.utils import timezone
 
 from . import conf
 from .apply import ApplyStats
-from .client import SourceClient
+from .client import FetchedPage, SourceClient
 from .exceptions import ConfigurationError, CursorExpired, SourceReset
 from .increment_files import apply_with_files
 from .models import DataSource
@@ -92,6 +93,30 @@ class PageResult(NamedTuple):
     retry_after: float = 0.0
 
 
+def apply_fetched(
+    source: DataSource, client: SourceClient, page: FetchedPage, *, using: str
+) -> ApplyStats | None:
+    """Apply one fetched page, alone or a stream's: its identity checked first, then its
+    events and the checkpoint (``page.since`` -> ``page.last_seq``) in one transaction.
+
+    None, with nothing applied, when the checkpoint is no longer ``page.since``:
+    someone else moved it meanwhile (a webhook, a pull); ``source`` is reloaded, with
+    the identity the new checkpoint belongs to, so the caller goes on from there.
+    """
+    check_source_id(source, page.source_id, using=using)  # may reload the checkpoint
+    if page.since != source.checkpoint:  # a pull moved it meanwhile: the page is not ours
+        return None
+    if not page.events and page.last_seq == page.since:
+        return ApplyStats()
+    # File contents are fetched before the page's transaction, written inside it.
+    stats = apply_with_files(
+        source, client, page.events, since=page.since, last_seq=page.last_seq, using=using
+    )
+    if stats is None:
+        source.refresh_from_db(using=using, fields=["checkpoint", "source_id"])
+    return stats
+
+
 def sync_page(
     source: DataSource,
     client: SourceClient,
@@ -101,22 +126,48 @@ def sync_page(
     wait: float = 0.0,
 ) -> PageResult:
     """Fetch and apply one page."""
-    since = source.checkpoint
-    page = client.fetch_feed(since, limit or conf.batch_size(), wait)
-    check_source_id(source, page.source_id, using=using)
-    if since != source.checkpoint:  # a pull moved it meanwhile: that page is not ours
-        return PageResult(ApplyStats(), True)
-    if not page.events and page.last_seq == since:
-        return PageResult(ApplyStats(), page.more, page.retry_after)
-    # File contents are fetched before the page's transaction, written inside it.
-    stats = apply_with_files(
-        source, client, page.events, since=since, last_seq=page.last_seq, using=using
-    )
-    if stats is None:
-        # Someone else moved the checkpoint (a webhook, a pull): reload it and carry
-        # on from there, with the identity it belongs to.
-        source.refresh_from_db(using=using, fields=["checkpoint", "source_id"])
-    return PageResult(stats, page.more)
+    page = client.fetch_feed(source.checkpoint, limit or conf.batch_size(), wait)
+    stats = apply_fetched(source, client, page, using=using)
+    if stats is None:  # the checkpoint moved meanwhile: ask again at once from there
+        return PageResult(None, True)
+    # A source that had no room to hold a long-poll answers an empty page at once.
+    return PageResult(stats, page.more, 0.0 if page.events else page.retry_after)
+
+
+def follow_stream(
+    source: DataSource,
+    client: SourceClient,
+    *,
+    using: str,
+    limit: int | None = None,
+    wait: float,
+    stop: threading.Event,
+    applied: Callable[[ApplyStats], None],
+) -> PageResult:
+    """Follow the source's streamed feed from the checkpoint (``stream=1``): each page
+    applied as sync_page applies one, as it arrives, and passed to ``applied``; until
+    the stream ends, ``stop`` is set (checked between lines: heartbeats come every few
+    seconds) or someone else moves the checkpoint. What it returns says what to do
+    next, as sync_page's answer does (its stats are None: ``applied`` had them)."""
+    pages = client.stream_feed(source.checkpoint, limit or conf.batch_size(), wait)
+    last = None
+    with closing(pages):  # leaving early closes the connection
+        for page in pages:
+            stats = apply_fetched(source, client, page, using=using)
+            if stats is None:
+                # The checkpoint moved under the stream (a webhook or a pull applied
+                # something): its next pages do not follow the stored checkpoint.
+                # Start again from there, at once.
+                return PageResult(None, False)
+            applied(stats)
+            last = page
+            if stop.is_set():
+                break
+    if last is None:  # a stream with no line at all: ask again, as after any end
+        return PageResult(None, False)
+    # The end of the stream (or stop): ask again at once from the new checkpoint, or
+    # when the source said (one page from a WSGI source that had no room to wait).
+    return PageResult(None, last.more, 0.0 if last.events else last.retry_after)
 
 
 def sync(
@@ -133,6 +184,10 @@ def sync(
     """Apply the source's feed from the checkpoint until caught up (or, with
     ``follow``, until ``stop`` is set).
 
+    Following, once caught up, reads the source's streamed feed (one request, pages
+    as they commit) unless CHANGEFEED_SYNC_FOLLOW_STREAM is False, then long-polls
+    page by page; catching up reads plain pages.
+
     Without ``follow``, any error is recorded on the Data Source and raised. With it,
     only ``FATAL`` errors end the loop; any other is recorded (``last_error``, shown
     in the admin and by ``changefeed_status``), logged, and retried with backoff
@@ -143,29 +198,11 @@ def sync(
     result = SyncResult(checkpoint=source.checkpoint)
     delay = conf.retry_min_delay()
     long_poll = conf.follow_wait() if wait is None else wait
-    more = True
-    while not stop.is_set():
-        try:
-            stats, more, retry_after = sync_page(
-                source, client, using=using, limit=limit, wait=0.0 if more else long_poll
-            )
-        except FATAL as exc:
-            _record_error(source, using, str(exc))
-            raise
-        except Exception as exc:
-            # Nothing of a page that failed was kept, its checkpoint included, so
-            # retrying loses nothing and applies nothing twice.
-            if not follow:
-                _record_safely(source, using, str(exc))
-                raise
-            if isinstance(exc, (OperationalError, InterfaceError)):
-                close_old_connections()
-            _record_safely(source, using, str(exc))
-            log = logger.warning if _transient(exc) else logger.error
-            log("source %s: %s; retrying in %.1f s", source.name, exc, delay)
-            stop.wait(delay)
-            delay = min(delay * 2, conf.retry_max_delay())
-            continue
+    stream = follow and conf.follow_stream()
+
+    def applied(stats: ApplyStats | None) -> None:
+        """One page (or a stream's line) came and was applied: record it."""
+        nonlocal delay
         if delay != conf.retry_min_delay():
             logger.info("source %s reachable again", source.name)
             delay = conf.retry_min_delay()
@@ -181,6 +218,40 @@ def sync(
             )
             if on_page is not None:
                 on_page(stats, source)
+
+    more = True
+    while not stop.is_set():
+        try:
+            if stream and not more:
+                # Caught up: pages as they commit, on one request.
+                _, more, retry_after = follow_stream(
+                    source, client, using=using, limit=limit, wait=long_poll, stop=stop,
+                    applied=applied,
+                )  # fmt: skip
+            else:
+                stats, more, retry_after = sync_page(
+                    source, client, using=using, limit=limit, wait=0.0 if more else long_poll
+                )
+                applied(stats)
+        except FATAL as exc:
+            _record_error(source, using, str(exc))
+            raise
+        except Exception as exc:
+            # Nothing of a page that failed was kept, its checkpoint included, so
+            # retrying loses nothing and applies nothing twice (a stream's pages
+            # before it stay applied, each with its checkpoint).
+            if not follow:
+                _record_safely(source, using, str(exc))
+                raise
+            if isinstance(exc, (OperationalError, InterfaceError)):
+                close_old_connections()
+            _record_safely(source, using, str(exc))
+            log = logger.warning if _transient(exc) else logger.error
+            log("source %s: %s; retrying in %.1f s", source.name, exc, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, conf.retry_max_delay())
+            continue
+        result.checkpoint = source.checkpoint
         if not more and not follow:
             break
         if retry_after and not more:
