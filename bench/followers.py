@@ -3,6 +3,7 @@
     .venv-django6/bin/python bench/followers.py                # 200 followers, every server
     .venv-django6/bin/python bench/followers.py --quick        # 50 followers, shorter phases
     .venv-django6/bin/python bench/followers.py --servers asgi,wsgi --followers 200
+    .venv-django6/bin/python bench/followers.py --servers asgi-stream,asgi
     .venv-django6/bin/python bench/followers.py --json PATH
 
 One source site (tests/servers.py, the site of tests/longpoll_settings.py) on a fresh
@@ -13,6 +14,11 @@ PostgreSQL database, with ``--followers`` Targets, served in turn by:
   "Deploying"); the long-polls wait in the event loop;
 * ``asgi-1w``: the same with 1 worker process (one notifier instead of two: half the
   idle cost, one core's worth of Python for the answers);
+* ``asgi-stream``: as ``asgi``, the followers streaming (``stream=1``): one signed
+  request per follower, then the pages as they commit, as newline-delimited JSON in a
+  chunked body (an empty line, a heartbeat, after 5 s without one), until the source
+  ends the stream after ``wait`` seconds; they ask again then;
+* ``asgi-1w-stream``: the same with 1 worker process;
 * ``asgi-django``: uvicorn, 2 workers, with Django's ASGI handler for the feed too
   (every synchronous middleware and request signal in a thread of the request's);
 * ``wsgi``: gunicorn, gthread workers, 3 processes x 4 threads, Django's WSGI
@@ -21,18 +27,20 @@ PostgreSQL database, with ``--followers`` Targets, served in turn by:
   ``CHANGEFEED_SYNC_FEED_WSGI_RETRY_AFTER`` (1 s), or later when a process refused
   more followers than it answers in a second (``views.REFUSED_PER_SECOND``, 10).
 
-All three with persistent database connections (``CONN_MAX_AGE`` 60), as a
-production site has them. The followers are this process: one asyncio loop sending
-signed feed requests (``wait=25``, tests/loadclient.py), one Target each, honouring
+All with persistent database connections (``CONN_MAX_AGE`` 60), as a production
+site has them. The followers are this process: one asyncio loop sending signed feed
+requests (``wait=25``, tests/loadclient.py), one Target each, honouring
 ``retry_after``. Events are Tags written by another process (the site's shell), each
 in its own transaction; the commit time is taken by a ``transaction.on_commit``
 callback registered before the write; arrival times are ``time.monotonic()`` when a
-follower has the whole answer (CLOCK_MONOTONIC is system-wide, so they compare).
+follower has the whole answer, or, streaming, the chunk that ends the page's line
+(CLOCK_MONOTONIC is system-wide, so they compare).
 
 Phases per server, measured one after the other once every follower has asked:
 
 1. idle: nothing changes for ``--idle`` seconds (10): CPU of the server's processes
-   (master and workers, utime + stime from /proc), as % of one core;
+   (master and workers, utime + stime from /proc), as % of one core (feed requests
+   answered: long-polls, or streams that ended);
 2. page: ``GET /admin/login/`` ``--pages`` times (100, 20 ms apart) while the
    followers wait: p50 / p99;
 3. one event: ``--events`` events (15), 2 s apart: time from commit until all
@@ -43,7 +51,7 @@ Phases per server, measured one after the other once every follower has asked:
 Every event must reach every follower: a missing one stops the run ("benchmark
 self-check failed"). Targets (issue 12): ordinary page p99 < 50 ms while 200 wait;
 idle CPU < 10 % of a core; one event to all 200, p99 < 100 ms; lag at 100 writes/s,
-p99 < 100 ms. This process shares the machine's cores with the servers and
+p99 < 100 ms (judged for ``asgi`` and the streamed configurations). This process shares the machine's cores with the servers and
 PostgreSQL: on 2 cores its own work (200 answers to read) is in every latency.
 """
 
@@ -61,6 +69,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -93,14 +102,32 @@ def _gunicorn(port: int) -> list[str]:
     ]  # fmt: skip
 
 
-SERVERS: dict[str, tuple[str, Callable[[int], list[str]]]] = {
-    "asgi": ("uvicorn 2 workers, feed_application", _uvicorn("tests.asgi:feed_application")),
-    "asgi-1w": (
+class Server(NamedTuple):
+    description: str
+    command: Callable[[int], list[str]]  # port -> arguments of ``python -m``
+    stream: bool = False  # the followers stream (stream=1) instead of long-polling
+
+
+SERVERS: dict[str, Server] = {
+    "asgi": Server("uvicorn 2 workers, feed_application", _uvicorn("tests.asgi:feed_application")),
+    "asgi-1w": Server(
         "uvicorn 1 worker, feed_application",
         _uvicorn("tests.asgi:feed_application", workers=1),
     ),
-    "asgi-django": ("uvicorn 2 workers, Django's handler", _uvicorn("tests.asgi:application")),
-    "wsgi": ("gunicorn gthread 3x4, WSGI", _gunicorn),
+    "asgi-stream": Server(
+        "uvicorn 2 workers, feed_application, followers streaming",
+        _uvicorn("tests.asgi:feed_application"),
+        stream=True,
+    ),
+    "asgi-1w-stream": Server(
+        "uvicorn 1 worker, feed_application, followers streaming",
+        _uvicorn("tests.asgi:feed_application", workers=1),
+        stream=True,
+    ),
+    "asgi-django": Server(
+        "uvicorn 2 workers, Django's handler", _uvicorn("tests.asgi:application")
+    ),
+    "wsgi": Server("gunicorn gthread 3x4, WSGI", _gunicorn),
 }
 
 
@@ -119,7 +146,8 @@ class Result:
     lag_p50_ms: float = 0.0
     lag_p99_ms: float = 0.0
     lag_events: int = 0
-    requests_idle: int = 0  # feed requests answered during the idle phase
+    requests_idle: int = 0  # feed requests answered (streams ended) during the idle phase
+    cut: int = 0  # streams whose body ended before its end (the connection closed)
     client_cpu: float = 0.0  # this process (the followers), % of one core over phases 3 and 4
     notes: list[str] = field(default_factory=list)
 
@@ -233,7 +261,7 @@ class Bench:
         env = self.site.env()
         env.update(DJANGO_SETTINGS_MODULE="tests.longpoll_settings", CFS_CONN_MAX_AGE="60")
         server = Background(
-            [sys.executable, "-m", *SERVERS[name][1](port)], env, self.site.workdir, name
+            [sys.executable, "-m", *SERVERS[name].command(port)], env, self.site.workdir, name
         )
         deadline = time.monotonic() + 60
         while True:
@@ -260,8 +288,9 @@ class Bench:
         args = self.args
         result = Result(server=name, followers=self.count)
         loop = asyncio.get_running_loop()
+        stream = SERVERS[name].stream
         followers = [
-            loadclient.Follower(port, f"f{i}", SECRET, wait=WAIT, keep_answers=False)
+            loadclient.Follower(port, f"f{i}", SECRET, wait=WAIT, keep_answers=False, stream=stream)
             for i in range(self.count)
         ]
         head: int = self.site.run_python(
@@ -277,12 +306,10 @@ class Bench:
             while not stop.is_set():
                 answer = await follower.poll(timeout=WAIT + 120)
                 answered[0] += 1
+                result.cut += not answer.complete
                 if answer.status != 200:
                     raise BenchError(f"{follower.name}: HTTP {answer.status} {answer.body[:200]!r}")
-                for received, event in follower.received:
-                    seen[i].setdefault(event["key"][0], received)
-                follower.received.clear()
-                retry_after = answer.json().get("retry_after")
+                retry_after = answer.json().get("retry_after") if answer.body else None
                 if retry_after:
                     try:
                         await asyncio.wait_for(stop.wait(), retry_after)
@@ -293,9 +320,15 @@ class Bench:
         tasks = [asyncio.ensure_future(follow(i, stop)) for i in range(self.count)]
 
         def check_tasks() -> None:
+            """Raise if a follower failed; take in the events they received (a stream's
+            as they come, while its request goes on)."""
             for task in tasks:
                 if task.done() and task.exception() is not None:
                     raise BenchError(f"a follower failed: {task.exception()!r}")
+            for follower, keys in zip(followers, seen):
+                for received, event in follower.received:
+                    keys.setdefault(event["key"][0], received)
+                follower.received.clear()
 
         try:
             await asyncio.sleep(3.0)  # every follower asked (and, under ASGI, waits)
@@ -356,6 +389,8 @@ class Bench:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        if result.cut:
+            result.notes.append(f"{result.cut} streams cut before their end")
         return result
 
     async def _arrivals(
@@ -392,21 +427,31 @@ def table(results: list[Result]) -> str:
     base = next((r for r in results if r.server == "asgi"), None)
     heads = [r.server for r in results]
     ratios = [r for r in results if base is not None and r is not base]
+    # Judged against the targets: asgi, and the streamed configurations.
+    judged = [r for r in results if r is base or SERVERS[r.server].stream]
+    widths = [max(12, len(h)) for h in heads]
+    ratio_widths = [max(17, len(r.server) + 5) for r in ratios]
     lines = [
-        f"{'':40} " + " ".join(f"{h:>12}" for h in heads)
-        + "".join(f" {r.server + '/asgi':>17}" for r in ratios) + "  target"
+        f"{'':40} " + " ".join(f"{h:>{w}}" for h, w in zip(heads, widths))
+        + "".join(f" {r.server + '/asgi':>{w}}" for r, w in zip(ratios, ratio_widths))
+        + "  target"
     ]  # fmt: skip
     for label, key, fmt, target in rows:
         values = [getattr(r, key) for r in results]
-        cells = " ".join(f"{fmt.format(v):>12}" for v in values)
-        for other in ratios:
+        cells = " ".join(f"{fmt.format(v):>{w}}" for v, w in zip(values, widths))
+        for other, width in zip(ratios, ratio_widths):
             assert base is not None
             mine, theirs = getattr(other, key), getattr(base, key)
-            cells += f" {(f'{mine / theirs:.1f}x' if theirs else '-'):>17}"
-        if target is not None and base is not None:
-            met = getattr(base, key) < target
-            cells += f"  < {target:g} (asgi: {'met' if met else 'MISSED'})"
+            cells += f" {(f'{mine / theirs:.1f}x' if theirs else '-'):>{width}}"
+        if target is not None and judged:
+            verdicts = ", ".join(
+                f"{r.server}: {'met' if getattr(r, key) < target else 'MISSED'}" for r in judged
+            )
+            cells += f"  < {target:g} ({verdicts})"
         lines.append(f"{label:40} {cells}")
+    for result in results:
+        for note in result.notes:
+            lines.append(f"{result.server}: {note}")
     return "\n".join(lines)
 
 
@@ -440,11 +485,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"PostgreSQL is needed: {why}", file=sys.stderr)
         return 2
     print(
-        f"{args.followers} followers long-polling (wait={WAIT:g}) a source on PostgreSQL; "
+        f"{args.followers} followers long-polling or streaming (wait={WAIT:g}) a source "
+        "on PostgreSQL; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start"
     )
     for name in servers:
-        print(f"  {name}: {SERVERS[name][0]}")
+        print(f"  {name}: {SERVERS[name].description}")
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="changefeed_sync-followers-") as tmp:
         site = Site("followers", "postgres", Path(tmp))
