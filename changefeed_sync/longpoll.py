@@ -413,25 +413,31 @@ async def stream_pages(
     """
     deadline = time.monotonic() + max(0.0, duration)
     yield page
+    sent = time.monotonic()  # the last line
     floor = since = page.last_seq if page.events else since
     more = page.more
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        now = time.monotonic()
+        if now >= deadline:
             return
+        if now - sent >= HEARTBEAT:
+            yield None
+            sent = now
+            continue
         if more:  # catching up: the next page at once, no wake needed
             page = await in_db_thread(read, using, since, limit, models, source_id)
         else:
-            head = await notifier.await_head(using, floor, min(HEARTBEAT, remaining))
+            timeout = min(sent + HEARTBEAT, deadline) - now
+            head = await notifier.await_head(using, floor, timeout)
             if head is None:
-                if deadline - time.monotonic() > 0:
-                    yield None
                 continue
             page = await acached_read(using, source_id, since, limit, models, head)
-            # Events of models this follower does not receive: wait for later ones.
+            # Events of models this follower does not receive: wait for later ones
+            # (the heartbeat still comes HEARTBEAT seconds after the last line).
             floor = max(floor, head)
         more = page.more
         if page.events:
             yield page
+            sent = time.monotonic()
             since = page.last_seq
             floor = max(floor, since)

@@ -207,6 +207,40 @@ def test_a_stream_sends_only_its_targets_models(target: Target) -> None:
     assert pages[1]["since"] == 0 and pages[1]["last_seq"] == 2  # the country's event passed by
 
 
+def test_heartbeats_come_while_other_models_keep_waking_the_stream(
+    target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wakes for events the follower does not receive are not lines: the heartbeat
+    still comes HEARTBEAT seconds after the last line sent."""
+    from changefeed_sync.asgi import feed_application
+
+    monkeypatch.setattr(longpoll, "HEARTBEAT", 0.3)
+    Target.objects.filter(pk=target.pk).update(model_labels=["testapp.tag"])
+    app = feed_application(_passed_on)
+
+    def busy_other_model(stop: threading.Event) -> None:
+        for n in range(100):
+            if stop.is_set():
+                return
+            Country.objects.create(code=f"{n:02d}")
+            time.sleep(0.05)
+
+    async def run() -> ASGICall:
+        call, serving = _stream("/sync/feed/?since=0&wait=1.6&stream=1", app)
+        stop = threading.Event()
+        writer = asyncio.get_running_loop().run_in_executor(None, busy_other_model, stop)
+        await asyncio.wait_for(serving, 10)
+        stop.set()
+        await writer
+        return call
+
+    call = asyncio.run(run())
+    lines = call.body.split(b"\n")
+    assert json.loads(lines[0])["events"] == []
+    assert set(lines[1:]) == {b""} and 4 <= len(lines[1:-1]) <= 5, lines
+    assert notifier.stats("default")["checks"] > 10  # it was woken, and woken again
+
+
 def test_a_stream_overtaken_by_pruning_ends_with_an_error_line(target: Target) -> None:
     from changefeed_sync.asgi import feed_application
 
