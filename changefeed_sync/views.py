@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import random
 import re
 import threading
 import time
@@ -449,11 +450,16 @@ async def feed_view(request: HttpRequest) -> HttpResponse | StreamingHttpRespons
 def _streamed(started: _FeedRequest, using: str) -> StreamingHttpResponse:
     """The streamed feed: one JSON page per line as events commit (the first at
     once), an empty line as a heartbeat, an error line if the stream cannot go on;
-    it ends after ``wait`` seconds and the follower asks again from its last page."""
+    it ends after 3/4 of ``wait`` to ``wait`` seconds and the follower asks again
+    from its last page."""
+
+    # Ended somewhere in the last quarter of ``wait``: followers that started together
+    # (a source restarted, a deploy) do not all come back at the same moment.
+    duration = started.wait * random.uniform(0.75, 1.0)
 
     async def lines() -> AsyncIterator[bytes]:
         pages = longpoll.stream_pages(
-            started.since, started.limit, started.wait, using=using, models=started.models,
+            started.since, started.limit, duration, using=using, models=started.models,
             source_id=started.source_id,
             page=dataclasses.replace(started.page, source_id=started.source_id),
         )  # fmt: skip

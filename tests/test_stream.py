@@ -152,13 +152,14 @@ def test_the_first_page_comes_at_once_even_empty_then_heartbeats_then_the_end(
 
     call, first, total = asyncio.run(run())
     assert first < 1.0
-    assert 1.0 <= total < 3.0, total  # ends after `wait` seconds
+    # It ends in the last quarter of `wait` (streams started together end apart).
+    assert 0.8 <= total < 3.0, total
     lines = call.body.split(b"\n")
     assert lines[-1] == b""  # every line is whole
     page = json.loads(lines[0])
     assert page["events"] == [] and page["since"] == page["last_seq"] == 0
     heartbeats = lines[1:-1]
-    assert set(heartbeats) == {b""} and 4 <= len(heartbeats) <= 5, lines
+    assert set(heartbeats) == {b""} and 4 <= len(heartbeats) <= 5, lines  # 0.2 s apart
     assert call.sent[-1] == {"type": "http.response.body", "body": b""}  # a clean end
 
 
@@ -237,7 +238,8 @@ def test_heartbeats_come_while_other_models_keep_waking_the_stream(
     call = asyncio.run(run())
     lines = call.body.split(b"\n")
     assert json.loads(lines[0])["events"] == []
-    assert set(lines[1:]) == {b""} and 4 <= len(lines[1:-1]) <= 5, lines
+    # 0.3 s apart over the stream's 1.2 to 1.6 s.
+    assert set(lines[1:]) == {b""} and 3 <= len(lines[1:-1]) <= 5, lines
     assert notifier.stats("default")["checks"] > 10  # it was woken, and woken again
 
 
