@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import requests
 from django.db import connections
 from django.test import override_settings
 
@@ -38,7 +39,14 @@ from changefeed_sync.exceptions import (
 from changefeed_sync.follow import SyncResult, sync
 from changefeed_sync.models import DataSource
 from changefeed_sync.signing import verify_request
+from tests.conftest import require_alias
 from tests.test_follow import country
+from tests.test_longpoll import SECRET as LONGPOLL_SECRET
+from tests.test_longpoll import (  # noqa: F401 - source_factory is a fixture
+    Source,
+    _uvicorn,
+    source_factory,
+)
 from tests.testapp.models import Country
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
@@ -235,7 +243,10 @@ def _source(url: str) -> DataSource:
 class Follower:
     """``sync(follow=True)`` in a thread, recording what on_page saw."""
 
-    def __init__(self, ds: DataSource, *, wait: float = 20.0) -> None:
+    def __init__(
+        self, ds: DataSource, *, wait: float = 20.0, using: str = "default",
+        client: SourceClient | None = None,
+    ) -> None:  # fmt: skip
         self.stop = threading.Event()
         self.pages: list[tuple[int, int]] = []  # (events, checkpoint) per on_page
         self.errors: list[BaseException] = []
@@ -247,8 +258,9 @@ class Follower:
         def run() -> None:
             try:
                 self.result = sync(
-                    ds, using="default", follow=True, stop=self.stop, wait=wait, on_page=on_page
-                )
+                    ds, using=using, follow=True, stop=self.stop, wait=wait, on_page=on_page,
+                    client=client,
+                )  # fmt: skip
             except BaseException as exc:  # noqa: BLE001 - the test looks at it
                 self.errors.append(exc)
             finally:
@@ -417,9 +429,7 @@ def test_one_json_page_is_a_stream_of_one_page() -> None:
         assert (page.since, page.last_seq, page.events, page.retry_after) == (1, 1, [], 1.5)
 
 
-@pytest.mark.parametrize(
-    "end", [[CUT], [0.05, RESET]], ids=["cut", "reset"]
-)
+@pytest.mark.parametrize("end", [[CUT], [0.05, RESET]], ids=["cut", "reset"])
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "connection-delimited"])
 def test_a_stream_broken_off_yields_its_complete_lines_then_fails(
     chunked: bool, end: list[Step]
@@ -464,10 +474,9 @@ def test_pages_are_applied_as_they_arrive(follower: Callable[..., Follower]) -> 
     assert [(a.stream, a.since) for a in asked[:3]] == [(False, 0), (True, 0), (True, 6)]
     assert all(a.signed == "" for a in asked)
     assert running.pages == [(1, 1), (1, 2), (2, 6)]
-    assert running.result is not None
-    assert (running.result.pages, running.result.stats.events, running.result.checkpoint) == (
-        3, 4, 6
-    )
+    result = running.result
+    assert result is not None
+    assert (result.pages, result.stats.events, result.checkpoint) == (3, 4, 6)
     assert Country.objects.get(code="fr").name == "France"
 
 
@@ -627,3 +636,82 @@ def test_catching_up_without_follow_reads_plain_pages() -> None:
         asked = src.asked
     assert (result.pages, result.checkpoint) == (2, 2)
     assert [(a.stream, a.since) for a in asked] == [(False, 0), (False, 1)]
+
+
+# --------------------------------------------------------------- a real source
+
+
+class Recording(requests.Session):
+    """The follower's session: when it asked, and for what."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[float, dict[str, str]]] = []
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+        self.asked.append((time.monotonic(), query))
+        return super().request(method, url, *args, **kwargs)
+
+    def streams(self) -> list[tuple[float, dict[str, str]]]:
+        return [(at, q) for at, q in self.asked if q.get("stream") == "1"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "alias"), [("sqlite", "default"), ("postgres", "postgres")],
+    ids=["sqlite", "postgres"],
+)  # fmt: skip
+def test_a_follower_streams_from_a_real_source(
+    source_factory: Callable[[str, int], Source],  # noqa: F811 - the fixture imported above
+    follower: Callable[..., Follower],
+    backend: str,
+    alias: str,
+) -> None:
+    """A source site served by uvicorn (feed_application) on its own database, this
+    process's database as the target: caught up by pages, then one stream carries the
+    events as they commit, the next stream is asked for as one ends, stop ends it
+    within a heartbeat."""
+    require_alias(alias)
+    source = source_factory(backend, 1)  # Target "f0"
+    for code in ["c1", "c2", "c3"]:
+        source.commit_event(code)
+    source.serve(_uvicorn("tests.asgi:feed_application"))
+    ds = DataSource.objects.using(alias).create(
+        name="hq", url=f"http://127.0.0.1:{source.port}/sync/", client_name="f0",
+        secrets=LONGPOLL_SECRET,
+    )  # fmt: skip
+    session = Recording()
+    wait = 3.0
+    running = follower(ds, wait=wait, using=alias, client=SourceClient(ds, session=session))
+    on_target = Country.objects.using(alias)
+    until(lambda: on_target.filter(code="c3").exists(), "the catch-up", timeout=30)
+    until(lambda: session.streams(), "a stream")
+
+    lags = []
+    for code in ["s1", "s2", "s3"]:
+        committed = source.commit_event(code)
+        until(lambda c=code: on_target.filter(code=c).exists(), f"{code} on the target")
+        lags.append(time.monotonic() - committed)
+        time.sleep(0.2)
+    # Long enough for the stream to end (after ``wait``) and the next to be asked for.
+    until(lambda: len(session.streams()) >= 3, "three streams", timeout=4 * wait + 10)
+    seconds = running.finish()
+    assert running.errors == []
+    assert seconds < 5.0 + 2.0, seconds  # a heartbeat (5 s) and some slack
+
+    assert max(lags) < 2.0, lags
+    streams = session.streams()
+    plain = [q for _, q in session.asked if q.get("stream") != "1"]
+    assert len(plain) >= 1 and all("wait" not in q for q in plain)  # catching up
+    # One stream carried the three events: each held open for ``wait``, the next asked
+    # for as soon as it ended (not one request per page, as long-polls are).
+    gaps = [b - a for (a, _), (b, _) in zip(streams, streams[1:])]
+    assert all(wait - 0.5 < gap < wait + 2.0 for gap in gaps), gaps
+    assert len(streams) <= 2 + (time.monotonic() - streams[0][0]) / wait
+    ds.refresh_from_db(using=alias)
+    assert int(streams[-1][1]["since"]) == ds.checkpoint  # each from where the last ended
+
+    assert running.pages and sum(events for events, _ in running.pages) == 6
+    codes = sorted(c for (c,) in source.site.query("SELECT code FROM testapp_country"))
+    assert sorted(on_target.values_list("code", flat=True)) == codes
+    assert ds.last_error == "" and ds.checkpoint == running.pages[-1][1]
