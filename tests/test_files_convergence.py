@@ -284,4 +284,32 @@ def test_files_converge(sqlite_pair: Pair) -> None:  # noqa: F811
     machine = type("FilesConvergence_", (FilesConvergence,), {"pair": sqlite_pair})
     run_state_machine_as_test(machine, settings=SETTINGS)
     print("file convergence:", dict(sorted(COUNTS.items())))
-    assert COUNTS["converged"] and COUNTS["stopped"], COUNTS
+    # Whether the drawn examples also stop on a missing file depends on the draws
+    # (Hypothesis draws from constants of the project's code, so any change of the
+    # code may change them): the stop is proven below, step by step.
+    assert COUNTS["converged"], COUNTS
+
+
+@pytest.mark.parametrize("limit", [1, 1000])
+def test_a_missing_file_stops_the_sync_then_it_converges(
+    sqlite_pair: Pair,  # noqa: F811
+    limit: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The machine's steps, in an order that must stop: a row whose file is gone
+    from the source's storage is saved again; the sync stops naming it (checked by
+    ``check_stopped``), the file comes back and the next sync converges."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "note", lambda text: None)  # no Hypothesis run
+    COUNTS.clear()
+    machine = type("FilesConvergence_", (FilesConvergence,), {"pair": sqlite_pair})()
+    machine.clean()
+    machine.create(b"one")
+    machine.create(b"two")
+    machine.sync(limit)
+    machine.delete_file(1, True)
+    machine.resave(0)
+    machine.sync(limit)
+    assert COUNTS["stopped"] == 1 and COUNTS["converged"] == 2, COUNTS
+    machine.teardown()
