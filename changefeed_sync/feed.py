@@ -46,6 +46,14 @@ class FeedPage:
         decoded: list[dict[str, Any]] = json.loads(self.events_json)
         return decoded
 
+    @property
+    def has_events(self) -> bool:
+        """Whether the page holds events, without decoding them: a page shared by many
+        followers is only ever sent, and decoded events kept alive with it (for the
+        seconds the long-poll cache keeps a page) made the server's garbage collector
+        run full collections of 70 to 100 ms every second or two at 100 events/s."""
+        return self.events_json != "[]"
+
     def header(self) -> dict[str, Any]:
         header: dict[str, Any] = {
             "protocol": PROTOCOL_VERSION,

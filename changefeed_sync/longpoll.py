@@ -335,7 +335,7 @@ def read_or_wait(
     deadline = time.monotonic() + max(0.0, wait)
     if page is None:
         page = read(using, since, limit, models)
-    if page.events or wait <= 0:
+    if page.has_events or wait <= 0:
         return Outcome(page)
     if slots is not None and not slots.try_take():
         return Outcome(page, refused=True)
@@ -346,7 +346,7 @@ def read_or_wait(
             if head is None:  # time is up; the page read last is the answer
                 return Outcome(page)
             page = cached_read(using, source_id, since, limit, models, head)
-            if page.events:
+            if page.has_events:
                 return Outcome(page)
             # Woken by events of models this target does not receive: wait for later ones.
             floor = max(floor, head)
@@ -370,7 +370,7 @@ async def aread_or_wait(
     deadline = time.monotonic() + max(0.0, wait)
     if page is None:
         page = await in_db_thread(read, using, since, limit, models)
-    if page.events or wait <= 0:
+    if page.has_events or wait <= 0:
         return Outcome(page)
     if slots is not None and not slots.try_take():
         return Outcome(page, refused=True)
@@ -381,7 +381,7 @@ async def aread_or_wait(
             if head is None:
                 return Outcome(page)
             page = await acached_read(using, source_id, since, limit, models, head)
-            if page.events:
+            if page.has_events:
                 return Outcome(page)
             floor = max(floor, head)
     finally:
@@ -414,7 +414,7 @@ async def stream_pages(
     deadline = time.monotonic() + max(0.0, duration)
     yield page
     sent = time.monotonic()  # the last line
-    floor = since = page.last_seq if page.events else since
+    floor = since = page.last_seq if page.has_events else since
     more = page.more
     while True:
         now = time.monotonic()
@@ -436,7 +436,7 @@ async def stream_pages(
             # (the heartbeat still comes HEARTBEAT seconds after the last line).
             floor = max(floor, head)
         more = page.more
-        if page.events:
+        if page.has_events:
             yield page
             sent = time.monotonic()
             since = page.last_seq
