@@ -19,6 +19,10 @@ PostgreSQL database, with ``--followers`` Targets, served in turn by:
   chunked body (an empty line, a heartbeat, after 5 s without one), until the source
   ends the stream after ``wait`` seconds; they ask again then;
 * ``asgi-1w-stream``: the same with 1 worker process;
+* ``asgi-stream-frozen``: as ``asgi-stream``, the site's asgi.py ending with
+  ``gc.freeze()`` (README "Deploying"): the objects of Django's start-up are never
+  scanned again by the garbage collector, whose full collections otherwise paused a
+  worker for 70 to 100 ms every few seconds at 100 events/s;
 * ``asgi-django``: uvicorn, 2 workers, with Django's ASGI handler for the feed too
   (every synchronous middleware and request signal in a thread of the request's);
 * ``wsgi``: gunicorn, gthread workers, 3 processes x 4 threads, Django's WSGI
@@ -110,6 +114,8 @@ class Server(NamedTuple):
     description: str
     command: Callable[[int], list[str]]  # port -> arguments of ``python -m``
     stream: bool = False  # the followers stream (stream=1) instead of long-polling
+    #: The project's asgi.py ends with gc.freeze() (tests/asgi.py, CFS_GC_FREEZE).
+    frozen: bool = False
 
 
 SERVERS: dict[str, Server] = {
@@ -127,6 +133,12 @@ SERVERS: dict[str, Server] = {
         "uvicorn 1 worker, feed_application, followers streaming",
         _uvicorn("tests.asgi:feed_application", workers=1),
         stream=True,
+    ),
+    "asgi-stream-frozen": Server(
+        "as asgi-stream, the project's asgi.py ending with gc.freeze()",
+        _uvicorn("tests.asgi:feed_application"),
+        stream=True,
+        frozen=True,
     ),
     "asgi-django": Server(
         "uvicorn 2 workers, Django's handler", _uvicorn("tests.asgi:application")
@@ -264,6 +276,8 @@ class Bench:
         port = free_port()
         env = self.site.env()
         env.update(DJANGO_SETTINGS_MODULE="tests.longpoll_settings", CFS_CONN_MAX_AGE="60")
+        if SERVERS[name].frozen:
+            env["CFS_GC_FREEZE"] = "1"
         server = Background(
             [sys.executable, "-m", *SERVERS[name].command(port)], env, self.site.workdir, name
         )
