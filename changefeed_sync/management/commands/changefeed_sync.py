@@ -26,7 +26,10 @@ class Command(BaseCommand):
         parser.add_argument(
             "--follow",
             action="store_true",
-            help="Keep following with long-poll until SIGINT/SIGTERM; retry when the source is down.",
+            help=(
+                "Keep following (the streamed feed, or long-polls) until SIGINT/SIGTERM; "
+                "retry when the source is down."
+            ),
         )
         parser.add_argument("--database", default=None, help="Database alias to apply to.")
         parser.add_argument("--limit", type=int, default=None, help="Events per request.")
@@ -48,7 +51,7 @@ class Command(BaseCommand):
 
         def on_signal(signum: int, frame: Any) -> None:
             stop.set()
-            # Interrupt a long-poll at once; an apply in progress is one
+            # Interrupt a long-poll or a stream at once; an apply in progress is one
             # transaction and simply rolls back, the checkpoint with it.
             raise _Stop
 
