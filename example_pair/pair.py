@@ -423,50 +423,29 @@ class Pair:
     # ------------------------------------------------------------ the stream of edits
 
     def follow_edits(self) -> int:
-        pending: list[dict[str, Any]] = []  # expectations not yet seen on the target
+        arrivals = Arrivals()
         edits_done = False
-        made = 0
         while True:
             try:
                 who, message = self.lines.get(timeout=0.2)
             except queue.Empty:
                 who, message = "", {}
             if who == "edits" and "n" in message:
-                made += 1
-                say(f"{_stamp()}  source  edit {message['n']:>3}  {message['text']}")
-                for expect in message["expect"]:
-                    pending.append({**expect, "n": message["n"], "t": message["t"]})
+                for line in arrivals.edit(message):
+                    say(line)
             elif who == "edits" and "done" in message:
                 edits_done = True
             elif who == "watch" and "key" in message:
-                done = [e for e in pending if _satisfies(message, e)]
-                if done:
-                    last = max(done, key=lambda e: e["n"])
-                    # An earlier edit of the same row counts as arrived once a later one did.
-                    pending = [
-                        e
-                        for e in pending
-                        if not (
-                            e["model"] == last["model"]
-                            and e["key"] == last["key"]
-                            and e["n"] <= last["n"]
-                        )
-                    ]
-                    lag = message["t"] - last["t"]
-                    say(
-                        f"{_stamp()}  target  edit {last['n']:>3}  {_describe(message)}"
-                        f"   (+{max(lag, 0):.2f} s)"
-                    )
-                else:
-                    say(f"{_stamp()}  target  changed     {_describe(message)}")
-            late = [e for e in pending if time.time() - e["t"] > ARRIVAL_TIMEOUT]
-            if late:
+                for line in arrivals.seen(message):
+                    say(line)
+            late = arrivals.late(time.time())
+            if late is not None:
                 raise Failed(
-                    f"edit {late[0]['n']} has not reached the target after "
-                    f"{ARRIVAL_TIMEOUT:.0f} s: {late[0]['model']} {late[0]['key']}"
+                    f"edit {late['n']} has not reached the target after "
+                    f"{ARRIVAL_TIMEOUT:.0f} s: {late['model']} {late['key']}"
                 )
-            if edits_done and not pending:
-                say(f"All {made} edits arrived on the target.")
+            if edits_done and not arrivals.pending:
+                say(f"All {arrivals.made} edits arrived on the target.")
                 return 0
             self.check_alive(except_=("edits",) if edits_done else ())
 
@@ -481,6 +460,67 @@ class Pair:
             process.stop(signal.SIGINT if process.name == "follower" else signal.SIGTERM)
         self.running.clear()
         say("stopped; nothing left running")
+
+
+class Arrivals:
+    """Edits made on the source matched with the changes the target's watcher saw.
+
+    The two come from two processes through one queue, in either order: the target
+    may report a change before the source's process has reported making it (a fast
+    follower, a busy machine). So the last state seen of every row is kept, and an
+    edit reported after its row already reached that state has arrived.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[dict[str, Any]] = []  # expectations not yet seen on the target
+        self.latest: dict[str, dict[str, Any]] = {}  # row -> the last change seen of it
+        self.made = 0
+
+    def edit(self, message: dict[str, Any]) -> list[str]:
+        """An edit the source made: what to say."""
+        self.made += 1
+        lines = [f"{_stamp()}  source  edit {message['n']:>3}  {message['text']}"]
+        for expect in message["expect"]:
+            expect = {**expect, "n": message["n"], "t": message["t"]}
+            seen = self.latest.get(_row(expect))
+            if seen is not None and _satisfies(seen, expect):
+                lines.append(self._arrived(seen, expect))
+                self._drop_earlier(expect)
+            else:
+                self.pending.append(expect)
+        return lines
+
+    def seen(self, message: dict[str, Any]) -> list[str]:
+        """A change the target's watcher saw: what to say."""
+        self.latest[_row(message)] = message
+        done = [e for e in self.pending if _satisfies(message, e)]
+        if not done:
+            return [f"{_stamp()}  target  changed     {_describe(message)}"]
+        last = max(done, key=lambda e: e["n"])
+        self._drop_earlier(last)
+        return [self._arrived(message, last)]
+
+    def _drop_earlier(self, arrived: dict[str, Any]) -> None:
+        """An earlier edit of the same row counts as arrived once a later one did."""
+        self.pending = [
+            e for e in self.pending if not (_row(e) == _row(arrived) and e["n"] <= arrived["n"])
+        ]
+
+    def late(self, now: float) -> dict[str, Any] | None:
+        """The first expectation still missing after ARRIVAL_TIMEOUT seconds, if any."""
+        return next((e for e in self.pending if now - e["t"] > ARRIVAL_TIMEOUT), None)
+
+    @staticmethod
+    def _arrived(seen: dict[str, Any], expect: dict[str, Any]) -> str:
+        lag = seen["t"] - expect["t"]
+        return (
+            f"{_stamp()}  target  edit {expect['n']:>3}  {_describe(seen)}"
+            f"   (+{max(lag, 0):.2f} s)"
+        )
+
+
+def _row(change: dict[str, Any]) -> str:
+    return json.dumps([change["model"], change["key"]])
 
 
 def _satisfies(seen: dict[str, Any], expect: dict[str, Any]) -> bool:
