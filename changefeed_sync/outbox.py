@@ -62,6 +62,10 @@ def _create_state_row(using: str) -> None:
     connection = connections[using]
     if connection.vendor != "mysql" or connection.in_atomic_block:
         with transaction.atomic(using=using):
+            # SQLite: the write lock first. get_or_create reads, then writes: against
+            # a writer committing in between, that fails at once ("database is
+            # locked"), and a feed request on a flushed source answered 500.
+            lock(using)
             OutboxState.objects.using(using).get_or_create(
                 id=1, defaults={"last_position": _highest_position(using)}
             )
