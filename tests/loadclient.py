@@ -75,6 +75,15 @@ async def get(
     # on parsing (and its follower asking again): one loop serves every follower.
     await asyncio.sleep(0)
     head, _, body = raw.partition(b"\r\n\r\n")
+    status, answer_headers = _parse_head(head, raw)
+    if answer_headers.get("transfer-encoding", "").lower() == "chunked":
+        body = _dechunk(body)
+    return Answer(status, answer_headers, body, sent, received)
+
+
+def _parse_head(head: bytes, raw: bytes) -> tuple[int, dict[str, str]]:
+    """The status and headers (names in lower case) of an answer's head (``raw``: what
+    came, for the error)."""
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     if not status_line.startswith("HTTP/1."):
         raise ConnectionError(f"not an HTTP answer: {raw[:200]!r}")
@@ -82,9 +91,7 @@ async def get(
     for line in header_lines:
         name, _, value = line.partition(":")
         answer_headers[name.strip().lower()] = value.strip()
-    if answer_headers.get("transfer-encoding", "").lower() == "chunked":
-        body = _dechunk(body)
-    return Answer(int(status_line.split()[1]), answer_headers, body, sent, received)
+    return int(status_line.split()[1]), answer_headers
 
 
 class StreamError(Exception):
@@ -111,14 +118,7 @@ async def _head(
         raw = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
         raise ConnectionError(f"not an HTTP answer: {exc.partial[:200]!r}") from None
-    status_line, *header_lines = raw[:-4].decode("latin-1").split("\r\n")
-    if not status_line.startswith("HTTP/1."):
-        raise ConnectionError(f"not an HTTP answer: {raw[:200]!r}")
-    answer_headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        answer_headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), answer_headers
+    return _parse_head(raw[:-4], raw)
 
 
 async def _body(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:

@@ -40,6 +40,7 @@ from changefeed_sync.follow import SyncResult, sync
 from changefeed_sync.models import DataSource
 from changefeed_sync.signing import verify_request
 from tests.conftest import require_alias
+from tests.servers import wait_until
 from tests.test_follow import country
 from tests.test_longpoll import SECRET as LONGPOLL_SECRET
 from tests.test_longpoll import (  # noqa: F401 - source_factory is a fixture
@@ -286,14 +287,7 @@ class Follower:
 
 
 def until(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+    return wait_until(predicate, timeout=timeout, interval=0.01, what=what)
 
 
 def exists(code: str) -> bool:
