@@ -9,30 +9,49 @@ class ChangefeedSyncConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import (
-            capture,
-            checks,  # noqa: F401  (registers the system checks)
-            registry,
-        )
+        from . import checks  # noqa: F401  (registers the system checks)
 
-        # Models registered before ready() (decorators at import) are hooked
-        # now; later registrations are hooked as they happen.
-        if capture.connect not in registry._on_register:
-            registry._on_register.append(capture.connect)
-            registry._on_unregister.append(capture.disconnect)
-        for options in registry.all_options():
-            capture.connect(options)
-        # bulk_create/bulk_update/update send no signals: wrap them once.
-        capture.install_queryset_capture()
-        # A restarted server resumes deliveries that its predecessor left pending.
-        from django.core.signals import request_started
+        capture_registered_models()
+        wake_readers_on_commit()
+        resume_deliveries_on_first_request()
+        reread_changed_settings()
 
-        from . import push
 
-        request_started.connect(push.resume_on_first_request, dispatch_uid="changefeed_resume")
-        # Settings are read once and kept (conf.get); a changed one is read again.
-        from django.core.signals import setting_changed
+def capture_registered_models() -> None:
+    """Hook the models registered so far (decorators run at import) and those
+    registered later; wrap bulk_create/bulk_update/update, which send no signals."""
+    from . import capture, registry
 
-        from . import conf
+    if capture.connect not in registry._on_register:
+        registry._on_register.append(capture.connect)
+        registry._on_unregister.append(capture.disconnect)
+    for options in registry.all_options():
+        capture.connect(options)
+    capture.install_queryset_capture()
 
-        setting_changed.connect(conf.forget, dispatch_uid="changefeed_settings")
+
+def wake_readers_on_commit() -> None:
+    """Committed events wake this process's long-polls and schedule push deliveries."""
+    from . import notifier, push
+    from .signals import events_committed
+
+    events_committed.connect(notifier.on_events_committed, dispatch_uid="changefeed_notifier")
+    events_committed.connect(push.on_events_committed, dispatch_uid="changefeed_push")
+
+
+def resume_deliveries_on_first_request() -> None:
+    """A restarted server resumes the deliveries its predecessor left pending."""
+    from django.core.signals import request_started
+
+    from . import push
+
+    request_started.connect(push.resume_on_first_request, dispatch_uid="changefeed_resume")
+
+
+def reread_changed_settings() -> None:
+    """Settings are read once and kept (conf.get); a changed one is read again."""
+    from django.core.signals import setting_changed
+
+    from . import conf
+
+    setting_changed.connect(conf.forget, dispatch_uid="changefeed_settings")

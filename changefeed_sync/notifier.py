@@ -266,6 +266,12 @@ def poke(using: str) -> None:
         found.poke()
 
 
+def on_events_committed(sender: Any, using: str, **kwargs: Any) -> None:
+    """``events_committed`` receiver: this process's waiters check at once (other
+    processes' notifiers find the events by polling or NOTIFY)."""
+    poke(using)
+
+
 def wait(using: str, since: int, timeout: float) -> int | None:
     """Block until the head is beyond ``since`` (return it) or ``timeout`` seconds passed
     (return None)."""

@@ -18,13 +18,13 @@ writer at a time anyway, ``lock`` takes the write lock early (see there).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from django.db import IntegrityError, connections, transaction
 
 from .models import Event, OutboxState, new_source_id
+from .signals import send_events_committed
 
 #: Events given positions per sequencer transaction.
 SEQUENCE_BATCH = 5_000
@@ -472,11 +472,5 @@ def after_this_transaction(using: str) -> None:
 
 
 def after_commit(using: str) -> None:
-    """Wake long-polls and schedule deliveries: events of ``using`` just committed."""
-    from . import notifier, push
-
-    notifier.poke(using)  # this process's waiters; other processes' notifiers poll
-    try:
-        push.on_commit(using)
-    except Exception:  # the data is committed; a delivery problem must not fail the writer
-        logging.getLogger("changefeed_sync.push").exception("scheduling deliveries failed")
+    """Events of ``using`` just committed: tell whoever listens (long-polls, push)."""
+    send_events_committed(using)

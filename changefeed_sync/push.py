@@ -98,13 +98,22 @@ def backend() -> Any:
 
 
 def on_commit(using: str) -> None:
-    """Called after a transaction that wrote events committed."""
+    """Schedule deliveries of events that just committed on ``using``."""
     chosen = backend()
     if chosen is None:
         return
     ids = push_target_ids(using)
     if ids:
         chosen.schedule(ids, using)
+
+
+def on_events_committed(sender: Any, using: str, **kwargs: Any) -> None:
+    """``events_committed`` receiver. The data is committed: a delivery problem
+    is logged here, never raised into the writer."""
+    try:
+        on_commit(using)
+    except Exception:
+        logger.exception("scheduling deliveries failed")
 
 
 def signed_headers(batch: Batch) -> dict[str, str]:
