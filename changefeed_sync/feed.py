@@ -66,9 +66,6 @@ class FeedPage:
             header["source_id"] = self.source_id
         return header
 
-    def to_wire(self) -> dict[str, Any]:
-        return {**self.header(), "events": self.events}
-
     def to_json(self) -> str:
         """The wire document, with the events spliced in as stored (no re-encoding)."""
         head = json.dumps(self.header(), separators=(",", ":"))
@@ -226,11 +223,3 @@ def _splice(rows: list[tuple[Any, ...]], connection: Any) -> str:
         for (seq, _, model, op, key, old_key, data, changed), ts in zip(rows, stamps, strict=True)
     ]
     return "[" + ",".join(parts) + "]"
-
-
-def has_events_after(since: int, using: str, models: list[str] | None = None) -> bool:
-    outbox.sequence(using)
-    events = Event.objects.using(using).filter(position__gt=since)
-    if models is not None:
-        events = events.filter(model__in=models)
-    return bool(events.exists())

@@ -1,4 +1,4 @@
-"""Long-poll: a feed page now, or as soon as there is one, for sync and async callers.
+"""Long-poll: a feed page now, or as soon as there is one, for asyncio callers.
 
 Read a page; if it is empty and the caller may wait, wait on the notifier (which
 asks for the head once per interval for the whole process, notifier.py) and read
@@ -264,26 +264,12 @@ def _set_done(futures: list[asyncio.Future[None]]) -> None:
             future.set_result(None)
 
 
-def cached_read(
-    using: str, source_id: str, since: int, limit: int, models: list[str] | None, head: int
-) -> FeedPage:
-    """The page after ``since``, read once per process for everyone woken by ``head``
-    who saw the outbox ``source_id``."""
-    key = _key(using, source_id, since, limit, models, head)
-    flight, leader = _join(key)
-    if leader:
-        return _lead(key, flight, lambda: read(using, since, limit, models, source_id))
-    flight.done.wait()
-    if flight.page is not None:
-        return flight.page
-    return read(using, since, limit, models, source_id)  # its reader failed: read ourselves
-
-
 async def acached_read(
     using: str, source_id: str, since: int, limit: int, models: list[str] | None, head: int
 ) -> FeedPage:
-    """``cached_read`` for asyncio: only the reader uses a thread; the others wait on
-    their loop."""
+    """The page after ``since``, read once per process for everyone woken by ``head``
+    who saw the outbox ``source_id``: only the reader uses a thread; the others wait
+    on their loop."""
     key = _key(using, source_id, since, limit, models, head)
     flight, leader = _join(key)
     if leader:
@@ -311,7 +297,7 @@ def cache_stats() -> dict[str, int]:
 # ---------------------------------------------------------------- the long-poll
 
 
-def read_or_wait(
+async def aread_or_wait(
     since: int,
     limit: int,
     wait: float,
@@ -326,47 +312,11 @@ def read_or_wait(
 
     ``source_id``: the identity of the outbox as the caller saw it (pages read after a
     wake are shared among callers that saw the same one). ``page``: the first read,
-    when the caller made it already. ``slots``: waiting takes
-    one of them; none free, the empty page is answered at once (``refused``). The
-    caller's own thread does the reads (it must not be inside a transaction: on MySQL a
-    repeatable-read snapshot would hide the very events it waits for) and is held while
-    waiting: async callers use ``aread_or_wait``.
+    when the caller made it already. ``slots``: waiting takes one of them; none free,
+    the empty page is answered at once (``refused``). Reads run in the pool's threads,
+    outside any transaction (on MySQL a repeatable-read snapshot would hide the very
+    events it waits for); the wait holds no thread.
     """
-    deadline = time.monotonic() + max(0.0, wait)
-    if page is None:
-        page = read(using, since, limit, models)
-    if page.has_events or wait <= 0:
-        return Outcome(page)
-    if slots is not None and not slots.try_take():
-        return Outcome(page, refused=True)
-    try:
-        floor = since
-        while True:
-            head = notifier.wait(using, floor, deadline - time.monotonic())
-            if head is None:  # time is up; the page read last is the answer
-                return Outcome(page)
-            page = cached_read(using, source_id, since, limit, models, head)
-            if page.has_events:
-                return Outcome(page)
-            # Woken by events of models this target does not receive: wait for later ones.
-            floor = max(floor, head)
-    finally:
-        if slots is not None:
-            slots.give_back()
-
-
-async def aread_or_wait(
-    since: int,
-    limit: int,
-    wait: float,
-    *,
-    using: str,
-    models: list[str] | None = None,
-    source_id: str = "",
-    page: FeedPage | None = None,
-    slots: WaitSlots | None = None,
-) -> Outcome:
-    """``read_or_wait`` for asyncio: reads run in the pool's threads, the wait holds none."""
     deadline = time.monotonic() + max(0.0, wait)
     if page is None:
         page = await in_db_thread(read, using, since, limit, models)
@@ -378,11 +328,12 @@ async def aread_or_wait(
         floor = since
         while True:
             head = await notifier.await_head(using, floor, deadline - time.monotonic())
-            if head is None:
+            if head is None:  # time is up; the page read last is the answer
                 return Outcome(page)
             page = await acached_read(using, source_id, since, limit, models, head)
             if page.has_events:
                 return Outcome(page)
+            # Woken by events of models this target does not receive: wait for later ones.
             floor = max(floor, head)
     finally:
         if slots is not None:

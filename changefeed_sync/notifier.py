@@ -5,9 +5,9 @@ per interval (50 followers: 2,500 queries/s while nothing changed) and, in a
 synchronous view, a server thread for its whole wait. Here one daemon thread per
 process and database alias asks for the head position (``feed.head``) once per
 ``CHANGEFEED_SYNC_FEED_POLL_INTERVAL`` while anyone waits, whatever their number,
-and wakes every waiter the head has passed: threads (``wait``) and asyncio tasks
-(``await_head``, woken through their own loop's ``call_soon_threadsafe``), so an
-async view waits holding no thread at all.
+and wakes every waiter the head has passed: asyncio tasks (``await_head``, woken
+through their own loop's ``call_soon_threadsafe``), so an async view waits holding
+no thread at all.
 
 - ``poke(using)``: events may have committed in this process, look now (the
   outbox calls it after each commit); other processes' commits are seen within
@@ -47,18 +47,13 @@ ERROR_DELAY_MAX = 2.0
 class _Waiter:
     """One wait: woken once the head is beyond ``floor``, with the head that woke it."""
 
-    __slots__ = ("floor", "head", "event", "loop", "future")
+    __slots__ = ("floor", "head", "loop", "future")
 
     def __init__(
-        self,
-        floor: int,
-        event: threading.Event | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
-        future: asyncio.Future[None] | None = None,
+        self, floor: int, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]
     ) -> None:
         self.floor = floor
         self.head: int | None = None
-        self.event = event
         self.loop = loop
         self.future = future
 
@@ -212,13 +207,10 @@ class Notifier:
 
 
 def _wake_all(woken: list[_Waiter]) -> None:
-    """Wake threads directly, and each event loop's tasks with one call into that loop."""
+    """Wake each event loop's tasks with one call into that loop."""
     by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
     for waiter in woken:
-        if waiter.event is not None:
-            waiter.event.set()
-        elif waiter.loop is not None and waiter.future is not None:
-            by_loop.setdefault(waiter.loop, []).append(waiter.future)
+        by_loop.setdefault(waiter.loop, []).append(waiter.future)
     for loop, futures in by_loop.items():
         try:
             loop.call_soon_threadsafe(_resolve, futures)
@@ -272,29 +264,14 @@ def on_events_committed(sender: Any, using: str, **kwargs: Any) -> None:
     poke(using)
 
 
-def wait(using: str, since: int, timeout: float) -> int | None:
-    """Block until the head is beyond ``since`` (return it) or ``timeout`` seconds passed
-    (return None)."""
-    if timeout <= 0:
-        return None
-    event = threading.Event()
-    waiter = _Waiter(since, event=event)
-    watcher = notifier(using)
-    watcher.add(waiter)
-    try:
-        event.wait(timeout)
-    finally:
-        watcher.discard(waiter)
-    return waiter.head
-
-
 async def await_head(using: str, since: int, timeout: float) -> int | None:
-    """``wait`` for asyncio: the task waits on a future, holding no thread."""
+    """Wait until the head is beyond ``since`` (return it) or ``timeout`` seconds passed
+    (return None). The task waits on a future, holding no thread."""
     if timeout <= 0:
         return None
     loop = asyncio.get_running_loop()
     future: asyncio.Future[None] = loop.create_future()
-    waiter = _Waiter(since, loop=loop, future=future)
+    waiter = _Waiter(since, loop, future)
     watcher = notifier(using)
     watcher.add(waiter)
     try:
@@ -302,12 +279,6 @@ async def await_head(using: str, since: int, timeout: float) -> int | None:
     finally:
         watcher.discard(waiter)
     return waiter.head if future.done() and not future.cancelled() else None
-
-
-def last_head(using: str) -> int | None:
-    """The head as of this process's last check of ``using`` (None: never checked)."""
-    found = _notifiers.get(using)
-    return None if found is None else found._head
 
 
 def stats(using: str) -> dict[str, Any]:

@@ -245,9 +245,9 @@ _not_preparing: set[str] = set()
 
 
 def _prepares(connection: Any) -> bool:
-    setting = conf.get("PREPARE_STATEMENTS")
+    setting = conf.prepare_statements()
     if setting is not None:
-        return bool(setting)
+        return setting
     if connection.alias in _not_preparing:
         return False
     settings = connection.settings_dict

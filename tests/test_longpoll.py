@@ -2,7 +2,7 @@
 the WSGI bound, and real servers holding many waiting followers.
 
 The first half runs in this process against each database: one notifier per alias
-wakes waiting threads and asyncio tasks, asks for the head once per interval however
+wakes the waiting asyncio tasks of every event loop, asks for the head once per interval however
 many wait and not at all when nobody does, survives its connection being killed;
 followers woken together share one read, and failed reads are nobody else's. The
 second half starts real servers on loopback (uvicorn, gunicorn's sync and gthread
@@ -86,19 +86,27 @@ def loop() -> Iterator[LoopThread]:
     running.close()
 
 
+@pytest.fixture
+def other_loop() -> Iterator[LoopThread]:
+    """A second server loop: waiters and readers of several loops share one notifier."""
+    running = LoopThread()
+    yield running
+    running.close()
+
+
+def _cached_read(*args: Any) -> Any:
+    """``longpoll.acached_read`` from a thread with no loop, on a loop of its own."""
+    return asyncio.run(longpoll.acached_read(*args))
+
+
 # ---------------------------------------------------------------- the notifier
 
 
-def test_one_notifier_wakes_waiting_threads_and_tasks(db_alias: str, loop: LoopThread) -> None:
+def test_one_notifier_wakes_the_tasks_of_every_loop(
+    db_alias: str, loop: LoopThread, other_loop: LoopThread
+) -> None:
     since = _head(db_alias)
-    woken: dict[str, int | None] = {}
-
-    def in_thread(i: int) -> None:
-        woken[f"thread {i}"] = notifier.wait(db_alias, since, 10.0)
-
-    threads = [threading.Thread(target=in_thread, args=(i,)) for i in range(20)]
-    for thread in threads:
-        thread.start()
+    others = [other_loop.submit(notifier.await_head(db_alias, since, 10.0)) for _ in range(20)]
     tasks = [loop.submit(notifier.await_head(db_alias, since, 10.0)) for _ in range(20)]
     # Waiting beyond the position the event will get: it must not wake.
     beyond = loop.submit(notifier.await_head(db_alias, since + 1, 0.5))
@@ -106,14 +114,13 @@ def test_one_notifier_wakes_waiting_threads_and_tasks(db_alias: str, loop: LoopT
 
     start = time.monotonic()
     Country.objects.using(db_alias).create(code="nw")
-    for thread in threads:
-        thread.join(5)
+    woken = [task.result(5) for task in others]
     results = [task.result(5) for task in tasks]
     elapsed = time.monotonic() - start
 
     head = _head(db_alias)
     assert head == since + 1
-    assert set(woken.values()) == {head} and len(woken) == 20
+    assert woken == [head] * 20
     assert results == [head] * 20
     assert elapsed < 1.0, elapsed  # one interval (20 ms) and a check, on a loaded machine
     assert beyond.result(5) is None  # timed out: the head did not pass since + 1
@@ -151,7 +158,8 @@ def test_the_notifier_rests_when_nobody_waits_and_starts_again(
 ) -> None:
     monkeypatch.setattr(notifier, "IDLE_EXIT", 0.5)
     since = _head("default")
-    assert notifier.wait("default", since, 0.2) is None  # nothing happened
+    # nothing happened
+    assert loop.submit(notifier.await_head("default", since, 0.2)).result(5) is None
     rested = notifier.stats("default")
     assert rested["running"] and rested["checks"] > 0
     time.sleep(0.3)  # nobody waits: no check at all
@@ -200,22 +208,20 @@ def test_the_notifier_survives_losing_its_connection(alias: str, loop: LoopThrea
     assert notifier.stats(alias)["running"]
 
 
-def test_poke_checks_at_once() -> None:
+def test_poke_checks_at_once(loop: LoopThread) -> None:
     """A poke (events committed in this process) is not left for the next interval.
     The event is written as another process would (no commit hook of this one)."""
     since = _head("default")
     with override_settings(CHANGEFEED_SYNC_FEED_POLL_INTERVAL=5.0):
-        woken: list[int | None] = []
-        thread = threading.Thread(target=lambda: woken.append(notifier.wait("default", since, 10)))
-        thread.start()
+        waiting = loop.submit(notifier.await_head("default", since, 10))
         _until(lambda: notifier.stats("default")["waiting"] == 1, "a waiter")
         Event.objects.bulk_create([outbox.make_event("testapp.country", "upsert", ["pk"])])
         time.sleep(0.2)
-        assert not woken  # the next check is seconds away
+        assert not waiting.done()  # the next check is seconds away
         start = time.monotonic()
         notifier.poke("default")
-        thread.join(5)
-    assert woken == [since + 1]
+        woken = waiting.result(5)
+    assert woken == since + 1
     assert time.monotonic() - start < 1.0
     notifier.poke("nowhere")  # no notifier of that alias: nothing to do, no error
 
@@ -280,9 +286,10 @@ def test_followers_woken_together_share_one_read(db_alias: str, loop: LoopThread
         _in_fresh_threads(1, lambda: longpoll.read(db_alias, since, 100, None))
     assert one.sql
 
+    # Followers of 50 loops (each in a thread of its own, as servers' workers would be).
     with Statements() as counted:
         pages = _in_fresh_threads(
-            50, lambda: longpoll.cached_read(db_alias, source_id, since, 100, None, head)
+            50, lambda: _cached_read(db_alias, source_id, since, 100, None, head)
         )
     assert all(page is pages[0] for page in pages), pages[:3]
     assert pages[0].events == alone.events and len(alone.events) == 2
@@ -301,7 +308,7 @@ def test_followers_woken_together_share_one_read(db_alias: str, loop: LoopThread
     assert [page.events for page in pages] == [alone.events[:1]] * 50
     assert counted.sql == one.sql
     # Other models, limits or positions are other pages.
-    only_tags = longpoll.cached_read(db_alias, source_id, since, 100, ["testapp.tag"], head)
+    only_tags = _cached_read(db_alias, source_id, since, 100, ["testapp.tag"], head)
     assert [e["model"] for e in only_tags.events] == ["testapp.tag"]
 
 
@@ -311,14 +318,14 @@ def test_a_replaced_outbox_is_read_again(db_alias: str) -> None:
     Country.objects.using(db_alias).create(code="o1")
     before = feed.check_cursor(0, db_alias).source_id
     head = _head(db_alias)
-    page = longpoll.cached_read(db_alias, before, 0, 10, None, head)
+    page = _cached_read(db_alias, before, 0, 10, None, head)
     assert [e["key"] for e in page.events] == [["o1"]]
     Event.objects.using(db_alias).all().delete()
     OutboxState.objects.using(db_alias).all().delete()  # as a flush does
     Country.objects.using(db_alias).create(code="o2")
     after = feed.check_cursor(0, db_alias).source_id
     assert after != before and _head(db_alias) == head
-    page = longpoll.cached_read(db_alias, after, 0, 10, None, head)
+    page = _cached_read(db_alias, after, 0, 10, None, head)
     assert [e["key"] for e in page.events] == [["o2"]]
 
 
@@ -328,44 +335,39 @@ def test_failed_reads_are_not_kept(db_alias: str) -> None:
     OutboxState.objects.using(db_alias).filter(id=1).update(pruned_through=head)
     source_id = feed.check_cursor(head, db_alias).source_id
     with pytest.raises(CursorExpired):
-        longpoll.cached_read(db_alias, source_id, 0, 10, None, head)
+        _cached_read(db_alias, source_id, 0, 10, None, head)
     # Everyone who was waiting for that read gets his own answer, not its error.
-    results = _in_fresh_threads(
-        10, lambda: longpoll.cached_read(db_alias, source_id, 0, 10, None, head)
-    )
+    results = _in_fresh_threads(10, lambda: _cached_read(db_alias, source_id, 0, 10, None, head))
     assert all(isinstance(result, CursorExpired) for result in results), results
     # The cursor is valid again: the same read now reads, it does not repeat the error.
     OutboxState.objects.using(db_alias).filter(id=1).update(pruned_through=0)
-    page = longpoll.cached_read(db_alias, source_id, 0, 10, None, head)
+    page = _cached_read(db_alias, source_id, 0, 10, None, head)
     assert [e["key"] for e in page.events] == [["f1"]]
 
 
 # ---------------------------------------------------------------- the long-poll
 
 
-def test_read_or_wait_for_the_events_of_its_models(loop: LoopThread) -> None:
+def test_read_or_wait_for_the_events_of_its_models(
+    loop: LoopThread, other_loop: LoopThread
+) -> None:
     since = _head("default")
-    got: list[longpoll.Outcome] = []
-    thread = threading.Thread(
-        target=lambda: got.append(
-            longpoll.read_or_wait(since, 10, 10.0, using="default", models=["testapp.tag"])
+    first, second = (
+        running.submit(
+            longpoll.aread_or_wait(since, 10, 10.0, using="default", models=["testapp.tag"])
         )
-    )
-    thread.start()
-    waiting = loop.submit(
-        longpoll.aread_or_wait(since, 10, 10.0, using="default", models=["testapp.tag"])
+        for running in (loop, other_loop)
     )
     _until(lambda: notifier.stats("default")["waiting"] == 2, "two long-polls waiting")
     Country.objects.create(code="nt")  # not theirs: they go on waiting
     _until(lambda: notifier.stats("default")["head"] == since + 1, "the head to move")
     _until(lambda: notifier.stats("default")["waiting"] == 2, "both waiting again")
-    assert not got and not waiting.done()
+    assert not first.done() and not second.done()
     start = time.monotonic()
     Tag.objects.create(slug="theirs")
-    thread.join(5)
-    outcome = waiting.result(5)
+    outcomes = [first.result(5), second.result(5)]
     assert time.monotonic() - start < 1.0
-    for answer in (got[0], outcome):
+    for answer in outcomes:
         assert [(e["model"], e["key"]) for e in answer.page.events] == [("testapp.tag", ["theirs"])]
         assert not answer.refused
 
@@ -376,7 +378,9 @@ def test_waiting_slots_bound_the_waits(loop: LoopThread) -> None:
     first = loop.submit(longpoll.aread_or_wait(since, 10, 5.0, using="default", slots=slots))
     _until(lambda: slots.taken == 1, "the slot taken")
     start = time.monotonic()
-    second = longpoll.read_or_wait(since, 10, 5.0, using="default", slots=slots)
+    second = loop.submit(
+        longpoll.aread_or_wait(since, 10, 5.0, using="default", slots=slots)
+    ).result(5)
     assert second.refused and second.page.events == []
     assert time.monotonic() - start < 1.0  # answered at once
     Country.objects.create(code="sl")

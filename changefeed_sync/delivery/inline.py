@@ -145,11 +145,6 @@ class SharedRecorder(push.Recorder):
             self._write_pending()
             return push.record_failure(target, message, using)
 
-    def pending(self) -> int:
-        """Targets whose acknowledged position is not written yet."""
-        with self._lock:
-            return len(self._pending)
-
     def flush(self) -> None:
         """Write what is pending now (the recorder thread; a process about to stop)."""
         with self._writing:
@@ -383,12 +378,6 @@ class _Pool:
             self._release(job.key, again=retry_in is None and job.plan.more, retry_in=retry_in)
 
     # ------------------------------------------------------------ waiting
-
-    def idle(self) -> bool:
-        """Nothing planned, queued or being delivered (backoffs aside), all recorded."""
-        with self._cond:
-            busy = bool(self._busy or self._jobs or any(self._wanted.values()))
-        return not busy and self.recorder.pending() == 0
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until the pool has nothing left to do but backoffs, at most ``timeout``
