@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.urls import path
 
 from . import views
+from .target.views import webhook_view
 
 app_name = "changefeed_sync"
 
@@ -10,5 +11,5 @@ urlpatterns = [
     path("feed/", views.feed_view, name="feed"),
     path("snapshot/", views.snapshot_view, name="snapshot"),
     path("files/", views.file_view, name="files"),
-    path("webhook/<str:source_name>/", views.webhook_view, name="webhook"),
+    path("webhook/<str:source_name>/", webhook_view, name="webhook"),
 ]

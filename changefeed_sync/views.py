@@ -27,10 +27,11 @@ from django.http import (
 from django.utils import timezone
 from django.utils.log import log_response
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.decorators.http import require_GET, require_http_methods
 
 from . import conf, feed, files, longpoll, outbox, snapshot
 from .exceptions import CursorAhead, CursorExpired, SignatureError
+from .http import error_response, plausible_name, shown
 from .models import Target
 from .serialization import PROTOCOL_VERSION
 from .sqlite_waits import prompt_lock_waits, retry_transaction
@@ -41,19 +42,6 @@ logger = logging.getLogger("changefeed_sync.views")
 #: Largest integer a query parameter may carry: positions and keys are 64-bit.
 MAX_INT = 2**63 - 1
 _INTEGER = re.compile(r"-?[0-9]{1,19}")
-#: Longest name looked up (Target and Data Source names are shorter): anything
-#: longer, or with characters a database refuses (NUL), names nothing.
-MAX_NAME = 200
-
-
-def _error(status: int, message: str, code: str, **extra: Any) -> JsonResponse:
-    """An error answer: ``{"protocol": 1, "error": <what was wrong>, "code": <stable id>}``."""
-    response = JsonResponse(
-        {"protocol": PROTOCOL_VERSION, "error": message, "code": code, **extra}, status=status
-    )
-    if status == 401:
-        response["WWW-Authenticate"] = "Changefeed"
-    return response
 
 
 def verify(request: HttpRequest, using: str) -> tuple[str, str, Target]:
@@ -64,7 +52,7 @@ def verify(request: HttpRequest, using: str) -> tuple[str, str, Target]:
     found: list[Target] = []
 
     def secrets_for(name: str) -> list[str] | None:
-        if not _plausible_name(name):
+        if not plausible_name(name):
             return None
         target = Target.objects.using(using).filter(name=name, active=True).first()
         if target is None:
@@ -99,15 +87,6 @@ def record_request(name: str, nonce: str, using: str, seq: int | None = None) ->
     retry_transaction(using, write)
 
 
-def _plausible_name(name: str) -> bool:
-    return 0 < len(name) <= MAX_NAME and "\x00" not in name
-
-
-def _shown(raw: str) -> str:
-    """A client's value quoted in an error, cut short."""
-    return repr(raw[:40] + ("..." if len(raw) > 40 else ""))
-
-
 def _int_param(request: HttpRequest, name: str, default: int) -> int:
     """A query parameter as a 64-bit integer in plain decimal digits, or ValueError."""
     raw = request.GET.get(name)
@@ -116,7 +95,7 @@ def _int_param(request: HttpRequest, name: str, default: int) -> int:
     if not _INTEGER.fullmatch(raw) or not -MAX_INT - 1 <= int(raw) <= MAX_INT:
         raise ValueError(
             f"query parameter {name!r} must be an integer between {-MAX_INT - 1} and "
-            f"{MAX_INT}, got {_shown(raw)}"
+            f"{MAX_INT}, got {shown(raw)}"
         )
     return int(raw)
 
@@ -132,7 +111,7 @@ def _float_param(request: HttpRequest, name: str, default: float) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise ValueError(f"query parameter {name!r} must be a number, got {_shown(raw)}")
+        raise ValueError(f"query parameter {name!r} must be a number, got {shown(raw)}")
     return value
 
 
@@ -142,14 +121,14 @@ def _bool_param(request: HttpRequest, name: str) -> bool:
         return False
     if raw == "1":
         return True
-    raise ValueError(f"query parameter {name!r} must be 0 or 1, got {_shown(raw)}")
+    raise ValueError(f"query parameter {name!r} must be 0 or 1, got {shown(raw)}")
 
 
 def _refused(request: HttpRequest, exc: SignatureError) -> JsonResponse:
     logger.warning("%.200s request refused: %.500s", request.path, exc.reason)
     if exc.missing:
-        return _error(401, "authentication required", "authentication_required")
-    return _error(403, "authentication failed", "authentication_failed")
+        return error_response(401, "authentication required", "authentication_required")
+    return error_response(403, "authentication failed", "authentication_failed")
 
 
 def _authenticated(request: HttpRequest, using: str) -> Target | JsonResponse:
@@ -164,7 +143,7 @@ def _authenticated(request: HttpRequest, using: str) -> Target | JsonResponse:
 def _not_offered(label: str) -> JsonResponse:
     """The one answer for a model a Target may not read, registered here or not:
     nothing tells the two apart."""
-    return _error(404, f"model {_shown(label)} is not offered to this target", "unknown_model")
+    return error_response(404, f"model {shown(label)} is not offered to this target", "unknown_model")
 
 
 def _offered(target: Target, label: str) -> bool:
@@ -209,7 +188,7 @@ def snapshot_view(request: HttpRequest) -> JsonResponse:
     except LookupError:
         return _not_offered(label)
     except (ValueError, TypeError) as exc:
-        return _error(400, f"bad snapshot request: {exc}", "bad_parameter")
+        return error_response(400, f"bad snapshot request: {exc}", "bad_parameter")
     return JsonResponse(body)
 
 
@@ -228,7 +207,7 @@ def _check_after(label: str, after: str | None, using: str) -> None:
         return  # snapshot.py answers 404 for the label
     pk = options.model._meta.pk
     assert pk is not None
-    problem = f"'after' must be a primary key of {options.label}, got {_shown(after)}"
+    problem = f"'after' must be a primary key of {options.label}, got {shown(after)}"
     if "\x00" in after or len(after) > 1000:
         raise ValueError(problem)
     try:
@@ -270,9 +249,9 @@ def file_view(request: HttpRequest) -> FileResponse | JsonResponse:
         # One answer for every reason (forged, expired, another Target's, another
         # model's): nothing tells whether a model or file exists. The reason is logged.
         logger.warning("file request of %.200s refused: %.500s", name, exc)
-        return _error(403, "bad or expired file token", "bad_file_token")
+        return error_response(403, "bad or expired file token", "bad_file_token")
     except FileNotFoundError:
-        return _error(404, "file listed by the snapshot is gone", "file_missing")
+        return error_response(404, "file listed by the snapshot is gone", "file_missing")
     response = FileResponse(handle, content_type="application/octet-stream")
     response["Content-Length"] = str(size)
     return response
@@ -298,9 +277,9 @@ def _describe_files(request: HttpRequest, target: Target, using: str) -> JsonRes
             if "\x00" in item["name"] or "\x00" in json.dumps(item["key"]):
                 raise ValueError("a file's name or key contains NUL")
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        return _error(400, f"bad files request: {exc}", "bad_request")
+        return error_response(400, f"bad files request: {exc}", "bad_request")
     if len(items) > MAX_DESCRIBE:
-        return _error(400, f"at most {MAX_DESCRIBE} files per request", "bad_request")
+        return error_response(400, f"at most {MAX_DESCRIBE} files per request", "bad_request")
     models = target.allowed_models()
     answers = [
         files.describe_current(item, target=target.name, models=models, using=using)
@@ -431,7 +410,7 @@ async def feed_view(request: HttpRequest) -> HttpResponse | StreamingHttpRespons
             source_id=started.source_id, page=started.page, slots=_wsgi_wait_slots(request),
         )  # fmt: skip
     except CursorExpired as exc:  # pruned while it waited
-        return _error(410, str(exc), "cursor_expired")
+        return error_response(410, str(exc), "cursor_expired")
     # Pages may be shared by followers woken together: each answer gets its own copy.
     page = dataclasses.replace(outcome.page, source_id=started.source_id)
     # The events are spliced in as stored, not decoded and encoded again.
@@ -504,9 +483,9 @@ def _feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
         wait = _float_param(request, "wait", 0.0)
         stream = _bool_param(request, "stream")
     except ValueError as exc:
-        return _error(400, str(exc), "bad_parameter")
+        return error_response(400, str(exc), "bad_parameter")
     if since < 0 or limit < 1:
-        return _error(400, "'since' must be >= 0 and 'limit' >= 1", "bad_parameter")
+        return error_response(400, "'since' must be >= 0 and 'limit' >= 1", "bad_parameter")
     limit = min(limit, conf.feed_max_limit())
     wait = min(max(wait, 0.0), conf.feed_max_wait())
     try:
@@ -518,9 +497,9 @@ def _feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
         except SignatureError as refused:
             return _refused(request, refused)
         if isinstance(exc, CursorAhead):
-            return _error(409, str(exc), "cursor_ahead", position=exc.head,
+            return error_response(409, str(exc), "cursor_ahead", position=exc.head,
                           source_id=outbox.state(using).source_id)  # fmt: skip
-        return _error(410, str(exc), "cursor_expired")
+        return error_response(410, str(exc), "cursor_expired")
     try:
         record_request(name, nonce, using, seq=since)
     except SignatureError as exc:
@@ -529,118 +508,5 @@ def _feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
     try:
         page = longpoll.read(using, since, limit, models)
     except CursorExpired as exc:
-        return _error(410, str(exc), "cursor_expired")
+        return error_response(410, str(exc), "cursor_expired")
     return _FeedRequest(name, since, limit, wait, models, state.source_id, page, stream)
-
-
-@csrf_exempt
-@transaction.non_atomic_requests
-@require_POST
-def webhook_view(request: HttpRequest, source_name: str) -> JsonResponse:
-    """Receive a pushed batch from the Data Source ``source_name`` (target side)."""
-    from . import webhook
-    from .conf import webhook_files_seconds
-    from .exceptions import ApplyError, ChangefeedError, SourceReset, SourceUnavailable
-    from .files import TransferDeadline
-    from .framing import FramingError
-    from .models import DataSource
-    from .push import SIGNATURE_HEADER
-    from .signing import nonce_seen, verify_oidc, verify_request
-
-    deadline = time.monotonic() + webhook_files_seconds()
-    raw_length = request.headers.get("Content-Length") or "0"
-    if not raw_length.isascii() or not raw_length.isdigit():
-        return _error(
-            400, f"Content-Length must be a number of bytes, got {_shown(raw_length)}",
-            "bad_content_length",
-        )  # fmt: skip
-    if int(raw_length) > conf.webhook_max_bytes():
-        return _error(413, f"body larger than {conf.webhook_max_bytes()} bytes", "body_too_large")
-    using = conf.target_database()
-    signature = request.headers.get(SIGNATURE_HEADER)
-    if not signature:
-        # Whatever the name: nothing tells a known source from an unknown one.
-        logger.warning("webhook for %.200s refused: no signature", source_name)
-        return _error(401, "authentication required", "authentication_required")
-    source = (
-        DataSource.objects.using(using).filter(name=source_name).first()
-        if _plausible_name(source_name)
-        else None
-    )
-    try:
-        if source is None:
-            raise SignatureError(f"unknown source {source_name[:200]!r}")
-        known = source
-        # The body's signature first: without the shared secret, every answer is
-        # the same 403 whether the source exists, and whether it uses OIDC.
-        _, nonce = verify_request(
-            signature,
-            "POST",
-            request.get_full_path(),
-            request.body,
-            lambda name: known.secret_list() if name == known.client_name else None,
-            max_age=conf.webhook_tolerance(),
-        )
-        if source.oidc_service_account:
-            verify_oidc(
-                request.headers.get("Authorization"),
-                audience=source.oidc_audience or request.build_absolute_uri(),
-                email=source.oidc_service_account,
-            )
-    except SignatureError as exc:
-        logger.warning("webhook for %.200s refused: %.500s", source_name, exc.reason)
-        if exc.missing:
-            return _error(401, "authentication required", "authentication_required")
-        return _error(403, "authentication failed", "authentication_failed")
-    try:
-        body = json.loads(request.body)
-        since, last_seq, events = webhook.parse(body)
-    except FramingError as exc:  # before ChangefeedError, its base
-        return _error(422, f"webhook body refused: {exc}", exc.code)
-    except (ValueError, RecursionError, ChangefeedError) as exc:
-        return _error(400, f"malformed webhook body: {exc}", "malformed_body")
-    if nonce_seen(nonce, using):
-        # The identical request came before. Cloud Tasks retries a delivery whose
-        # answer was lost with the very same request: if its batch is applied,
-        # acknowledge it (writing nothing) so it stops; otherwise refuse it.
-        source.refresh_from_db(using=using, fields=["checkpoint"])
-        if last_seq <= source.checkpoint:
-            return JsonResponse(
-                {
-                    "protocol": PROTOCOL_VERSION,
-                    "status": "duplicate",
-                    "checkpoint": source.checkpoint,
-                    "applied": 0,
-                }
-            )
-        return _error(409, "replayed delivery (this signature was used before)", "replayed")
-    try:
-        outcome, stats = webhook.receive(source, body, using=using, nonce=nonce, deadline=deadline)
-    except TransferDeadline as exc:
-        # The sender must have its answer in time; the retry goes on from the
-        # files downloaded so far.
-        response = _error(503, f"files still downloading: {exc}", "files_pending")
-        response["Retry-After"] = "1"
-        return response
-    except SourceReset as exc:
-        # The checkpoint belongs to another source (or to this one before a reset).
-        DataSource.objects.using(using).filter(pk=source.pk).update(
-            last_error=str(exc)[:2000], last_error_at=timezone.now()
-        )
-        return _error(409, str(exc), "source_reset")
-    except SourceUnavailable as exc:
-        return _error(503, f"catching up from the feed failed: {exc}", "source_unavailable")
-    except ApplyError as exc:
-        return _error(422, str(exc), "apply_failed")
-    except SignatureError:
-        return _error(409, "replayed delivery (this signature was used before)", "replayed")
-    except ChangefeedError as exc:
-        return _error(502, f"catching up from the feed failed: {exc}", "source_error")
-    return JsonResponse(
-        {
-            "protocol": PROTOCOL_VERSION,
-            "status": outcome,
-            "checkpoint": source.checkpoint,
-            "applied": stats.events if stats else 0,
-        }
-    )

@@ -1,0 +1,1 @@
+"""Target side: client -> follow / webhook -> apply; pull; files."""
