@@ -20,14 +20,15 @@ class ChangefeedSyncConfig(AppConfig):
 def capture_registered_models() -> None:
     """Hook the models registered so far (decorators run at import) and those
     registered later; wrap bulk_create/bulk_update/update, which send no signals."""
-    from . import capture, registry
+    from . import registry
+    from .source import capture, capture_bulk
 
     if capture.connect not in registry._on_register:
         registry._on_register.append(capture.connect)
         registry._on_unregister.append(capture.disconnect)
     for options in registry.all_options():
         capture.connect(options)
-    capture.install_queryset_capture()
+    capture_bulk.install_queryset_capture()
 
 
 def wake_readers_on_commit() -> None:

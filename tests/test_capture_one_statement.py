@@ -1,6 +1,6 @@
 """PostgreSQL: a save sends its row and its event as one statement.
 
-``capture`` rewrites the row's INSERT / UPDATE into a data-modifying WITH that
+``capture_pg`` rewrites the row's INSERT / UPDATE into a data-modifying WITH that
 also inserts the event (``outbox_pg``), in autocommit and inside ``atomic()``.
 These tests pin what that must keep: one statement, the same event the
 two-statement path writes, all or nothing (tests/test_capture.py refuses the
@@ -24,9 +24,10 @@ from django.db.models import F, Value, signals
 from django.db.models.functions import Concat, Upper
 
 import changefeed_sync
-from changefeed_sync import capture, outbox_pg, registry
+from changefeed_sync import outbox_pg, registry
 from changefeed_sync.models import Event
 from changefeed_sync.serialization import payloads_from_db
+from changefeed_sync.source import capture, capture_pg
 from tests.helpers import events
 from tests.testapp.models import Country, Kinds, Language, Plain
 
@@ -164,7 +165,7 @@ def test_one_statement_events_equal_the_two_statement_path(
 
     def two_statements() -> None:
         with monkeypatch.context() as m:
-            m.setattr(capture, "_one_statement_plan", lambda *args: None)
+            m.setattr(capture, "one_statement_plan", lambda *args: None)
             _saves(db_alias, "cd")
 
     sent = _statements(db_alias, two_statements)
@@ -477,7 +478,7 @@ def test_a_statement_a_field_sends_while_compiling_the_row_is_left_alone(
     def pre_save(instance: Any, add: bool) -> Any:
         if add:
             compiling.append(
-                any(isinstance(w, capture._Rewriter) for w in connection.execute_wrappers)
+                any(isinstance(w, capture_pg._Rewriter) for w in connection.execute_wrappers)
             )
             Plain.objects.using(db_alias).create(code=f"{instance.code[0]}{len(compiling)}")
         return original(instance, add)

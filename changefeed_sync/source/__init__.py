@@ -1,0 +1,1 @@
+"""Source side: capture -> outbox -> feed / snapshot -> views; push and delivery backends."""
