@@ -195,30 +195,9 @@ def sync(
     using = using or source._state.db or "default"
     stop = stop or threading.Event()
     client = client or SourceClient(source)
-    result = SyncResult(checkpoint=source.checkpoint)
-    delay = conf.retry_min_delay()
+    progress = _Progress(source, on_page)
     long_poll = conf.follow_wait() if wait is None else wait
     stream = follow and conf.follow_stream()
-
-    def applied(stats: ApplyStats | None) -> None:
-        """One page (or a stream's line) came and was applied: record it."""
-        nonlocal delay
-        if delay != conf.retry_min_delay():
-            logger.info("source %s reachable again", source.name)
-            delay = conf.retry_min_delay()
-        result.checkpoint = source.checkpoint
-        if stats is not None and stats.events:
-            result.pages += 1
-            result.stats.add(stats)
-            logger.info(
-                "source %s: applied %d events, checkpoint %d",
-                source.name,
-                stats.events,
-                source.checkpoint,
-            )
-            if on_page is not None:
-                on_page(stats, source)
-
     more = True
     while not stop.is_set():
         try:
@@ -226,13 +205,13 @@ def sync(
                 # Caught up: pages as they commit, on one request.
                 _, more, retry_after = follow_stream(
                     source, client, using=using, limit=limit, wait=long_poll, stop=stop,
-                    applied=applied,
+                    applied=progress.applied,
                 )  # fmt: skip
             else:
                 stats, more, retry_after = sync_page(
                     source, client, using=using, limit=limit, wait=0.0 if more else long_poll
                 )
-                applied(stats)
+                progress.applied(stats)
         except FATAL as exc:
             _record_error(source, using, str(exc))
             raise
@@ -243,19 +222,56 @@ def sync(
             if not follow:
                 _record_safely(source, using, str(exc))
                 raise
-            if isinstance(exc, (OperationalError, InterfaceError)):
-                close_old_connections()
-            _record_safely(source, using, str(exc))
-            log = logger.warning if _transient(exc) else logger.error
-            log("source %s: %s; retrying in %.1f s", source.name, exc, delay)
-            stop.wait(delay)
-            delay = min(delay * 2, conf.retry_max_delay())
+            stop.wait(progress.failed(exc, using))
             continue
-        result.checkpoint = source.checkpoint
+        progress.result.checkpoint = source.checkpoint
         if not more and not follow:
             break
         if retry_after and not more:
             # The source had no room to hold our long-poll (a WSGI server's bound) and
             # answered at once: asking again at once would be a busy loop.
             stop.wait(retry_after)
-    return result
+    return progress.result
+
+
+class _Progress:
+    """What one ``sync`` applied, and its backoff after failures."""
+
+    def __init__(
+        self, source: DataSource, on_page: Callable[[ApplyStats, DataSource], None] | None
+    ) -> None:
+        self.source = source
+        self.on_page = on_page
+        self.result = SyncResult(checkpoint=source.checkpoint)
+        self.delay = conf.retry_min_delay()
+
+    def applied(self, stats: ApplyStats | None) -> None:
+        """One page (or a stream's line) came and was applied: record it."""
+        source = self.source
+        if self.delay != conf.retry_min_delay():
+            logger.info("source %s reachable again", source.name)
+            self.delay = conf.retry_min_delay()
+        self.result.checkpoint = source.checkpoint
+        if stats is not None and stats.events:
+            self.result.pages += 1
+            self.result.stats.add(stats)
+            logger.info(
+                "source %s: applied %d events, checkpoint %d",
+                source.name,
+                stats.events,
+                source.checkpoint,
+            )
+            if self.on_page is not None:
+                self.on_page(stats, source)
+
+    def failed(self, exc: Exception, using: str) -> float:
+        """Record and log a failure while following; seconds to wait before retrying
+        (``CHANGEFEED_SYNC_RETRY_MIN_DELAY`` doubling up to ``_MAX_DELAY``)."""
+        if isinstance(exc, (OperationalError, InterfaceError)):
+            close_old_connections()
+        _record_safely(self.source, using, str(exc))
+        delay = self.delay
+        log = logger.warning if _transient(exc) else logger.error
+        log("source %s: %s; retrying in %.1f s", self.source.name, exc, delay)
+        self.delay = min(delay * 2, conf.retry_max_delay())
+        return delay
