@@ -8,7 +8,7 @@ bytes (``models.validate_secret``); the form suggests a freshly generated one.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import django
 from django import forms
@@ -28,8 +28,19 @@ from .models import (
     validate_secret,
 )
 
+if TYPE_CHECKING:
+    # django-stubs makes these generic; Django's classes take no subscript at run time.
+    _ModelForm = forms.ModelForm[Any]
+    _SourceAdmin = admin.ModelAdmin[DataSource]
+    _TargetAdmin = admin.ModelAdmin[Target]
+    _EventAdmin = admin.ModelAdmin[Event]
+    _PullAdmin = admin.ModelAdmin[DataPull]
+else:
+    _ModelForm = forms.ModelForm
+    _SourceAdmin = _TargetAdmin = _EventAdmin = _PullAdmin = admin.ModelAdmin
 
-class _SecretForm(forms.ModelForm):
+
+class _SecretForm(_ModelForm):
     """A write-only secret: one new secret per save, never rendered back.
 
     The field takes exactly one secret (spaces included: it is never split); to rotate,
@@ -136,7 +147,7 @@ class TargetForm(_SecretForm):
 
 
 @admin.register(DataSource)
-class DataSourceAdmin(admin.ModelAdmin):
+class DataSourceAdmin(_SourceAdmin):
     form = DataSourceForm
     list_display = [
         "name",
@@ -174,7 +185,7 @@ class DataSourceAdmin(admin.ModelAdmin):
 
 
 @admin.register(Target)
-class TargetAdmin(admin.ModelAdmin):
+class TargetAdmin(_TargetAdmin):
     form = TargetForm
     list_display = [
         "name",
@@ -254,7 +265,7 @@ class TargetAdmin(admin.ModelAdmin):
 
 
 @admin.register(Event)
-class EventAdmin(admin.ModelAdmin):
+class EventAdmin(_EventAdmin):
     # position: the feed's (empty for an instant, until the sequencer gives it);
     # id: insertion order only.
     list_display = ["position", "id", "created", "model", "op", "key", "changed"]
@@ -307,7 +318,7 @@ _PULL_RESULTS = [
 
 
 @admin.register(DataPull)
-class DataPullAdmin(admin.ModelAdmin):
+class DataPullAdmin(_PullAdmin):
     list_display = ["id", "source", "status", "dry_run", "progress", "started_at", "finished_at"]
     list_filter = ["status", "source", "dry_run"]
     actions = ["rerun"]

@@ -15,7 +15,7 @@ from . import registry
 from .exceptions import RegistrationError
 
 
-class DataSyncEnhancedManager(models.Manager):
+class DataSyncEnhancedManager(models.Manager[Any]):
     def get_by_natural_key(self, *values: Any) -> Any:
         options = registry.get_options(self.model)
         if options is None:
