@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from graphlib import CycleError, TopologicalSorter
 from typing import Any
 
 from django.db import connections, models
@@ -103,16 +104,17 @@ def resolve_keys(options: ModelOptions, keys: Iterable[Key], using: str) -> dict
     return found
 
 
-
 def model_order(models_: Iterable[type[models.Model]]) -> list[type[models.Model]]:
     """Parents before children: a model comes after the models its foreign keys
-    and many-to-many fields point at. Self-references are ignored (rounds in
-    ``_apply_upserts`` order those rows); a cycle keeps the models in label order.
+    and many-to-many fields point at, in rounds (every model whose parents are
+    placed), each round in label order. Self-references are ignored (rounds in
+    ``_apply_upserts`` order those rows); a cycle is broken by taking the first
+    model left in label order, whatever it points at.
 
     Django's ``sort_dependencies`` only follows models that define
     ``natural_key()``, which registered models need not do.
     """
-    wanted = sorted(set(models_), key=lambda m: m._meta.label_lower)
+    wanted = sorted(set(models_), key=_label)
     deps: dict[type[models.Model], set[type[models.Model]]] = {}
     for model in wanted:
         related = {
@@ -121,12 +123,34 @@ def model_order(models_: Iterable[type[models.Model]]) -> list[type[models.Model
             if (f.many_to_one or f.one_to_one or f.many_to_many) and f.concrete
         }
         deps[model] = {m for m in related if m in deps or m in wanted} - {model}
+    sorter = TopologicalSorter(deps)
+    try:
+        sorter.prepare()
+    except CycleError:
+        return _order_breaking_cycles(wanted, deps)
+    ordered: list[type[models.Model]] = []
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=_label)
+        ordered.extend(ready)
+        sorter.done(*ready)
+    return ordered
+
+
+def _label(model: type[models.Model]) -> str:
+    return model._meta.label_lower
+
+
+def _order_breaking_cycles(
+    wanted: list[type[models.Model]], deps: dict[type[models.Model], set[type[models.Model]]]
+) -> list[type[models.Model]]:
+    """``model_order``'s rounds when models point at each other in a circle (which
+    graphlib refuses to order): stuck, the first model left goes next, and rounds in
+    ``_apply_upserts`` sort its rows out."""
     ordered: list[type[models.Model]] = []
     remaining = list(wanted)
     while remaining:
-        ready = [m for m in remaining if not (deps[m] - set(ordered))]
-        if not ready:  # a cycle: take the first and let rounds sort the rows out
-            ready = [remaining[0]]
+        placed = set(ordered)
+        ready = [m for m in remaining if deps[m] <= placed] or [remaining[0]]
         for m in ready:
             ordered.append(m)
             remaining.remove(m)

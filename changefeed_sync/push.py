@@ -16,10 +16,8 @@ doing so answers 503 ``files_pending`` and the batch is sent again at once.
 
 from __future__ import annotations
 
-import json  # noqa: F401 - tests/test_source_identity.py reads bodies with push.json
 import logging
 import threading
-import time
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -33,6 +31,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from . import conf
+from .cache import TtlCache
 from .delivery.batches import (  # noqa: F401 - part of push's interface
     PAGE_EVENTS,
     Batch,
@@ -53,33 +52,28 @@ ID_HEADER = "Webhook-Id"
 
 # ---------------------------------------------------------------- scheduling
 
-_cache_lock = threading.Lock()
-_cache: dict[str, tuple[float, list[int]]] = {}
-_CACHE_SECONDS = 1.0
+# Per database alias; a second, so that a busy source does not query Targets after
+# every commit.
+_target_ids: TtlCache[str, list[int]] = TtlCache(1.0)
 
 
 def push_target_ids(using: str) -> list[int]:
-    """Targets that take deliveries; cached for a second, so a busy source
-    does not query Targets after every commit."""
-    now = time.monotonic()
-    with _cache_lock:
-        hit = _cache.get(using)
-        if hit and now - hit[0] < _CACHE_SECONDS:
-            return hit[1]
-    ids = list(
-        Target.objects.using(using)
-        .filter(active=True, paused=False)
-        .exclude(webhook_url="")
-        .values_list("pk", flat=True)
-    )
-    with _cache_lock:
-        _cache[using] = (now, ids)
-    return ids
+    """Targets that take deliveries (as of at most a second ago)."""
+
+    def load() -> list[int]:
+        return list(
+            Target.objects.using(using)
+            .filter(active=True, paused=False)
+            .exclude(webhook_url="")
+            .values_list("pk", flat=True)
+        )
+
+    return _target_ids.get(using, load)
 
 
 def forget_targets() -> None:
-    with _cache_lock:
-        _cache.clear()
+    """Ask for the targets again at the next commit (one was changed)."""
+    _target_ids.clear()
 
 
 _backend: Any = None

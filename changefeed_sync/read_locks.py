@@ -35,6 +35,7 @@ from django.db import connections, models
 
 from . import registry
 from .keys import max_params
+from .serialization import chunked
 
 _EXCLUSIVE = {"postgresql": " FOR NO KEY UPDATE", "mysql": " FOR UPDATE"}
 _SHARE = {"postgresql": " FOR KEY SHARE", "mysql": " LOCK IN SHARE MODE"}
@@ -80,7 +81,7 @@ def _follow(
         through = m2m.remote_field.through
         source = through._meta.get_field(m2m.m2m_field_name()).column
         target = through._meta.get_field(m2m.m2m_reverse_field_name()).column
-        for chunk in _chunks(pks, max_params(connection.alias)):
+        for chunk in chunked(pks, _in_list_size(connection)):
             qn = connection.ops.quote_name
             with connection.cursor() as cursor:
                 cursor.execute(
@@ -113,7 +114,7 @@ def _select(
     pk = qn(model._meta.pk.column)
     selected = ", ".join([pk, *(qn(c) for c in columns)])
     out: list[tuple[Any, ...]] = []
-    for chunk in _chunks(sorted(pks, key=repr), max_params(connection.alias)):
+    for chunk in chunked(sorted(pks, key=repr), _in_list_size(connection)):
         with connection.cursor() as cursor:
             cursor.execute(
                 f"SELECT {selected} FROM {qn(model._meta.db_table)} "
@@ -124,10 +125,9 @@ def _select(
     return out
 
 
-def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
-    size = max(1, min(size, 1000))
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _in_list_size(connection: Any) -> int:
+    """Values per ``IN (...)`` list: what one statement may bind, at most 1,000."""
+    return max(1, min(max_params(connection.alias), 1000))
 
 
 def _event_links(model: type[models.Model]) -> tuple[Any, ...]:

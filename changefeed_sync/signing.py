@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets as _secrets
-import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -30,6 +29,7 @@ from django.utils import timezone
 from itsdangerous import BadData, URLSafeTimedSerializer
 
 from . import conf
+from .cache import TtlCache
 from .exceptions import SignatureError
 
 SCHEME = "Changefeed"
@@ -146,26 +146,20 @@ def nonce_seen(nonce: str, using: str) -> bool:
 
 # ---------------------------------------------------------------- OIDC (Cloud Tasks)
 
-_certs_lock = threading.Lock()
-_certs: dict[str, tuple[float, Any]] = {}
-_CERTS_SECONDS = 3600.0
+# Google's signing certificates by URL, for an hour: the original fetched them on
+# every request.
+_certs: TtlCache[str, Any] = TtlCache(3600.0)
 
 
 def _fetch_certs(url: str) -> Any:
-    """Google's signing certificates, cached: the original fetched them on every request."""
-    now = time.monotonic()
-    with _certs_lock:
-        hit = _certs.get(url)
-        if hit and now - hit[0] < _CERTS_SECONDS:
-            return hit[1]
-    import requests
+    def load() -> Any:
+        import requests
 
-    response = requests.get(url, timeout=10)
-    response.raise_for_status()
-    certs = response.json()
-    with _certs_lock:
-        _certs[url] = (now, certs)
-    return certs
+        response = requests.get(url, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    return _certs.get(url, load)
 
 
 def verify_oidc(header: str | None, *, audience: str, email: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ HTTP); targets are PostgreSQL and MariaDB. The migration is tested on all three.
 from __future__ import annotations
 
 import io
+import json
 import re
 import threading
 from datetime import timedelta
@@ -82,7 +83,7 @@ def test_feed_pages_snapshots_and_webhooks_carry_the_identity(live_server) -> No
     assert _get(live_server.url, "feed/", since=0).json()["source_id"] == identity
     assert _get(live_server.url, "snapshot/").json()["source_id"] == identity
     batch = next(push.batches(Target.objects.get(), "default"))
-    assert push.json.loads(batch.body)["source_id"] == identity
+    assert json.loads(batch.body)["source_id"] == identity
     assert _identity() == identity  # stable
 
 
