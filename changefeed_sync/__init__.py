@@ -12,11 +12,35 @@ Public API::
 
     with changefeed_sync.applying():   # writes here are not captured
         ...
+
+Every error it raises is a ``changefeed_sync.ChangefeedError`` (exceptions.py),
+importable from here.
 """
 
 from __future__ import annotations
 
 from .context import applying
+from .exceptions import (
+    ApplyError,
+    AuthenticationFailed,
+    BadFileToken,
+    ChangefeedError,
+    ChecksumMismatch,
+    ConfigurationError,
+    CursorAhead,
+    CursorExpired,
+    DeliveryFailed,
+    FileTransferError,
+    FramingError,
+    ProtocolError,
+    PullRefused,
+    RegistrationError,
+    SignatureError,
+    SourceError,
+    SourceReset,
+    SourceUnavailable,
+    TransferDeadline,
+)
 from .registry import (
     get_registered_models,
     is_registered,
@@ -26,6 +50,25 @@ from .registry import (
 )
 
 __all__ = [
+    "ApplyError",
+    "AuthenticationFailed",
+    "BadFileToken",
+    "ChangefeedError",
+    "ChecksumMismatch",
+    "ConfigurationError",
+    "CursorAhead",
+    "CursorExpired",
+    "DeliveryFailed",
+    "FileTransferError",
+    "FramingError",
+    "ProtocolError",
+    "PullRefused",
+    "RegistrationError",
+    "SignatureError",
+    "SourceError",
+    "SourceReset",
+    "SourceUnavailable",
+    "TransferDeadline",
     "applying",
     "get_registered_models",
     "is_registered",

@@ -69,6 +69,16 @@ class ProtocolError(SourceError):
     """The source answered something this version cannot understand."""
 
 
+class FramingError(ProtocolError):
+    """A page's positions or keys are inconsistent (framing.py); nothing of it was
+    applied. Raised for feed pages and pushed batches alike; ``code`` is what the
+    webhook answers with (422)."""
+
+    def __init__(self, message: str, *, code: str = "bad_framing") -> None:
+        self.code = code
+        super().__init__(message)
+
+
 class CursorExpired(SourceError):
     """The checkpoint is older than the oldest event the source still keeps."""
 
@@ -108,3 +118,47 @@ class SignatureError(ChangefeedError):
         self.reason = reason
         self.missing = missing
         super().__init__(reason)
+
+
+class PullRefused(ChangefeedError):
+    """A full Data Pull would delete more than half of a model's rows on the target
+    (the source looks empty); nothing was written. ``--allow-mass-delete`` or
+    ``--keep-missing`` goes on."""
+
+
+# ---------------------------------------------------------------- files
+
+
+class FileTransferError(ChangefeedError):
+    """A file could not be transferred as listed (too large, checksum mismatch); the
+    message names the file. Raised by the target's downloads (a pull, an increment)."""
+
+
+class ChecksumMismatch(FileTransferError):
+    """The bytes received are not the ones listed (size or SHA-256 differ)."""
+
+
+class BadFileToken(ChangefeedError):
+    """Source side: a download request names no file this source listed (its token is
+    forged, expired, another target's or of a model it does not receive); answered
+    403, one answer for every reason, the reason logged."""
+
+
+class TransferDeadline(SourceUnavailable):
+    """Downloading a batch's files took longer than the caller allows (a webhook, which
+    answers 503 ``files_pending`` and keeps what it downloaded for the retry)."""
+
+
+# ---------------------------------------------------------------- push
+
+
+class DeliveryFailed(ChangefeedError):
+    """Source side: a target did not acknowledge a pushed batch (no answer, or not
+    2xx); the message names its webhook URL and the answer. Delivery records it on the
+    Target row and tries again after a backoff."""
+
+    def __init__(self, message: str, *, files_pending: bool = False) -> None:
+        super().__init__(message)
+        # The target ran out of time downloading the batch's files and keeps what it
+        # has: sending the batch again at once lets it go on.
+        self.files_pending = files_pending

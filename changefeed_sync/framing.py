@@ -31,20 +31,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import registry
-from .exceptions import ProtocolError
+from .exceptions import FramingError, ProtocolError
 from .registry import ModelOptions
 from .serialization import decode_value, encode_value
 
 #: Largest position: positions are 64-bit signed ids.
 MAX_POSITION = 2**63 - 1
-
-
-class FramingError(ProtocolError):
-    """A page's positions or keys are inconsistent; nothing of it was applied."""
-
-    def __init__(self, message: str, *, code: str = "bad_framing") -> None:
-        self.code = code
-        super().__init__(message)
 
 
 def check_page(events: Sequence[Any], *, since: int, last_seq: int) -> None:

@@ -41,6 +41,7 @@ from .delivery.batches import (  # noqa: F401 - part of push's interface
     batches,
     plan,
 )
+from .exceptions import DeliveryFailed
 from .models import Target
 from .signing import sign_request
 
@@ -223,14 +224,6 @@ def _code(response: requests.Response) -> Any:
         return response.json().get("code")
     except (ValueError, AttributeError):
         return None
-
-
-class DeliveryFailed(Exception):
-    def __init__(self, message: str, *, files_pending: bool = False) -> None:
-        super().__init__(message)
-        # The target ran out of time downloading the batch's files and keeps what it
-        # has: sending the batch again at once lets it go on.
-        self.files_pending = files_pending
 
 
 #: Immediate re-sends of a batch whose target answered ``files_pending``.

@@ -16,9 +16,9 @@ import requests
 from django.test import override_settings
 
 from changefeed_sync import push
-from changefeed_sync.exceptions import ProtocolError
+from changefeed_sync.exceptions import FramingError, ProtocolError
 from changefeed_sync.follow import sync
-from changefeed_sync.framing import FramingError, check_page
+from changefeed_sync.framing import check_page
 from changefeed_sync.models import DataSource, Target
 from changefeed_sync.signing import sign_request
 from tests.dbs import require_alias

@@ -17,6 +17,7 @@ from django.test import override_settings
 
 from changefeed_sync import push
 from changefeed_sync.delivery.inline import SharedRecorder
+from changefeed_sync.exceptions import DeliveryFailed
 from changefeed_sync.models import Target
 from tests.testapp.models import Country
 
@@ -35,7 +36,7 @@ class Hook:
 
     def __call__(self, batch: push.Batch, session: Any = None) -> None:
         if self.fail:
-            raise push.DeliveryFailed("HTTP 503 (test)")
+            raise DeliveryFailed("HTTP 503 (test)")
         self.spans.append((batch.since, batch.last_seq))
 
 
