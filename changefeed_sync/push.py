@@ -16,9 +16,10 @@ doing so answers 503 ``files_pending`` and the batch is sent again at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +33,7 @@ from django.utils.module_loading import import_string
 
 from . import conf
 from .cache import TtlCache
+from .delivery.base import DeliveryBackend
 from .delivery.batches import (  # noqa: F401 - part of push's interface
     PAGE_EVENTS,
     Batch,
@@ -77,16 +79,20 @@ def forget_targets() -> None:
     _target_ids.clear()
 
 
-_backend: Any = None
+_backend: DeliveryBackend | None = None
 _backend_path: str | None = None
 
 
-def backend() -> Any:
+def backend() -> DeliveryBackend | None:
+    """This process's delivery backend (made on first use, and again when the setting
+    changes); None when pushing is off."""
     global _backend, _backend_path
     path = conf.delivery_backend()
     if path is None:
         return None
     if _backend is None or _backend_path != path:
+        # Backends are meant to subclass DeliveryBackend; one that only has the same
+        # methods works as well (nothing checks its class).
         _backend = import_string(path)()
         _backend_path = path
     return _backend
@@ -290,16 +296,22 @@ def deliver(
     using: str,
     session: requests.Session | None = None,
     recorder: Recorder = _RECORD_AT_ONCE,
+    *,
+    send: Callable[[Batch], None] | None = None,
 ) -> float | None:
     """POST ``batches`` in order, each once it was acknowledged; stop at the first failure.
 
+    ``send`` replaces the POST (raising DeliveryFailed as ``post`` does): the loopback
+    backend hands batches to a receiver in this process.
     Returns None when all were delivered, else the seconds until the next attempt.
     """
+    if send is None:
+        send = functools.partial(post, session=session)
     for batch in batches:
         resends = FILES_PENDING_RESENDS
         while True:
             try:
-                post(batch, session)
+                send(batch)
             except DeliveryFailed as exc:
                 if exc.files_pending and resends > 0:
                     resends -= 1

@@ -32,6 +32,7 @@ from changefeed_sync.checks import (
     check_wsgi_long_polls,
     looks_secret,
 )
+from changefeed_sync.delivery.base import DeliveryBackend
 from tests.testapp.models import Category, Copy, Country, Kinds, Language, Tag
 
 # --------------------------------------------------------------------------- models
@@ -713,8 +714,11 @@ def test_e102_feed_database_is_not_an_alias() -> None:
 # --------------------------------------------------------------------------- E103, E104
 
 
-class ChkProblemBackend:
+class ChkProblemBackend(DeliveryBackend):
     """A delivery backend that reports what its configuration lacks."""
+
+    def schedule(self, target_ids: list[int], using: str) -> None:
+        raise AssertionError("checks make no backend")
 
     @staticmethod
     def configuration_problems() -> list[str]:
@@ -748,6 +752,7 @@ def test_e103_delivery_backend_is_not_a_path() -> None:
     [
         "changefeed_sync.delivery.inline.InlineBackend",
         "changefeed_sync.delivery.django_tasks.DjangoTasksBackend",
+        "changefeed_sync.delivery.loopback.LoopbackBackend",
         None,
     ],
 )

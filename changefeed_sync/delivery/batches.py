@@ -75,8 +75,6 @@ class Batch:
         return self._body
 
 
-
-
 #: Events read from the feed per planning round (the feed's default page size).
 PAGE_EVENTS = 1000
 
@@ -135,7 +133,9 @@ def _read(
     max_events: int,
 ) -> tuple[list[Chunk], bool]:
     """One page of the feed after ``since`` in chunks that fit every member's body."""
-    page = feed.read(since, max_events, using=using, models=None if models is None else list(models))
+    page = feed.read(
+        since, max_events, using=using, models=None if models is None else list(models)
+    )
     if not page.events:
         return [], False
     # Room for the longest header among them (and the closing brace).

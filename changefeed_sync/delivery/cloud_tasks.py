@@ -32,6 +32,7 @@ from google.cloud import tasks_v2
 
 from .. import conf, push
 from ..models import Target
+from .base import DeliveryBackend
 
 logger = logging.getLogger("changefeed_sync.push")
 
@@ -56,7 +57,10 @@ def _task_id(batch: push.Batch) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", batch.id)[:500]
 
 
-class CloudTasksBackend:
+class CloudTasksBackend(DeliveryBackend):
+    """Runs in Google Cloud Tasks (a task billed per batch): the committing thread waits
+    for one create_task round trip per target and batch, then Cloud Tasks posts and retries."""
+
     def __init__(self) -> None:
         self._reset()
         _instances.add(self)
@@ -147,9 +151,7 @@ class CloudTasksBackend:
                 )
             return self._executor
 
-    def _create_plan(
-        self, plan: push.Plan, parent: str
-    ) -> tuple[int | None, Exception | None]:
+    def _create_plan(self, plan: push.Plan, parent: str) -> tuple[int | None, Exception | None]:
         last: int | None = None
         try:
             for batch in plan.batches:

@@ -10,6 +10,7 @@ from typing import Any
 from django.utils import timezone
 
 from .. import push
+from .base import DeliveryBackend
 
 try:  # Django >= 6.0
     from django.tasks import task  # type: ignore[import-not-found,unused-ignore]
@@ -36,7 +37,10 @@ def _enqueue(target_id: int, using: str, delay: float = 0.0) -> Any:
     return deliver.enqueue(target_id, using)
 
 
-class DjangoTasksBackend:
+class DjangoTasksBackend(DeliveryBackend):
+    """Runs in a worker of Django's task framework: one task enqueued per target and
+    commit (a row or a message in its backend's store); the worker posts and retries."""
+
     def schedule(self, target_ids: list[int], using: str) -> None:
         for target_id in target_ids:
             _enqueue(target_id, using)

@@ -50,6 +50,7 @@ from requests.adapters import HTTPAdapter
 from .. import conf, push
 from ..models import Target
 from ..sqlite_waits import prompt_lock_waits
+from .base import DeliveryBackend
 
 logger = logging.getLogger("changefeed_sync.push")
 
@@ -432,8 +433,9 @@ class _Pool:
         self._exit_hook = exit_hook
 
 
-class InlineBackend:
-    """The default backend: this process's delivery pool (one per process)."""
+class InlineBackend(DeliveryBackend):
+    """The default: runs in this process's pool of delivery threads, one connection each
+    and no infrastructure; deliveries left when a process exits wait for a later one."""
 
     def schedule(self, target_ids: list[int], using: str) -> None:
         pool().schedule(target_ids, using)
