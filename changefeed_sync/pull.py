@@ -78,14 +78,6 @@ from django.db.models import Q
 from django.utils import timezone
 
 from . import conf, outbox, registry, sql
-from .apply import (
-    ApplyStats,
-    _apply_upserts,
-    _Change,
-    _parse,
-    _write_m2m,
-    is_relay,
-)
 from .client import SourceClient, source_id_of
 from .context import applying
 from .exceptions import ApplyError, ChangefeedError, ProtocolError
@@ -103,6 +95,9 @@ from .snapshot import (
     collection_paused,
     encode_buckets,
 )
+from .target.apply import ApplyStats, apply_upserts, is_relay
+from .target.changes import IncomingChange, parse
+from .target.links import write_m2m
 
 logger = logging.getLogger("changefeed_sync.pull")
 
@@ -446,7 +441,7 @@ class _Model:
             out.append((tuple(meta.get_field(name) for name in names), distinct))
         return out
 
-    def _incoming(self, f: Any, changes: list[_Change]) -> list[Any]:
+    def _incoming(self, f: Any, changes: list[IncomingChange]) -> list[Any]:
         """Each change's value of field ``f`` as this site will hold it (a foreign key:
         the related row's primary key here; None where it cannot be told yet)."""
         raws = [change.data[f.name] for change in changes]
@@ -459,7 +454,7 @@ class _Model:
         mapped = resolve_keys(rel, {k for k in keys if k is not None}, self.using)
         return [None if k is None else mapped.get(k) for k in keys]
 
-    def make_room(self, changes: list[_Change]) -> int:
+    def make_room(self, changes: list[IncomingChange]) -> int:
         """Move out of the way the rows here that hold, under another natural key, a
         unique value (not the natural key) that one of ``changes`` is to have; return
         how many were moved. The source has no row with that value under their keys,
@@ -616,19 +611,19 @@ class _Model:
     # ------------------------------------------------------------ writing
 
     def write(
-        self, changes: list[_Change], pks: list[Any], want_pks: bool = True
+        self, changes: list[IncomingChange], pks: list[Any], want_pks: bool = True
     ) -> list[Any] | None:
         """Upsert the rows (``pks``: each one's primary key here, None for a new row);
         return the primary keys written, or None when they are not known (MySQL), not
         wanted, or when the general path had to do the work."""
         self.overrides = {}
         if self.insert_sql is None:
-            _apply_upserts(changes, self.using, ApplyStats())
+            apply_upserts(changes, self.using, ApplyStats())
             return None
         rows = self._values(changes)
         if rows is None:  # a foreign key to a row not written yet: rounds, in apply.py
             self.overrides = {}  # the general path writes every row as received
-            _apply_upserts(changes, self.using, ApplyStats())
+            apply_upserts(changes, self.using, ApplyStats())
             return None
         if self.by_pk is not None:
             # MySQL: ON DUPLICATE KEY UPDATE matches any unique key, so a new row
@@ -651,11 +646,11 @@ class _Model:
             self._write_m2m(changes)
         return written if returning else None
 
-    def _write_m2m(self, changes: list[_Change]) -> None:
+    def _write_m2m(self, changes: list[IncomingChange]) -> None:
         """Many-to-many links; a link to a row not written yet (a later page, a model
         pulled later) is left out for now and written by the second pass."""
         try:
-            _write_m2m(self.options, changes, self.using)
+            write_m2m(self.options, changes, self.using)
             return
         except ApplyError as exc:
             # apply.py checks every link of a field before writing any of it.
@@ -675,14 +670,14 @@ class _Model:
                     self.overrides.setdefault(index, {})[m2m.name] = data[m2m.name]
                     self.deferred = True
             if data is not change.data:
-                change = _Change(
+                change = IncomingChange(
                     change.seq, change.options, change.op, change.key, change.old_key, data,
                     change.raw,
                 )  # fmt: skip
             kept.append(change)
-        _write_m2m(self.options, kept, self.using)
+        write_m2m(self.options, kept, self.using)
 
-    def _values(self, changes: list[_Change]) -> list[list[Any]] | None:
+    def _values(self, changes: list[IncomingChange]) -> list[list[Any]] | None:
         options, connection = self.options, self.connection
         fks = self._fk_values(changes)
         if fks is None:
@@ -709,7 +704,7 @@ class _Model:
             out.append(row)
         return out
 
-    def _fk_values(self, changes: list[_Change]) -> list[list[Any]] | None:
+    def _fk_values(self, changes: list[IncomingChange]) -> list[list[Any]] | None:
         """Per foreign key, the column's value for each change (one query per key); None
         when one cannot be resolved here (a bad key, or a row not written yet that a
         non-nullable key points at: apply.py's rounds, or its error)."""
@@ -814,8 +809,8 @@ def _pull_page(
                 pks.append(None)
             if not isinstance(data, dict) or data.keys() != fields:
                 # Same validation and errors as feed events (unknown or missing fields).
-                _parse({"seq": 0, "model": label, "op": "upsert", "key": list(key), "data": data})
-            changes.append(_Change(0, options, Event.UPSERT, key, None, data, row))
+                parse({"seq": 0, "model": label, "op": "upsert", "key": list(key), "data": data})
+            changes.append(IncomingChange(0, options, Event.UPSERT, key, None, data, row))
         if not changes:
             break
         try:
@@ -852,7 +847,7 @@ def _pull_page(
         stage.check(options, rows, counts)
 
 
-def _relay_upserts(model: _Model, changes: list[_Change]) -> None:
+def _relay_upserts(model: _Model, changes: list[IncomingChange]) -> None:
     """A relay's events for the rows one write of the pull created or updated, with
     their key and data as received. A foreign key written null for now (its row comes
     later) is null in the event too (a many-to-many link left out is left out), as it is in the row: a target of this site then

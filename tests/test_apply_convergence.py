@@ -14,9 +14,9 @@ import pytest
 from django.db import connections, transaction
 
 from changefeed_sync import feed
-from changefeed_sync.apply import apply_page
 from changefeed_sync.exceptions import ApplyError
 from changefeed_sync.models import DataSource, Event
+from changefeed_sync.target.apply import apply_page
 from tests.helpers import data_source, events, pump, state
 from tests.testapp.models import Nation, Region
 
