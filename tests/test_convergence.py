@@ -9,7 +9,7 @@ with CASCADE and SET_NULL, many-to-many changes from either side, bulk operation
 several changes in one ``transaction.atomic`` (opened by one rule, closed by another),
 and a natural key changed by raw SQL (which only a re-pull can repair). Its sync rules
 act on the TARGET: ``tests.helpers.pump`` with a random page size (1 to the feed's
-maximum), and a full Data Pull (``changefeed_sync.pull.run_pull``) through the source's
+maximum), and a full Data Pull (``changefeed_sync.target.pull.run_pull``) through the source's
 real views, answered in this process (no server, no sockets; see ``InProcessSession``).
 After every sync step the target must equal the source row by row, field by field (the
 synced payloads by natural key, many-to-many included) and its checkpoint must be the
@@ -59,7 +59,7 @@ from hypothesis.stateful import (
 from changefeed_sync import applying, feed
 from changefeed_sync.client import SourceClient
 from changefeed_sync.models import DataSource, Event, Nonce, OutboxState, Target
-from changefeed_sync.pull import run_pull
+from changefeed_sync.target.pull import run_pull
 from tests.helpers import data_source, pump, state
 from tests.testapp.models import Category, Copy, Country, Language, Nation, Region, Tag
 

@@ -39,7 +39,9 @@ from changefeed_sync import registry
 from changefeed_sync.exceptions import SourceUnavailable
 from changefeed_sync.follow import sync
 from changefeed_sync.models import DataPull, DataSource, Event, Target
-from changefeed_sync.pull import (
+from changefeed_sync.serialization import payloads_from_db
+from changefeed_sync.snapshot import RowReader
+from changefeed_sync.target.pull import (
     Progress,
     PullRefused,
     execute,
@@ -48,8 +50,6 @@ from changefeed_sync.pull import (
     start_in_background,
     this_runner,
 )
-from changefeed_sync.serialization import payloads_from_db
-from changefeed_sync.snapshot import RowReader
 from tests.dbs import require_alias
 from tests.helpers import state
 from tests.testapp.models import Category, Copy, Country, Document, Kinds, Language, Tag

@@ -30,11 +30,10 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 import changefeed_sync
-import changefeed_sync.pull
 from changefeed_sync import applying
 from changefeed_sync.exceptions import ApplyError
 from changefeed_sync.models import DataSource, Target
-from changefeed_sync.pull import run_pull
+from changefeed_sync.target.pull import digests, run_pull
 from tests.dbs import require_alias
 from tests.helpers import state
 from tests.test_pull import SourceProcess
@@ -94,7 +93,7 @@ def buckets(mode: str) -> Any:
     """``rows``: a re-pull fetches every row (one bucket, which differs); ``digests``:
     one row per bucket, so that only the buckets that differ travel."""
     per_bucket = 10**9 if mode == "rows" else 1
-    return mock.patch.object(changefeed_sync.pull, "ROWS_PER_BUCKET", per_bucket)
+    return mock.patch.object(digests, "ROWS_PER_BUCKET", per_bucket)
 
 
 @pytest.fixture(params=["rows", "digests"])
