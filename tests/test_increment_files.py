@@ -34,9 +34,9 @@ from changefeed_sync import feed, push
 from changefeed_sync.client import SourceClient
 from changefeed_sync.exceptions import ApplyError
 from changefeed_sync.follow import sync
-from changefeed_sync.increment_files import IncrementFiles
 from changefeed_sync.models import DataSource, Event, Target
 from changefeed_sync.signing import sign_request
+from changefeed_sync.target.increment_files import IncrementFiles
 from tests.dbs import require_alias
 from tests.servers import Site, free_port, wait_until
 from tests.test_pull import SourceProcess, documents, source_process  # noqa: F401 (fixtures)
