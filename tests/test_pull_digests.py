@@ -18,23 +18,24 @@ from typing import Any
 import pytest
 import requests
 
-import changefeed_sync.pull
-import changefeed_sync.snapshot
+import changefeed_sync.rows
 from changefeed_sync import registry
 from changefeed_sync.client import SourceClient
-from changefeed_sync.models import DataSource, Target
-from changefeed_sync.pull import run_pull
-from changefeed_sync.signing import sign_request
-from changefeed_sync.snapshot import (
+from changefeed_sync.digests import (
     MAX_BUCKETS,
     DigestPage,
-    RowReader,
+    DigestReader,
     _texts_of,
     bucket_of,
     canonical_key,
     decode_buckets,
     encode_buckets,
 )
+from changefeed_sync.exceptions import PullRefused
+from changefeed_sync.models import DataSource, Target
+from changefeed_sync.signing import sign_request
+from changefeed_sync.target.pull import digests as pull_digests
+from changefeed_sync.target.pull import run_pull
 from tests import test_pull
 from tests.dbs import require_alias
 from tests.helpers import state
@@ -90,7 +91,7 @@ class Recorder:
 def small_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two rows per bucket: the small tables here get many buckets, so that a few
     changes leave most of them equal (the pull's default is 8 rows per bucket)."""
-    monkeypatch.setattr(changefeed_sync.pull, "ROWS_PER_BUCKET", 2)
+    monkeypatch.setattr(pull_digests, "ROWS_PER_BUCKET", 2)
 
 
 def _kinds() -> None:
@@ -245,7 +246,7 @@ def test_most_rows_different_pulls_every_row(
     assert len(recorder.rows("testapp.copy")) == 60
     assert state(tgt) == state("default")
     Copy.objects.filter(key__in=[f"k{i}" for i in range(20)]).delete()
-    with pytest.raises(changefeed_sync.pull.PullRefused, match="40 of 60 rows of testapp.copy"):
+    with pytest.raises(PullRefused, match="40 of 60 rows of testapp.copy"):
         recorder.pull(source, tgt)
 
 
@@ -302,7 +303,7 @@ def test_digests_are_those_of_the_payloads(
     the payloads the feed sends (serialization.payloads_from_db), on every backend;
     read in chunks of three rows, page by page or all at once."""
     require_alias(alias)
-    monkeypatch.setattr(changefeed_sync.snapshot, "_TEXT_CHUNK", 3)
+    monkeypatch.setattr(changefeed_sync.rows, "_READ_CHUNK", 3)
     _seed(using=alias)
     Kinds.objects.using(alias).create(
         slug="k", big=2**60, dec=decimal.Decimal("1.5"), doc={"x": [1]}
@@ -321,7 +322,7 @@ def test_digests_are_those_of_the_payloads(
         expected = DigestPage(7)
         payloads = payloads_from_db(options, pks, alias)
         expected.add(*_texts_of([payloads[pk] for pk in pks]))
-        reader = RowReader(options, alias)
+        reader = DigestReader(options, alias)
         got = reader.digest_page(None, 1000, 7)
         assert (got.counts, got.sums) == (expected.counts, expected.sums), options.label
         assert sum(got.counts) == len(pks)
