@@ -43,10 +43,12 @@ def collection_paused() -> Iterator[None]:
 
     A page allocates tens of thousands of containers that all live until the page is
     done, so the collector runs again and again over them (and, when they reach the
-    oldest generation, over every object of the process) for nothing: measured, about
-    40% of the time of a snapshot page. Pages are short; collection resumes between
-    them, so memory stays bounded. Counted across threads: the collector is enabled
-    again when the last pause ends, and only if it was enabled before the first.
+    oldest generation, over every object of the process) for nothing: measured with
+    bench/pull.py, about a tenth of the CPU of a pull process. Pages are short;
+    collection resumes between them, so memory stays bounded. Counted across threads:
+    the collector is enabled again when the last pause ends, and only if it was
+    enabled before the first. It pauses every thread of the process, so only a caller
+    that may do that uses it: the source's web process serves pages without it.
     """
     global _gc_pauses, _gc_was_enabled
     with _gc_lock:
