@@ -39,8 +39,8 @@ from changefeed_sync import registry
 from changefeed_sync.exceptions import SourceUnavailable
 from changefeed_sync.follow import sync
 from changefeed_sync.models import DataPull, DataSource, Event, Target
+from changefeed_sync.rows import RowReader
 from changefeed_sync.serialization import payloads_from_db
-from changefeed_sync.snapshot import RowReader
 from changefeed_sync.target.pull import (
     Progress,
     PullRefused,
@@ -330,7 +330,7 @@ def test_snapshot_rows_are_the_feed_payloads(parts: None) -> None:
 
 
 def test_key_chunks_stay_under_the_parameter_limit_and_avoid_cross_products() -> None:
-    from changefeed_sync.snapshot import _key_chunks
+    from changefeed_sync.rows import _key_chunks
 
     single = {(f"k{i}",) for i in range(5000)}
     chunks = list(_key_chunks(single, 1, 999))

@@ -8,8 +8,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ... import conf
 from ...client import SourceClient
+from ...digests import MAX_BUCKETS, DigestPage, encode_buckets
 from ...exceptions import ProtocolError
-from ...snapshot import MAX_BUCKETS, DigestPage, collection_paused, encode_buckets
+from ...rows import collection_paused
 from .writer import ModelWriter
 
 ROWS_PER_BUCKET = 8

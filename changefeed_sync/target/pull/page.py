@@ -18,11 +18,11 @@ from django.db import IntegrityError, transaction
 
 from ... import outbox
 from ...exceptions import ApplyError
-from ...files import Stage
 from ...keys import resolve_keys
 from ...models import Event
 from ...registry import Key
 from ..changes import IncomingChange, parse
+from ..file_transfer import Stage
 from .writer import ModelWriter
 
 

@@ -20,12 +20,13 @@ from django.utils import timezone
 from ... import conf, outbox, registry
 from ...client import SourceClient, source_id_of
 from ...context import applying
+from ...digests import DIGEST_VERSION
 from ...exceptions import ApplyError, ProtocolError
-from ...files import Stage
 from ...models import DataSource
 from ...registry import ModelOptions
-from ...snapshot import DIGEST_VERSION, collection_paused
+from ...rows import collection_paused
 from ..apply import is_relay
+from ..file_transfer import Stage
 from .deletes import delete_missing
 from .digests import SourceDigests, compare_digests, digest_buckets, scope_deletes
 from .page import pull_page

@@ -22,6 +22,7 @@ from ...models import DataPull
 from .progress import Progress, ProgressCallback
 from .run import run_pull
 
+# The name from before the pull became a package: sites' LOGGING settings may use it.
 logger = logging.getLogger("changefeed_sync.pull")
 
 

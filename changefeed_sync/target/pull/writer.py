@@ -20,11 +20,12 @@ from typing import Any
 from django.db import connections, models
 
 from ... import registry, sql
+from ...digests import DigestReader
 from ...exceptions import ApplyError
 from ...keys import resolve_keys
 from ...registry import Key, ModelOptions
+from ...rows import RowReader, plain_text
 from ...serialization import decode_value, normalize_key
-from ...snapshot import RowReader, _plain_text
 from ..apply import ApplyStats, apply_upserts
 from ..changes import IncomingChange
 from ..links import write_m2m
@@ -46,11 +47,11 @@ class ModelWriter:
         self.relay = relay
         self.seen = Seen(options, using, index)
         self.connection = connections[using]
-        self.reader = RowReader(options, using)
+        self.reader = DigestReader(options, using)
         self.fk_readers = [
             (fk, RowReader(rel, using) if rel is not None else None) for fk, rel in self.reader.fks
         ]
-        self.plain = [(f, f.name, _plain_text(f)) for f in options.plain_fields]
+        self.plain = [(f, f.name, plain_text(f)) for f in options.plain_fields]
         # Integer keys need no preparing: the value read is the value written.
         self.int_fk = {
             fk: isinstance(fk.target_field, models.IntegerField) for fk, _ in self.fk_readers
