@@ -14,7 +14,7 @@ event (so that load from other processes drifting during the run favours none):
   (``git show REV:changefeed_sync/delivery/inline.py``, ``--before-rev``) as a
   module beside the current one. It runs on the current ``push.py`` (batches,
   signing, ``deliver_pending``), so only the scheduling differs;
-* ``inline``: the current default backend (``changefeed_sync.delivery.inline``);
+* ``inline``: the current default backend (``changefeed_sync.source.delivery.inline``);
 * ``cloudtasks``: the Cloud Tasks backend against gcloud-tasks-emulator
   (tests/emulator.py, its own virtualenv), which POSTs every task to its URL.
   The emulator dispatches tasks itself, one queue, from Python: its dispatch
@@ -79,7 +79,7 @@ SECRET = "bench-fanout-secret-0123456789abcdef0123456789abcdef"
 WARMUP = 2
 #: The inline backend before the delivery pool (the last commit that changed it).
 BEFORE_REV = "ea990e9"
-BEFORE_MODULE = "changefeed_sync.delivery._inline_before_pool"
+BEFORE_MODULE = "changefeed_sync.source.delivery._inline_before_pool"
 
 #: A receiver: prints "<port>" once listening, then "<monotonic> <target> <keys>" per
 #: verified delivery (keys: the natural keys of its events, comma-separated).
@@ -237,8 +237,12 @@ def load_before(rev: str) -> str:
         ["git", "show", f"{rev}:changefeed_sync/delivery/inline.py"], cwd=ROOT,
         capture_output=True, text=True, check=True,
     ).stdout
+    # Written when the backends were changefeed_sync.delivery: the core is a level up now.
+    for core in ("models", "conf"):
+        source = source.replace(f"from ..{core} import", f"from ...{core} import")
+    source = source.replace("from .. import conf, push", "from ... import conf\nfrom .. import push")
     module = types.ModuleType(BEFORE_MODULE)
-    module.__package__ = "changefeed_sync.delivery"
+    module.__package__ = "changefeed_sync.source.delivery"
     module.__file__ = f"<git show {rev}:changefeed_sync/delivery/inline.py>"
     sys.modules[BEFORE_MODULE] = module
     exec(compile(source, module.__file__, "exec"), module.__dict__)
@@ -265,8 +269,8 @@ def write_one(slug: str) -> tuple[float, float]:
 
 def recorded(timeout: float) -> None:
     """Wait until every Target row records the newest event as delivered (or enqueued)."""
-    from changefeed_sync import feed
     from changefeed_sync.models import Target
+    from changefeed_sync.source import feed
 
     head = feed.head("default")
     deadline = time.monotonic() + timeout
@@ -349,8 +353,8 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Result]:
         from django.test import override_settings
         from django.utils.module_loading import import_string
 
-        from changefeed_sync import push
         from changefeed_sync.models import Target
+        from changefeed_sync.source import push
 
         receivers = Receivers(args.receivers, args.target_latency / 1000)
         names = [f"t{i:03d}" for i in range(args.targets)]
@@ -368,7 +372,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Result]:
             elif mode == "inline":
                 settings = {
                     "CHANGEFEED_SYNC_DELIVERY_BACKEND":
-                        "changefeed_sync.delivery.inline.InlineBackend",
+                        "changefeed_sync.source.delivery.inline.InlineBackend",
                 }
                 if args.workers:
                     settings["CHANGEFEED_SYNC_DELIVERY_WORKERS"] = args.workers

@@ -321,7 +321,7 @@ class Bench:
             for i in range(self.count)
         ]
         head: int = self.site.run_python(
-            "from changefeed_sync import feed\nprint(json.dumps(feed.head('default')))"
+            "from changefeed_sync.source import feed\nprint(json.dumps(feed.head('default')))"
         )
         for follower in followers:
             follower.since = head

@@ -229,8 +229,8 @@ def run(
                                       client_name="tgt", secrets={SECRET!r})
         """)
         setup_django(source)
-        from changefeed_sync import push
         from changefeed_sync.models import Target
+        from changefeed_sync.source import push
 
         webhook = f"{target.url}sync/webhook/src/"
         Target.objects.create(name="tgt", secrets=SECRET, webhook_url=webhook)

@@ -11,7 +11,7 @@ For each backend (SQLite -> SQLite, PostgreSQL -> PostgreSQL), in one run:
    rows/50 keys, the README's models), served over HTTP by a threaded WSGI server in
    its own process (``--role serve``);
 2. a full pull into an empty target database, in its own process (``--role pull``),
-   through ``changefeed_sync.pull.execute`` exactly as ``manage.py changefeed_pull``
+   through ``changefeed_sync.target.pull.execute`` exactly as ``manage.py changefeed_pull``
    runs it; then a second pull with nothing changed (compared by digests: no row
    travels); ``--reps`` times (3; the target emptied in between), medians reported,
    with the CPU time of both processes (wall time on a shared 2-core machine moves
@@ -264,8 +264,11 @@ def role_pull(db: str, url: str, profile: str | None) -> None:
     configure({"default": db})
     import cProfile
 
+    from changefeed_sync import rows
     from changefeed_sync.models import DataPull, DataSource
-    from changefeed_sync.pull import execute
+    from changefeed_sync.target.pull import execute
+
+    rows.allow_collection_pauses()  # as manage.py changefeed_pull does
 
     source, _ = DataSource.objects.get_or_create(
         name="bench", defaults={"url": url, "client_name": CLIENT, "secrets": SECRET}

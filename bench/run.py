@@ -358,8 +358,8 @@ def pump(
     Returns the number of events applied; adds the time spent reading and
     applying to the given lists (one sum per call).
     """
-    from changefeed_sync import feed
-    from changefeed_sync.apply import apply_page
+    from changefeed_sync.source import feed
+    from changefeed_sync.target.apply import apply_page
 
     read_s = apply_s = 0.0
     events = 0
@@ -437,7 +437,7 @@ class _RawWriter:
             f"INSERT INTO {qn(Event._meta.db_table)} ({', '.join(qn(str(f.column)) for f in fields)}) "
             f"VALUES ({', '.join(['%s'] * len(fields))})"
         )
-        # The statement changefeed_sync/outbox_pg.py sends, prepared once, with the same
+        # The statement changefeed_sync/source/outbox_pg.py sends, prepared once, with the same
         # event parameters.
         event_from_row = self.event_sql.replace(" VALUES (", " SELECT ")[:-1] + ' FROM "r"'
         one_sql = (
@@ -853,8 +853,8 @@ def bench_fallback(sizes: Sizes) -> None:
                 Nation.objects.using(TARGET).filter(pk=pk).update(alpha_3=f"A{code[1:]}")
 
     def apply_range(since: int, until: int) -> int:
-        from changefeed_sync import feed
-        from changefeed_sync.apply import apply_page
+        from changefeed_sync.source import feed
+        from changefeed_sync.target.apply import apply_page
 
         ds = DataSource.objects.using(TARGET).get()
         DataSource.objects.using(TARGET).filter(pk=ds.pk).update(checkpoint=since)

@@ -289,7 +289,7 @@ def wipe_rows(alias: str, model: Any, name: str) -> None:
 def feed_events(alias: str, since: int) -> Counter[tuple[str, str]]:
     """(code, saved name) of every Country upsert in the feed after ``since``, counted;
     other events count under ("?", label)."""
-    from changefeed_sync import feed
+    from changefeed_sync.source import feed
 
     found: Counter[tuple[str, str]] = Counter()
     seen = since
@@ -560,8 +560,8 @@ def table(results: Sequence[Result]) -> str:
 
 
 def bench_database(vendor: str, args: argparse.Namespace, results: list[Result]) -> Outbox:
-    from changefeed_sync import feed
     from changefeed_sync.models import Event
+    from changefeed_sync.source import feed
 
     alias = ALIAS[vendor]
     by_registration = models()

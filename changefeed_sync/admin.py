@@ -246,7 +246,7 @@ class TargetAdmin(_TargetAdmin):
 
     @admin.action(description="Retry delivery now")
     def retry_now(self, request: HttpRequest, queryset: Any) -> None:
-        from .push import retry_now
+        from .source.push import retry_now
 
         retry_now(list(queryset))
         self.message_user(request, f"Deliveries scheduled for {queryset.count()} target(s).")
@@ -257,7 +257,7 @@ class TargetAdmin(_TargetAdmin):
 
     @admin.action(description="Resume deliveries")
     def resume(self, request: HttpRequest, queryset: Any) -> None:
-        from .push import forget_targets, retry_now
+        from .source.push import forget_targets, retry_now
 
         queryset.update(paused=False)
         forget_targets()
@@ -332,7 +332,7 @@ class DataPullAdmin(_PullAdmin):
 
     # Before showing pulls, fail those whose runner died: none stays "running" forever.
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
-        from .pull import fail_stale_pulls
+        from .target.pull import fail_stale_pulls
 
         fail_stale_pulls(self.get_queryset(request).db)
         return super().changelist_view(request, extra_context)
@@ -340,7 +340,7 @@ class DataPullAdmin(_PullAdmin):
     def change_view(
         self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None
     ) -> Any:
-        from .pull import fail_stale_pulls
+        from .target.pull import fail_stale_pulls
 
         fail_stale_pulls(self.get_queryset(request).db)
         return super().change_view(request, object_id, form_url, extra_context)
@@ -351,7 +351,7 @@ class DataPullAdmin(_PullAdmin):
             self._start(obj)
 
     def _start(self, obj: DataPull) -> None:
-        from .pull import start_in_background
+        from .target.pull import start_in_background
 
         using = obj._state.db or "default"
         # After the admin's transaction commits: a failed pull must not
@@ -360,7 +360,7 @@ class DataPullAdmin(_PullAdmin):
 
     @admin.action(description="Re-run selected pulls", permissions=["add"])
     def rerun(self, request: HttpRequest, queryset: Any) -> None:
-        from .pull import fail_stale_pulls
+        from .target.pull import fail_stale_pulls
 
         fail_stale_pulls(queryset.db)
         started, skipped = [], []

@@ -33,8 +33,8 @@ def capture_registered_models() -> None:
 
 def wake_readers_on_commit() -> None:
     """Committed events wake this process's long-polls and schedule push deliveries."""
-    from . import notifier, push
     from .signals import events_committed
+    from .source import notifier, push
 
     events_committed.connect(notifier.on_events_committed, dispatch_uid="changefeed_notifier")
     events_committed.connect(push.on_events_committed, dispatch_uid="changefeed_push")
@@ -44,7 +44,7 @@ def resume_deliveries_on_first_request() -> None:
     """A restarted server resumes the deliveries its predecessor left pending."""
     from django.core.signals import request_started
 
-    from . import push
+    from .source import push
 
     request_started.connect(push.resume_on_first_request, dispatch_uid="changefeed_resume")
 

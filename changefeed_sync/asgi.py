@@ -131,7 +131,7 @@ async def _disconnected(receive: Receive) -> None:
 
 
 async def _respond(request: ASGIRequest) -> HttpResponse | StreamingHttpResponse:
-    from .views import feed_view
+    from .source.views import feed_view
 
     try:
         request.get_host()  # ALLOWED_HOSTS, as CommonMiddleware would check it

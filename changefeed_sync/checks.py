@@ -408,7 +408,7 @@ def check_delivery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             )
         ]
     try:
-        backend = import_string(path)
+        backend = import_string(conf.delivery_backend() or path)
     except ImportError as exc:
         return [
             _error(

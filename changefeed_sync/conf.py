@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     # Days of outbox kept by `changefeed_prune`; a target further behind needs a full pull.
     "RETENTION_DAYS": 30.0,
     # Push: dotted path of the delivery backend; None disables pushing.
-    "DELIVERY_BACKEND": "changefeed_sync.delivery.inline.InlineBackend",
+    "DELIVERY_BACKEND": "changefeed_sync.source.delivery.inline.InlineBackend",
     # Seconds after each consecutive failure before the next attempt (Svix's schedule).
     "DELIVERY_RETRY_DELAYS": [0, 5, 300, 1800, 7200, 18000, 36000, 36000],
     # Largest webhook body sent; a bigger batch is split (Cloud Tasks advises < 100 KB).
@@ -158,9 +158,20 @@ def retention_days() -> float:
     return float(get("RETENTION_DAYS"))
 
 
+#: Where the delivery backends lived before the source side got its own package:
+#: settings written then keep working.
+OLD_DELIVERY_PACKAGE = "changefeed_sync.delivery."
+DELIVERY_PACKAGE = "changefeed_sync.source.delivery."
+
+
 def delivery_backend() -> str | None:
     value = get("DELIVERY_BACKEND")
-    return str(value) if value else None
+    if not value:
+        return None
+    path = str(value)
+    if path.startswith(OLD_DELIVERY_PACKAGE):
+        path = DELIVERY_PACKAGE + path[len(OLD_DELIVERY_PACKAGE) :]
+    return path
 
 
 def delivery_retry_delays() -> list[float]:

@@ -9,8 +9,6 @@ storage name and know it by its size and SHA-256, computed here.
 from __future__ import annotations
 
 import hashlib
-import importlib
-from typing import TYPE_CHECKING, Any
 
 from django.core.files.storage import Storage
 
@@ -36,35 +34,3 @@ def digest(storage: Storage, name: str) -> tuple[int, str]:
             sha.update(chunk)
             size += len(chunk)
     return size, sha.hexdigest()
-
-
-# temporary: removed when the tree is reshaped. The names that moved to exceptions.py,
-# source/ and target/, for the modules that still import them from here; those of
-# source/ and target/ looked up on first use, because their modules import this one.
-from .exceptions import BadFileToken as BadFileToken  # noqa: E402
-from .exceptions import ChecksumMismatch as ChecksumMismatch  # noqa: E402
-from .exceptions import FileTransferError as FileTransferError  # noqa: E402
-from .exceptions import TransferDeadline as TransferDeadline  # noqa: E402
-
-_MOVED = {
-    "describe": "source.file_serving",
-    "describe_current": "source.file_serving",
-    "open_listed": "source.file_serving",
-    "_token": "source.file_serving",
-    "Stage": "target.file_transfer",
-}
-
-if TYPE_CHECKING:  # the real names, for mypy
-    from .source.file_serving import _token as _token
-    from .source.file_serving import describe as describe
-    from .source.file_serving import describe_current as describe_current
-    from .source.file_serving import open_listed as open_listed
-    from .target.file_transfer import Stage as Stage
-
-
-def __getattr__(name: str) -> Any:
-    where = _MOVED.get(name)
-    if where is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(f"{__package__}.{where}")
-    return getattr(module, name)

@@ -116,7 +116,7 @@ class Event(models.Model):
     """One change of one row, written in the transaction that made the change.
 
     ``position`` is its place in the feed, given after its transaction
-    committed by the sequencer (``outbox.sequence``): writers take no lock
+    committed by the sequencer (``source/sequencer.py``): writers take no lock
     among themselves, and positions are gap-free and become visible in order,
     so a cursor never skips a late commit. ``id`` only records insertion order.
     """

@@ -35,6 +35,18 @@ _READ_CHUNK = 5000  # rows read at once (and, for digests, whose texts are built
 _gc_lock = threading.Lock()
 _gc_pauses = 0
 _gc_was_enabled = False
+#: Whether this process may pause the collector at all: only a process that does
+#: nothing but the pull (``manage.py changefeed_pull``) says so. A pull started from
+#: the admin runs in the web process, where a pause would stop collection for every
+#: request thread too.
+_pauses_allowed = False
+
+
+def allow_collection_pauses() -> None:
+    """Let ``collection_paused`` pause the collector in this process (call it only in a
+    process of its own, such as a management command)."""
+    global _pauses_allowed
+    _pauses_allowed = True
 
 
 @contextmanager
@@ -47,10 +59,14 @@ def collection_paused() -> Iterator[None]:
     bench/pull.py, about an eighth of the CPU of a pull process. Pages are short;
     collection resumes between them, so memory stays bounded. Counted across threads:
     the collector is enabled again when the last pause ends, and only if it was
-    enabled before the first. It pauses every thread of the process, so only a caller
-    that may do that uses it: the source's web process serves pages without it.
+    enabled before the first. It pauses every thread of the process, so it does
+    nothing unless the process allowed it (``allow_collection_pauses``): the source's
+    web process serves pages without it, and an admin-started pull runs without it.
     """
     global _gc_pauses, _gc_was_enabled
+    if not _pauses_allowed:
+        yield
+        return
     with _gc_lock:
         if _gc_pauses == 0:
             _gc_was_enabled = gc.isenabled()

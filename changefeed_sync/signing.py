@@ -37,6 +37,11 @@ _SALT = "changefeed_sync.request.v1"
 #: Seconds two sites' clocks may differ, either way.
 CLOCK_SKEW = 60
 
+#: Headers of a pushed batch: the body's signature, and the delivery's id (the
+#: Standard Webhooks name), which stays the same across retries.
+SIGNATURE_HEADER = "X-Changefeed-Signature"
+ID_HEADER = "Webhook-Id"
+
 
 def _serializer(secret_keys: list[str]) -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(
@@ -176,7 +181,7 @@ def verify_oidc(header: str | None, *, audience: str, email: str) -> dict[str, A
     token = header[len("Bearer ") :]
     url = conf.oidc_certs_url()
     try:
-        claims: dict[str, Any] = jwt.decode(
+        claims: dict[str, Any] = jwt.decode(  # type: ignore[no-untyped-call]
             token, certs=_fetch_certs(url), audience=audience, clock_skew_in_seconds=CLOCK_SKEW
         )
     except Exception as exc:  # google-auth raises ValueError and its own errors

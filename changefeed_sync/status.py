@@ -10,8 +10,8 @@ from typing import Any
 
 from django.utils import timezone
 
-from . import outbox
 from .models import DataSource, Event, Target
+from .source import sequencer
 
 LAG_CAP = 100_000
 
@@ -25,7 +25,7 @@ class TargetLag:
 def target_lag(target: Target, using: str = "default") -> TargetLag:
     """Events after what the target has (delivered, or read from the feed) and their age."""
     position = max(target.delivered_seq, target.last_seen_seq or 0)
-    outbox.sequence(using)  # events that committed a moment ago count too
+    sequencer.sequence(using)  # events that committed a moment ago count too
     pending = Event.objects.using(using).filter(position__gt=position)
     models = target.allowed_models()
     if models is not None:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from . import views
+from .source import views
 from .target.views import webhook_view
 
 app_name = "changefeed_sync"

@@ -227,7 +227,7 @@ class Emulator:
         """``override_settings`` keyword arguments that make changefeed_sync use this queue."""
         return {
             "CHANGEFEED_SYNC_DELIVERY_BACKEND": (
-                "changefeed_sync.delivery.cloud_tasks.CloudTasksBackend"
+                "changefeed_sync.source.delivery.cloud_tasks.CloudTasksBackend"
             ),
             "CHANGEFEED_SYNC_CLOUD_TASKS_EMULATOR_HOST": self.host,
             "CHANGEFEED_SYNC_CLOUD_TASKS_PROJECT": PROJECT,

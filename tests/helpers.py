@@ -8,10 +8,11 @@ from contextlib import contextmanager
 from typing import Any
 from unittest import mock
 
-from changefeed_sync import feed, outbox, registry
-from changefeed_sync.apply import ApplyStats, apply_page
+from changefeed_sync import registry
 from changefeed_sync.models import DataSource, Event
 from changefeed_sync.serialization import payloads_from_db
+from changefeed_sync.source import feed, sequencer
+from changefeed_sync.target.apply import ApplyStats, apply_page
 
 
 def data_source(alias: str, name: str = "src", url: str = "http://127.0.0.1:1/sync/") -> DataSource:
@@ -48,7 +49,7 @@ def state(alias: str) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
 
 def events(alias: str) -> list[Event]:
     """The outbox's events in feed order, every committed one given its position first."""
-    outbox.sequence(alias)
+    sequencer.sequence(alias)
     return list(Event.objects.using(alias).order_by("position"))
 
 

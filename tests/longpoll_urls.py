@@ -8,7 +8,8 @@ import threading
 from django.http import HttpRequest, JsonResponse
 from django.urls import path
 
-from changefeed_sync import conf, longpoll, notifier, views
+from changefeed_sync import conf
+from changefeed_sync.source import longpoll, notifier, views
 from tests import longpoll_settings
 from tests.urls import urlpatterns as site_urlpatterns
 

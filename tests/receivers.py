@@ -25,8 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from changefeed_sync.exceptions import SignatureError
-from changefeed_sync.push import SIGNATURE_HEADER
-from changefeed_sync.signing import verify_request
+from changefeed_sync.signing import SIGNATURE_HEADER, verify_request
 
 
 @dataclass

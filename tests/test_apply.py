@@ -10,11 +10,12 @@ import pytest
 from django.db import transaction
 
 import changefeed_sync
-from changefeed_sync import feed, registry
+from changefeed_sync import registry
 from changefeed_sync.exceptions import ApplyError
 from changefeed_sync.keys import resolve_keys
 from changefeed_sync.models import DataSource, Event, Target
 from changefeed_sync.registry import Key
+from changefeed_sync.source import feed
 from changefeed_sync.target.apply import apply_page
 from tests.helpers import data_source, events, pump, state
 from tests.testapp.models import Category, Copy, Country, Kinds, Language, Tag

@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 from django.db import connections, transaction
 
-from changefeed_sync import feed
 from changefeed_sync.exceptions import ApplyError
 from changefeed_sync.models import DataSource, Event
+from changefeed_sync.source import feed
 from changefeed_sync.target.apply import apply_page
 from tests.helpers import data_source, events, pump, state
 from tests.testapp.models import Nation, Region

@@ -57,7 +57,7 @@ def _require_browser() -> None:
         try:
             __import__(module)
         except ImportError:
-            _missing(f"{name} is not installed (the 'test' extra has it)")
+            _missing(f"{name} is not installed (the 'test' dependency group has it)")
 
 
 # ---------------------------------------------------------------- the two sites

@@ -24,10 +24,10 @@ from django.db.models import F, Value, signals
 from django.db.models.functions import Concat, Upper
 
 import changefeed_sync
-from changefeed_sync import outbox_pg, registry
+from changefeed_sync import registry
 from changefeed_sync.models import Event
 from changefeed_sync.serialization import payloads_from_db
-from changefeed_sync.source import capture, capture_pg
+from changefeed_sync.source import capture, capture_pg, outbox_pg
 from tests.helpers import events
 from tests.testapp.models import Country, Kinds, Language, Plain
 
@@ -258,7 +258,7 @@ def test_an_autocommit_save_does_not_wait_for_an_open_transaction(db_alias: str)
     """A transaction wrote events and stays open; a save in autocommit of another
     row commits at once (no lock among writers), and its event comes first in the
     feed. A save of a row the transaction changed waits for that row only."""
-    from changefeed_sync import feed
+    from changefeed_sync.source import feed
 
     alias = db_alias
     row = Country.objects.using(alias).create(code="aa", name="start")

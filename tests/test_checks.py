@@ -32,7 +32,7 @@ from changefeed_sync.checks import (
     check_wsgi_long_polls,
     looks_secret,
 )
-from changefeed_sync.delivery.base import DeliveryBackend
+from changefeed_sync.source.delivery.base import DeliveryBackend
 from tests.testapp.models import Category, Copy, Country, Kinds, Language, Tag
 
 # --------------------------------------------------------------------------- models
@@ -729,7 +729,7 @@ class ChkProblemBackend(DeliveryBackend):
     "path",
     [
         "nowhere.Backend",  # no such module
-        "changefeed_sync.delivery.inline.NoSuchBackend",  # no such class
+        "changefeed_sync.source.delivery.inline.NoSuchBackend",  # no such class
         "InlineBackend",  # not a dotted path
     ],
 )
@@ -750,15 +750,27 @@ def test_e103_delivery_backend_is_not_a_path() -> None:
 @pytest.mark.parametrize(
     "path",
     [
-        "changefeed_sync.delivery.inline.InlineBackend",
-        "changefeed_sync.delivery.django_tasks.DjangoTasksBackend",
-        "changefeed_sync.delivery.loopback.LoopbackBackend",
+        "changefeed_sync.source.delivery.inline.InlineBackend",
+        "changefeed_sync.source.delivery.django_tasks.DjangoTasksBackend",
+        "changefeed_sync.source.delivery.loopback.LoopbackBackend",
         None,
     ],
 )
 def test_e103_e104_not_raised_for_usable_backends(path: str | None) -> None:
     with override_settings(CHANGEFEED_SYNC_DELIVERY_BACKEND=path):
         assert check_delivery() == []
+
+
+@pytest.mark.parametrize("name", ["inline.InlineBackend", "loopback.LoopbackBackend"])
+def test_backends_named_by_their_former_paths_still_work(name: str) -> None:
+    """Before the source side had a package of its own, the backends lived in
+    changefeed_sync.delivery: settings naming them there keep working."""
+    with override_settings(CHANGEFEED_SYNC_DELIVERY_BACKEND=f"changefeed_sync.delivery.{name}"):
+        assert check_delivery() == []
+        assert conf.delivery_backend() == f"changefeed_sync.source.delivery.{name}"
+        from changefeed_sync.source import push
+
+        assert type(push.backend()).__name__ == name.split(".")[1]
 
 
 def test_e104_backend_reports_its_configuration_problems() -> None:
@@ -770,7 +782,7 @@ def test_e104_backend_reports_its_configuration_problems() -> None:
 
 def test_e104_cloud_tasks_without_project_queue_or_account() -> None:
     pytest.importorskip("google.cloud.tasks_v2")
-    cloud_tasks = "changefeed_sync.delivery.cloud_tasks.CloudTasksBackend"
+    cloud_tasks = "changefeed_sync.source.delivery.cloud_tasks.CloudTasksBackend"
     with override_settings(
         CHANGEFEED_SYNC_DELIVERY_BACKEND=cloud_tasks,
         CHANGEFEED_SYNC_CLOUD_TASKS_PROJECT="",

@@ -10,10 +10,11 @@ import pytest
 import requests
 from django.test import Client
 
-from changefeed_sync import conf, push
-from changefeed_sync.follow import sync
+from changefeed_sync import conf
 from changefeed_sync.models import DataSource, Nonce, Target
 from changefeed_sync.signing import CLOCK_SKEW, sign_request
+from changefeed_sync.source import push
+from changefeed_sync.target.follow import sync
 from tests.dbs import require_alias
 from tests.helpers import signer_clock, state
 from tests.test_push import sites, tgt  # noqa: F401 - fixtures

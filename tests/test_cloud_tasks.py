@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from django.test import override_settings
 
-from changefeed_sync import feed, push
-from changefeed_sync.delivery.cloud_tasks import CloudTasksBackend
 from changefeed_sync.models import Target
+from changefeed_sync.source import feed, push
+from changefeed_sync.source.delivery.cloud_tasks import CloudTasksBackend
 from tests import dbs
 from tests.emulator import Emulator, EmulatorUnavailable
 from tests.helpers import state
@@ -304,7 +304,7 @@ def test_a_process_that_exits_right_after_a_write_created_its_task(
         took, stderr = write_and_exit(source, "ct", emulator.settings(queue))
         assert "Traceback" not in stderr, stderr
         last = int(source.run_python(
-            "from changefeed_sync import feed; print(feed.head('default'))"
+            "from changefeed_sync.source import feed; print(feed.head('default'))"
         ))
         enqueued = source.scalar(
             "SELECT delivered_seq FROM changefeed_sync_target WHERE name = 'tgt'"
@@ -327,8 +327,8 @@ def test_one_commit_to_50_targets_one_read_one_update_bounded_threads(
     ``create()`` returns by at most CREATE_CONCURRENCY threads over one client, one
     UPDATE recording them as enqueued. The emulator POSTs each to a loopback receiver
     that checks the signature."""
-    from changefeed_sync import feed
-    from changefeed_sync.delivery import cloud_tasks
+    from changefeed_sync.source import feed
+    from changefeed_sync.source.delivery import cloud_tasks
     from tests.receivers import running
 
     reads: list[int] = []

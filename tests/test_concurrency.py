@@ -3,7 +3,7 @@
 
 An event's id is taken when its row is inserted but becomes visible only when
 its transaction commits, so ids commit out of order. The feed therefore does
-not serve ids: ``outbox.sequence`` gives each committed event its position
+not serve ids: ``sequencer.sequence`` gives each committed event its position
 afterwards, one batch at a time under the sequencer's lock, and a reader asks
 for positions. These tests use real transactions on separate connections (one
 per thread):
@@ -42,8 +42,9 @@ from django.db import connections, transaction
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from changefeed_sync import feed, outbox
+from changefeed_sync import outbox
 from changefeed_sync.models import Event, OutboxState
+from changefeed_sync.source import feed, sequencer
 from tests.testapp.models import Category, Copy, Country, Language, Tag
 
 pytestmark = [
@@ -707,7 +708,7 @@ def test_sequencers_that_find_the_state_row_missing_neither_deadlock_nor_leave_a
         def writer(number: int, round_: int = round_, barrier: threading.Barrier = barrier) -> None:
             Tag.objects.using(alias).create(slug=f"r{round_}-{number}")
             barrier.wait(JOIN_TIMEOUT)
-            outbox.sequence(alias)
+            sequencer.sequence(alias)
 
         workers = [Worker(f"seq-{n}", lambda n=n: writer(n)) for n in range(FIRST_SEQUENCERS)]
         for w in workers:
@@ -738,13 +739,13 @@ def test_a_repeatable_read_sequencer_that_finds_the_state_row_missing_does_not_w
     OutboxState.objects.using(alias).filter(id=1).delete()
     done = threading.Event()
 
-    def sequencer() -> None:
+    def run_sequencer() -> None:
         with connections[alias].cursor() as c:
             c.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        outbox.sequence(alias)
+        sequencer.sequence(alias)
         done.set()
 
-    w = Worker("sequencer", sequencer)
+    w = Worker("sequencer", run_sequencer)
     w.start()
     if not done.wait(4 * BLOCKED_FOR):
         # End the wait now rather than after the server's lock wait timeout.

@@ -56,9 +56,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from changefeed_sync import applying, feed
-from changefeed_sync.client import SourceClient
+from changefeed_sync import applying
 from changefeed_sync.models import DataSource, Event, Nonce, OutboxState, Target
+from changefeed_sync.source import feed
+from changefeed_sync.target.client import SourceClient
 from changefeed_sync.target.pull import run_pull
 from tests.helpers import data_source, pump, state
 from tests.testapp.models import Category, Copy, Country, Language, Nation, Region, Tag

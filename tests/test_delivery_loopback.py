@@ -16,17 +16,17 @@ from urllib.parse import urlsplit
 import pytest
 from django.test import Client, override_settings
 
-from changefeed_sync import feed, push
-from changefeed_sync.delivery import loopback
-from changefeed_sync.delivery.base import DeliveryBackend
 from changefeed_sync.models import DataSource, Target
+from changefeed_sync.source import feed, push
+from changefeed_sync.source.delivery import loopback
+from changefeed_sync.source.delivery.base import DeliveryBackend
 from tests.dbs import require_alias
 from tests.helpers import state
 from tests.testapp.models import Copy, Country, Language
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
-LOOPBACK = "changefeed_sync.delivery.loopback.LoopbackBackend"
+LOOPBACK = "changefeed_sync.source.delivery.loopback.LoopbackBackend"
 
 
 class Webhook:

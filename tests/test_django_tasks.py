@@ -19,9 +19,9 @@ import pytest
 from django.test import override_settings
 from django.utils import timezone
 
-from changefeed_sync import push
-from changefeed_sync.delivery import django_tasks as delivery
 from changefeed_sync.models import DataSource, Target
+from changefeed_sync.source import push
+from changefeed_sync.source.delivery import django_tasks as delivery
 from tests.dbs import require_alias
 from tests.helpers import state
 from tests.servers import free_port
@@ -35,7 +35,7 @@ tasks = importlib.import_module(TASKS_PACKAGE)
 # Connects the backport's setting_changed receiver, so override_settings(TASKS=...) applies.
 importlib.import_module(f"{TASKS_PACKAGE}.signals")
 
-BACKEND = "changefeed_sync.delivery.django_tasks.DjangoTasksBackend"
+BACKEND = "changefeed_sync.source.delivery.django_tasks.DjangoTasksBackend"
 TGT = "postgres"
 
 
@@ -169,4 +169,24 @@ def test_a_worker_backend_gets_a_deferred_retry(sites: tuple[Target, DataSource]
     assert Country.objects.using(TGT).filter(code="aa").exists()
     target.refresh_from_db()
     assert target.failures == 0 and target.last_error == ""
+    assert state(TGT) == state("default")
+
+
+def test_a_task_queued_before_the_upgrade_still_runs(sites: tuple[Target, DataSource]) -> None:
+    """A worker finds a queued task by its dotted path. Tasks queued before the
+    backends moved to changefeed_sync.source.delivery name the old module: it still
+    holds the same task, and running it delivers."""
+    from django.utils.module_loading import import_string
+
+    target, source = sites
+    old = import_string("changefeed_sync.delivery.django_tasks.deliver")
+    assert old is delivery.deliver
+    with override_settings(TASKS=task_backend("dummy.DummyBackend")):
+        queue = tasks.default_task_backend
+        queue.clear()
+        Country.objects.create(code="aa")
+        [queued] = queue.results
+        assert not Country.objects.using(TGT).exists()
+        old.call(*queued.args)  # what the worker runs, found at the old path
+    assert Country.objects.using(TGT).filter(code="aa").exists()
     assert state(TGT) == state("default")

@@ -29,7 +29,7 @@ RUN = str(REPO_ROOT / "example_pair" / "run")
 
 
 def require_pillow() -> None:
-    """The demo's Copy has an ImageField, which needs Pillow (in the 'test' extra)."""
+    """The demo's Copy has an ImageField, which needs Pillow (in the 'test' dependency group)."""
     try:
         import PIL  # noqa: F401
     except ImportError:

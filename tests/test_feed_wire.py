@@ -10,8 +10,9 @@ import json
 import pytest
 from django.db import transaction
 
-from changefeed_sync import feed, outbox
+from changefeed_sync import outbox
 from changefeed_sync.models import Event
+from changefeed_sync.source import feed
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -93,7 +94,7 @@ def test_timestamps_keep_the_databases_own_time_zone() -> None:
     from types import SimpleNamespace
     from zoneinfo import ZoneInfo
 
-    from changefeed_sync.feed import _timestamps
+    from changefeed_sync.source.feed import _timestamps
 
     paris = SimpleNamespace(timezone_name="Europe/Paris", timezone=ZoneInfo("Europe/Paris"))
     utc = SimpleNamespace(timezone_name="UTC", timezone=datetime.timezone.utc)

@@ -8,7 +8,7 @@ A Hypothesis ``RuleBasedStateMachine``. Nothing mocked: the source is a separate
 process (tests.test_pull.SourceProcess, the PostgreSQL test database, its own
 MEDIA_ROOT), written to from here through the ORM (captured as users' writes are);
 the target is this process's SQLite ("default") with another MEDIA_ROOT, following
-it with ``changefeed_sync.follow.sync`` over HTTP, as tests/test_increment_files.py
+it with ``changefeed_sync.target.follow.sync`` over HTTP, as tests/test_increment_files.py
 does. The machine keeps a model: each row's file name and each name's content.
 
 When a file a pending event needs is missing on the source, the sync must stop with
@@ -62,7 +62,7 @@ def _clear(directory: Path) -> None:
 
 
 def _head() -> int:
-    from changefeed_sync import feed
+    from changefeed_sync.source import feed
 
     return feed.head(SRC)
 

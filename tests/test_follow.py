@@ -19,8 +19,8 @@ import pytest
 from django.test import override_settings
 
 from changefeed_sync.exceptions import AuthenticationFailed, SourceUnavailable
-from changefeed_sync.follow import sync
 from changefeed_sync.models import DataSource, Target
+from changefeed_sync.target.follow import sync
 from tests.dbs import require_alias
 from tests.helpers import state
 from tests.testapp.models import Copy, Country, Language

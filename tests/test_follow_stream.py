@@ -26,8 +26,6 @@ from django.db import connections
 from django.test import override_settings
 
 from changefeed_sync import conf
-from changefeed_sync.apply import ApplyStats
-from changefeed_sync.client import SourceClient
 from changefeed_sync.exceptions import (
     AuthenticationFailed,
     CursorExpired,
@@ -36,9 +34,11 @@ from changefeed_sync.exceptions import (
     SourceReset,
     SourceUnavailable,
 )
-from changefeed_sync.follow import SyncResult, sync
 from changefeed_sync.models import DataSource
 from changefeed_sync.signing import verify_request
+from changefeed_sync.target.apply import ApplyStats
+from changefeed_sync.target.client import SourceClient
+from changefeed_sync.target.follow import SyncResult, sync
 from tests.conftest import require_alias
 from tests.servers import wait_until
 from tests.test_follow import country

@@ -2,7 +2,7 @@
 
 Positions increase, lie inside (since, last_seq], and the page ends at its last
 event; an upsert's key is the natural key of its data. Checked in one place
-(changefeed_sync/framing.py) for pushed batches (HTTP 422, nothing moves) and for
+(changefeed_sync/target/framing.py) for pushed batches (HTTP 422, nothing moves) and for
 feed pages (the follower stops the page with an error, nothing moves).
 """
 
@@ -15,12 +15,12 @@ import pytest
 import requests
 from django.test import override_settings
 
-from changefeed_sync import push
 from changefeed_sync.exceptions import FramingError, ProtocolError
-from changefeed_sync.follow import sync
-from changefeed_sync.framing import check_page
 from changefeed_sync.models import DataSource, Target
-from changefeed_sync.signing import sign_request
+from changefeed_sync.signing import SIGNATURE_HEADER, sign_request
+from changefeed_sync.source import push
+from changefeed_sync.target.follow import sync
+from changefeed_sync.target.framing import check_page
 from tests.dbs import require_alias
 from tests.test_follow import LoopbackSource, country, page
 from tests.testapp.models import Copy, Country, Language
@@ -140,7 +140,7 @@ def tgt(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 def _post(url: str, path: str, body: dict[str, Any]) -> requests.Response:
     data = json.dumps(body).encode()
     signature = sign_request("regional", ["pw"], "POST", path, data)
-    return requests.post(url, data=data, headers={push.SIGNATURE_HEADER: signature}, timeout=10)
+    return requests.post(url, data=data, headers={SIGNATURE_HEADER: signature}, timeout=10)
 
 
 @db

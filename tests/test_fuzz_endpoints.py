@@ -28,8 +28,7 @@ from hypothesis import strategies as st
 
 from changefeed_sync import registry
 from changefeed_sync.models import DataSource, Event, Target
-from changefeed_sync.push import SIGNATURE_HEADER
-from changefeed_sync.signing import sign_request
+from changefeed_sync.signing import SIGNATURE_HEADER, sign_request
 from tests.dbs import require_alias
 from tests.testapp.models import Country
 

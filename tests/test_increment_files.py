@@ -30,12 +30,12 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import FileSystemStorage, default_storage
 from django.test import Client
 
-from changefeed_sync import feed, push
-from changefeed_sync.client import SourceClient
 from changefeed_sync.exceptions import ApplyError
-from changefeed_sync.follow import sync
 from changefeed_sync.models import DataSource, Event, Target
 from changefeed_sync.signing import sign_request
+from changefeed_sync.source import feed, push
+from changefeed_sync.target.client import SourceClient
+from changefeed_sync.target.follow import sync
 from changefeed_sync.target.increment_files import IncrementFiles
 from tests.dbs import require_alias
 from tests.servers import Site, free_port, wait_until
@@ -86,7 +86,7 @@ class Pair:
         return doc
 
     def last_seq(self) -> int:
-        from changefeed_sync import feed
+        from changefeed_sync.source import feed
 
         return feed.head("postgres")
 
@@ -564,7 +564,7 @@ def test_e2e_follow_then_push_carry_files(sites: tuple[FilesSite, FilesSite]) ->
     # ---- inline push: the source's writer delivers after commit, the target's
     # webhook fetches the files from the source before applying.
     source.run_python(f"""
-        from changefeed_sync import push
+        from changefeed_sync.source import push
         from changefeed_sync.models import Target
         Target.objects.filter(name="tgt").update(
             webhook_url={target.url + "sync/webhook/src/"!r}, delivered_seq={last_seq(source)})

@@ -30,10 +30,11 @@ from django.db import connections
 from django.db.backends.signals import connection_created
 from django.test import Client, override_settings
 
-from changefeed_sync import feed, longpoll, notifier, outbox
+from changefeed_sync import outbox
 from changefeed_sync.exceptions import CursorExpired
 from changefeed_sync.models import DataSource, Event, OutboxState, Target
 from changefeed_sync.signing import sign_request
+from changefeed_sync.source import feed, longpoll, notifier
 from tests import loadclient
 from tests.conftest import require_alias
 from tests.servers import Background, Site, free_port, wait_until
@@ -438,7 +439,7 @@ def test_more_refused_followers_are_told_to_come_back_later(
 ) -> None:
     """n followers told to come back after r seconds ask n / r times a second: r grows
     with n, so that the refused cost a WSGI process REFUSED_PER_SECOND requests."""
-    from changefeed_sync import views
+    from changefeed_sync.source import views
 
     monkeypatch.setattr(views, "_REFUSED", views._Refused())
     monkeypatch.setattr(views, "REFUSED_PER_SECOND", 2.0)
@@ -486,8 +487,8 @@ def test_a_follower_refused_a_wait_sleeps_before_asking_again(
 ) -> None:
     """The follower honours retry_after: without it, a source that answers at once
     would be asked again and again (a busy loop)."""
-    from changefeed_sync.client import SourceClient
-    from changefeed_sync.follow import sync
+    from changefeed_sync.target.client import SourceClient
+    from changefeed_sync.target.follow import sync
 
     class Counting(requests.Session):
         asked = 0

@@ -28,9 +28,10 @@ from cryptography.x509.oid import NameOID
 from django.test import override_settings
 from google.auth import crypt, jwt
 
-from changefeed_sync import push, signing
+from changefeed_sync import signing
 from changefeed_sync.exceptions import SignatureError
 from changefeed_sync.models import DataSource, Nonce, Target
+from changefeed_sync.source import push
 from tests.dbs import require_alias
 from tests.testapp.models import Country
 

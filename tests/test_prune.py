@@ -10,9 +10,9 @@ from django.test import Client
 from django.utils import timezone
 
 from changefeed_sync.exceptions import CursorExpired
-from changefeed_sync.feed import head, read
 from changefeed_sync.models import Event, Target
 from changefeed_sync.signing import sign_request
+from changefeed_sync.source.feed import head, read
 from tests.testapp.models import Country
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -37,10 +37,10 @@ from django.utils import timezone
 import changefeed_sync
 from changefeed_sync import registry
 from changefeed_sync.exceptions import SourceUnavailable
-from changefeed_sync.follow import sync
 from changefeed_sync.models import DataPull, DataSource, Event, Target
 from changefeed_sync.rows import RowReader
 from changefeed_sync.serialization import payloads_from_db
+from changefeed_sync.target.follow import sync
 from changefeed_sync.target.pull import (
     Progress,
     PullRefused,

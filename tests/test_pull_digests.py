@@ -20,7 +20,6 @@ import requests
 
 import changefeed_sync.rows
 from changefeed_sync import registry
-from changefeed_sync.client import SourceClient
 from changefeed_sync.digests import (
     MAX_BUCKETS,
     DigestPage,
@@ -34,6 +33,7 @@ from changefeed_sync.digests import (
 from changefeed_sync.exceptions import PullRefused
 from changefeed_sync.models import DataSource, Target
 from changefeed_sync.signing import sign_request
+from changefeed_sync.target.client import SourceClient
 from changefeed_sync.target.pull import digests as pull_digests
 from changefeed_sync.target.pull import run_pull
 from tests import test_pull

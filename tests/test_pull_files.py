@@ -19,10 +19,10 @@ from django.core import signing
 from django.core.files.base import ContentFile
 from django.core.files.storage import FileSystemStorage, default_storage
 
-from changefeed_sync.client import SourceClient
 from changefeed_sync.exceptions import FileTransferError, PullRefused
 from changefeed_sync.models import DataPull, DataSource
 from changefeed_sync.signing import sign_request
+from changefeed_sync.target.client import SourceClient
 from changefeed_sync.target.pull import execute, run_pull
 from tests.helpers import state
 from tests.test_pull import SourceProcess, documents, source_process  # noqa: F401 (fixtures)

@@ -14,9 +14,10 @@ import pytest
 import requests
 from django.test import override_settings
 
-from changefeed_sync import conf, push
+from changefeed_sync import conf
 from changefeed_sync.models import DataSource, Target
-from changefeed_sync.signing import CLOCK_SKEW, sign_request
+from changefeed_sync.signing import CLOCK_SKEW, SIGNATURE_HEADER, sign_request
+from changefeed_sync.source import push
 from tests.dbs import require_alias
 from tests.helpers import signer_clock, state
 from tests.testapp.models import Copy, Country, Language
@@ -104,19 +105,19 @@ def test_bad_webhooks_get_4xx_and_write_nothing(sites: tuple[Target, DataSource]
         return requests.post(to, data=body, headers=headers, timeout=10)
 
     assert post(batch.body, {}).status_code == 401
-    wrong = {push.SIGNATURE_HEADER: sign_request("regional", ["nope"], "POST", path, batch.body)}
+    wrong = {SIGNATURE_HEADER: sign_request("regional", ["nope"], "POST", path, batch.body)}
     assert post(batch.body, wrong).status_code == 403
     assert post(batch.body + b" ", good).status_code == 403  # body changed after signing
-    other = {push.SIGNATURE_HEADER: sign_request("other", ["pw"], "POST", path, batch.body)}
+    other = {SIGNATURE_HEADER: sign_request("other", ["pw"], "POST", path, batch.body)}
     assert post(batch.body, other).status_code == 403
     # An unknown source gets the answer of bad credentials: nothing tells the names.
     unknown = post(batch.body, good, to=url.replace("/hq/", "/nosuch/"))
     assert (unknown.status_code, unknown.json()["code"]) == (403, "authentication_failed")
     assert post(batch.body, {}, to=url.replace("/hq/", "/nosuch/")).status_code == 401
     junk = b"{not json"
-    assert post(junk, {push.SIGNATURE_HEADER: sign_request("regional", ["pw"], "POST", path, junk)}).status_code == 400
+    assert post(junk, {SIGNATURE_HEADER: sign_request("regional", ["pw"], "POST", path, junk)}).status_code == 400
     big = json.dumps({"pad": "x" * 1_100_000}).encode()
-    assert post(big, {push.SIGNATURE_HEADER: sign_request("regional", ["pw"], "POST", path, big)}).status_code == 413
+    assert post(big, {SIGNATURE_HEADER: sign_request("regional", ["pw"], "POST", path, big)}).status_code == 413
     with signer_clock(-(conf.webhook_tolerance() + CLOCK_SKEW + 2)):
         expired = push.signed_headers(batch)
     assert post(batch.body, expired).status_code == 403
@@ -175,7 +176,7 @@ def test_a_webhook_whose_content_length_is_no_number_gets_400(  # type: ignore[n
     request = (
         b"POST /sync/webhook/hq/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: abc\r\nConnection: close\r\n"
-        + f"{push.SIGNATURE_HEADER}: {signature}\r\n\r\n".encode()
+        + f"{SIGNATURE_HEADER}: {signature}\r\n\r\n".encode()
         + body
     )
     with socket.create_connection((url.hostname, url.port), timeout=10) as sock:

@@ -89,7 +89,7 @@ def reset_target_site(site: Site) -> None:
 
 
 def head(source: Site) -> int:
-    return int(source.run_python("from changefeed_sync import feed; print(feed.head('default'))"))
+    return int(source.run_python("from changefeed_sync.source import feed; print(feed.head('default'))"))
 
 
 def target_row(source: Site) -> dict[str, Any]:

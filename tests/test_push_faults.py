@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import requests
 
-from changefeed_sync.signing import sign_request
+from changefeed_sync.signing import SIGNATURE_HEADER, sign_request
 from tests.dbs import require_alias
 from tests.servers import Shell, Site, wait_until
 
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.timeout(180)
 
 SECRET = "faults-secret"
 WEBHOOK_PATH = "/sync/webhook/src/"
-SIGNATURE_HEADER = "X-Changefeed-Signature"
+
 ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-pw"
 
 DUMP_STATE = """
@@ -252,7 +252,7 @@ def s(sites: Sites) -> Iterator[Sites]:
 
 def last_event_id(site: Site) -> int:
     """The feed position of the site's newest event (positions are given after commit)."""
-    return int(site.run_python("from changefeed_sync import feed; print(feed.head('default'))"))
+    return int(site.run_python("from changefeed_sync.source import feed; print(feed.head('default'))"))
 
 
 def checkpoint(target: Site) -> int:

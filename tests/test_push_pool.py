@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from django.db import connections, transaction
 
-from changefeed_sync import feed, push
-from changefeed_sync.delivery import inline
 from changefeed_sync.models import Target
+from changefeed_sync.source import feed, push
+from changefeed_sync.source.delivery import inline
 from tests.receivers import Receiver, running
 from tests.testapp.models import Country, Language
 
@@ -36,7 +36,7 @@ WORKERS = 3
 
 @pytest.fixture
 def deliveries(settings: Any) -> Iterator[inline._Pool]:
-    settings.CHANGEFEED_SYNC_DELIVERY_BACKEND = "changefeed_sync.delivery.inline.InlineBackend"
+    settings.CHANGEFEED_SYNC_DELIVERY_BACKEND = "changefeed_sync.source.delivery.inline.InlineBackend"
     settings.CHANGEFEED_SYNC_DELIVERY_WORKERS = WORKERS
     previous, inline._pool = inline._pool, inline._Pool()
     push.forget_targets()

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from django.test import override_settings
 
-from changefeed_sync import push
-from changefeed_sync.delivery.inline import SharedRecorder
 from changefeed_sync.exceptions import DeliveryFailed
 from changefeed_sync.models import Target
+from changefeed_sync.source import push
+from changefeed_sync.source.delivery.inline import SharedRecorder
 from tests.testapp.models import Country
 
 pytestmark = [

@@ -17,11 +17,11 @@ import requests
 from django.core.files.base import ContentFile
 
 import changefeed_sync
-from changefeed_sync import files
-from changefeed_sync.follow import sync
 from changefeed_sync.models import DataSource, Target
-from changefeed_sync.pull import run_pull
 from changefeed_sync.signing import sign_request
+from changefeed_sync.source import file_serving
+from changefeed_sync.target.follow import sync
+from changefeed_sync.target.pull import run_pull
 from tests.dbs import require_alias
 from tests.helpers import state
 from tests.testapp.models import Category, Copy, Country, Document, Language, Tag
@@ -131,8 +131,8 @@ def test_files_of_another_model_are_refused_as_a_bad_token(
     # A snapshot token works for the Target it was listed to only...
     stolen = countries.get("files/", t=token)
     # ...and a token of another model, however obtained, is refused like a forged one.
-    unbound = files._token("testapp.document", "attachment", "docs/secret.txt")
-    bound = files._token("testapp.document", "attachment", "docs/secret.txt", "countries")
+    unbound = file_serving._token("testapp.document", "attachment", "docs/secret.txt")
+    bound = file_serving._token("testapp.document", "attachment", "docs/secret.txt", "countries")
     forged = countries.get("files/", t="forged")
     for answer in (stolen, countries.get("files/", t=unbound), countries.get("files/", t=bound)):
         assert answer.status_code == 403

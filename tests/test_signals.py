@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from django.db import transaction
 
-from changefeed_sync import notifier, push
 from changefeed_sync.models import Event
 from changefeed_sync.signals import events_committed
+from changefeed_sync.source import notifier, push
 from tests.testapp.models import Country, Plain
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")

@@ -25,15 +25,15 @@ from django.db import connections
 from django.db.migrations.executor import MigrationExecutor
 from django.test import Client
 
-from changefeed_sync import feed, outbox, push
-from changefeed_sync.client import FetchedPage, SourceClient
 from changefeed_sync.exceptions import ProtocolError, SourceReset
-from changefeed_sync.follow import check_source_id, sync
 from changefeed_sync.management.commands.changefeed_prune import prune
 from changefeed_sync.models import DataSource, Event, OutboxState, Target
-from changefeed_sync.pull import run_pull
 from changefeed_sync.signing import sign_request
+from changefeed_sync.source import feed, push, sequencer
 from changefeed_sync.status import source_rows
+from changefeed_sync.target.client import FetchedPage, SourceClient
+from changefeed_sync.target.follow import check_source_id, sync
+from changefeed_sync.target.pull import run_pull
 from tests.dbs import require_alias
 from tests.testapp.models import Country
 
@@ -68,7 +68,7 @@ def _get(base: str, path: str, **params: Any) -> requests.Response:
 
 
 def _identity() -> str:
-    return outbox.state("default").source_id
+    return sequencer.state("default").source_id
 
 
 # ---------------------------------------------------------------- the source
@@ -157,7 +157,7 @@ def test_a_replaced_source_stops_sync_follow_and_the_command(ds: DataSource, tgt
     assert ds.source_id == _identity()  # the first sync records it
     checkpoint = ds.checkpoint
     # The source is replaced (another site, or recreated: a new outbox).
-    outbox.reset_source_id("default")
+    sequencer.reset_source_id("default")
     Country.objects.create(code="de")
     with pytest.raises(SourceReset, match=RESET):
         sync(ds, using=tgt)
@@ -246,7 +246,7 @@ def test_a_source_without_identity_is_accepted_and_changes_nothing(
 
 @pytest.mark.parametrize("claimed", [17, "", "x" * 65, ["a"]])
 def test_a_malformed_identity_is_a_protocol_error(ds: DataSource, claimed: Any) -> None:
-    from changefeed_sync.client import source_id_of
+    from changefeed_sync.target.client import source_id_of
 
     with pytest.raises(ProtocolError, match="source_id"):
         source_id_of({"source_id": claimed}, "feed page")
@@ -373,7 +373,7 @@ def test_the_migration_gives_an_existing_install_an_identity(db_alias: str) -> N
     finally:
         executor = MigrationExecutor(connection)
         executor.migrate(executor.loader.graph.leaf_nodes())
-    assert outbox.state(db_alias).source_id == identity
+    assert sequencer.state(db_alias).source_id == identity
 
 
 def test_the_admin_shows_the_identity_and_the_reset(admin_client: Client) -> None:

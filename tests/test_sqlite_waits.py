@@ -11,7 +11,7 @@ import pytest
 from django.db import OperationalError, connection, transaction
 
 from changefeed_sync.models import Target
-from changefeed_sync.sqlite_waits import prompt_lock_waits, retry_transaction
+from changefeed_sync.source.sqlite_waits import prompt_lock_waits, retry_transaction
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 

@@ -25,10 +25,10 @@ import pytest
 import requests
 from django.test import Client
 
-from changefeed_sync import feed, longpoll, notifier
 from changefeed_sync.management.commands.changefeed_prune import prune
 from changefeed_sync.models import Target
 from changefeed_sync.signing import sign_request
+from changefeed_sync.source import feed, longpoll, notifier
 from tests.test_longpoll import (  # noqa: F401 - source_factory is a fixture
     SECRET,
     ASGICall,
@@ -129,14 +129,14 @@ def test_pages_come_as_they_commit(target: Target) -> None:
         [["s3"]],
     ]
     _check_chain(pages, 0)
-    source_id = feed.outbox.state("default").source_id
+    source_id = feed.sequencer.state("default").source_id
     assert {page["source_id"] for page in pages} == {source_id}
     assert notifier.stats("default")["waiting"] == 0  # the follower went: nothing waits
 
 
 def _full_length(monkeypatch: pytest.MonkeyPatch) -> None:
     """Streams last their whole ``wait`` (not somewhere in its last quarter)."""
-    from changefeed_sync import views
+    from changefeed_sync.source import views
 
     monkeypatch.setattr(views.random, "uniform", lambda low, high: high)
 
@@ -145,8 +145,8 @@ def test_a_stream_ends_in_the_last_quarter_of_wait(
     target: Target, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Followers that started together (a restart, a deploy) come back apart."""
-    from changefeed_sync import views
     from changefeed_sync.asgi import feed_application
+    from changefeed_sync.source import views
 
     asked: list[tuple[float, float]] = []
 

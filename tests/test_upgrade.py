@@ -16,8 +16,8 @@ from django.db import connections, transaction
 from django.db.migrations.executor import MigrationExecutor
 from django.db.models import F, Max
 
-from changefeed_sync import feed
 from changefeed_sync.models import Event, OutboxState
+from changefeed_sync.source import feed
 from tests.testapp.models import Country
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")

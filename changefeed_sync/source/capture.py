@@ -16,11 +16,11 @@ Three ways a row changes, three hooks:
 
 On PostgreSQL a save whose event needs nothing but the instance (no
 relations) sends its row and its event as one statement (``capture_pg``).
-What a write changed, as an event, is worked out in ``changes``; querysets
+What a write changed, as an event, is worked out in ``events``; querysets
 are wrapped in ``capture_bulk``.
 
 Writers take no lock among themselves: the feed's order is given after commit
-(``outbox.sequence``). What a writer reads to build its event, it reads under
+(``sequencer.sequence``). What a writer reads to build its event, it reads under
 a row lock, so that the order of events never contradicts what they say (see
 ``read_locks``).
 """
@@ -35,11 +35,10 @@ from django.db.models import signals
 
 from .. import outbox, registry
 from ..models import Event
-from ..read_locks import lock_for_events
 from ..registry import ModelOptions
 from ..serialization import key_from_attvalues, key_of_instance
 from .capture_pg import PLAN_ATTR, one_statement_plan, wrap_row_writes
-from .changes import (
+from .events import (
     SNAPSHOT_ATTR,
     capturing,
     paused,
@@ -47,6 +46,7 @@ from .changes import (
     upsert_change,
     write_upserts,
 )
+from .read_locks import lock_for_events
 
 # ------------------------------------------------------------ registration
 

@@ -15,7 +15,7 @@ from .. import outbox
 from ..keys import resolve_keys
 from ..registry import ModelOptions
 from ..serialization import key_of_instance, key_of_row
-from .changes import capturing, no_capture, write_upserts
+from .events import capturing, no_capture, write_upserts
 
 
 def _write_db(qs: QuerySet[Any]) -> str:

@@ -10,9 +10,10 @@ from typing import Any
 
 from django.db import connections, models, transaction
 
-from .. import outbox, outbox_pg
+from .. import outbox
 from ..registry import ModelOptions
-from .changes import SNAPSHOT_ATTR, capturing, has_expression, upsert_change
+from . import outbox_pg
+from .events import SNAPSHOT_ATTR, capturing, has_expression, upsert_change
 
 PLAN_ATTR = "_changefeed_one_statement"
 

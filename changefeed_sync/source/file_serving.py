@@ -121,7 +121,7 @@ def describe_current(
 
 def open_listed(
     token: str, requester: str | None = None, *, models: Iterable[str] | None = None
-) -> tuple[File, int]:
+) -> tuple[File[Any], int]:
     """The file a token names, opened for reading, and its size.
 
     Raises BadFileToken for a token this source did not sign (or too old, or

@@ -2,7 +2,7 @@
 
 Rows are paged by primary key (keyset, never OFFSET), so each page costs the
 same whatever the table size. The snapshot starts by recording the feed
-position: every event up to it is committed (outbox.sequence), so the rows read
+position: every event up to it is committed (sequencer.sequence), so the rows read
 afterwards reflect at least that state, and a target that continues the feed
 from that position misses nothing. Events after it may already be in the
 rows read; replaying them is harmless because applying is idempotent.
@@ -17,12 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .. import outbox, registry
+from .. import registry
 from ..digests import DIGEST_VERSION, MAX_BUCKETS, DigestReader, decode_buckets
 from ..keys import model_order
 from ..registry import ModelOptions
 from ..serialization import PROTOCOL_VERSION
-from . import file_serving
+from . import file_serving, sequencer
 
 DIGEST_SECONDS = 2.0  # a digest request answers after about this long
 
@@ -36,12 +36,12 @@ DIGEST_SECONDS = 2.0  # a digest request answers after about this long
 def start(using: str, models: Sequence[str] | None = None) -> dict[str, Any]:
     """The snapshot's feed position, this source's identity and the models to read,
     parents first: every registered model, or those of ``models`` (a Target's selection)."""
-    state = outbox.state(using)
+    state = sequencer.state(using)
     # Every event committed before now has a position up to the head (the
     # sequencer gives positions only after commit), so the rows read after
     # this reflect at least that state. When every event was pruned, the head
     # is the last pruned one (0 would be expired).
-    position = outbox.head(using)
+    position = sequencer.head(using)
     registered = list(registry.get_registered_models())
     if models is not None:
         allowed = set(models)

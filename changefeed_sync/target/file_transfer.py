@@ -41,7 +41,6 @@ from django.core.files.storage import Storage
 from django.core.files.utils import validate_file_name
 
 from .. import conf, registry
-from ..client import SourceClient
 from ..exceptions import (
     ChecksumMismatch,
     FileTransferError,
@@ -51,6 +50,7 @@ from ..exceptions import (
 from ..files import CHUNK_SIZE, digest, storage_of
 from ..registry import ModelOptions
 from ..signing import sign_request
+from .client import SourceClient
 
 logger = logging.getLogger("changefeed_sync.files")  # the name operators' logging knows
 

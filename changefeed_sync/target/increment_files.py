@@ -50,8 +50,6 @@ from pathlib import Path
 from typing import Any
 
 from .. import conf
-from ..apply import ApplyStats, apply_page
-from ..client import SourceClient
 from ..exceptions import (
     ApplyError,
     ChecksumMismatch,
@@ -64,6 +62,8 @@ from ..files import MISSING, OK, SUPERSEDED
 from ..models import DataSource
 from ..registry import ModelOptions, options_for_label
 from ..serialization import PROTOCOL_VERSION
+from .apply import ApplyStats, apply_page
+from .client import SourceClient
 from .file_transfer import Stage, temp_dir
 
 logger = logging.getLogger("changefeed_sync.files")  # the name operators' logging knows

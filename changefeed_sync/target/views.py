@@ -18,21 +18,21 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from .. import conf, webhook
+from .. import conf
 from ..exceptions import (
     ApplyError,
     ChangefeedError,
+    FramingError,
     SignatureError,
     SourceReset,
     SourceUnavailable,
+    TransferDeadline,
 )
-from ..files import TransferDeadline
-from ..framing import FramingError
 from ..http import error_response, plausible_name, shown
 from ..models import DataSource
-from ..push import SIGNATURE_HEADER
 from ..serialization import PROTOCOL_VERSION
-from ..signing import nonce_seen, verify_oidc, verify_request
+from ..signing import SIGNATURE_HEADER, nonce_seen, verify_oidc, verify_request
+from . import webhook
 
 logger = logging.getLogger("changefeed_sync.views")
 

@@ -11,8 +11,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 
+from changefeed_sync import rows
 from changefeed_sync.models import DataPull, DataSource
-from changefeed_sync.pull import Progress, execute, fail_stale_pulls
+from changefeed_sync.target.pull import Progress, execute, fail_stale_pulls
 
 _BAR = 30
 
@@ -94,6 +95,13 @@ class Command(BaseCommand):
             action="store_true",
             help="Allow deleting more than half of a model's rows.",
         )
+
+    def run_from_argv(self, argv: list[str]) -> None:
+        # Run by manage.py, this process does nothing but the pull: pausing the
+        # collector while pages are built is its own business (about an eighth of the
+        # pull's CPU). call_command() from a process that does more does not.
+        rows.allow_collection_pauses()
+        super().run_from_argv(argv)
 
     def handle(self, *args: Any, **options: Any) -> None:
         using = options["database"]

@@ -15,9 +15,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from changefeed_sync import push
-from changefeed_sync.delivery.inline import InlineBackend, pool
 from changefeed_sync.models import Target
+from changefeed_sync.source import push
+from changefeed_sync.source.delivery.inline import InlineBackend, pool
 
 
 class Command(BaseCommand):

@@ -6,7 +6,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from changefeed_sync import conf, outbox
+from changefeed_sync import conf
+
+from ...source import sequencer
 
 
 class Command(BaseCommand):
@@ -23,6 +25,6 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         using = options["database"] or conf.feed_database()
         if options["reset"]:
-            self.stdout.write(f"new source id {outbox.reset_source_id(using)}")
+            self.stdout.write(f"new source id {sequencer.reset_source_id(using)}")
         else:
-            self.stdout.write(outbox.state(using).source_id)
+            self.stdout.write(sequencer.state(using).source_id)

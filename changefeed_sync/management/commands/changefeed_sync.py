@@ -10,8 +10,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from changefeed_sync.exceptions import ChangefeedError
-from changefeed_sync.follow import sync
 from changefeed_sync.models import DataSource
+from changefeed_sync.target.follow import sync
 
 
 class _Stop(BaseException):

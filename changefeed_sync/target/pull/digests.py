@@ -7,10 +7,10 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ... import conf
-from ...client import SourceClient
 from ...digests import MAX_BUCKETS, DigestPage, encode_buckets
 from ...exceptions import ProtocolError
 from ...rows import collection_paused
+from ..client import SourceClient
 from .writer import ModelWriter
 
 ROWS_PER_BUCKET = 8

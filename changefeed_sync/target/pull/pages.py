@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from ...client import SourceClient
 from ...exceptions import ProtocolError
+from ..client import SourceClient
 
 
 def pages(

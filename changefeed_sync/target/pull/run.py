@@ -18,7 +18,6 @@ from django.db import transaction
 from django.utils import timezone
 
 from ... import conf, outbox, registry
-from ...client import SourceClient, source_id_of
 from ...context import applying
 from ...digests import DIGEST_VERSION
 from ...exceptions import ApplyError, ProtocolError
@@ -26,6 +25,7 @@ from ...models import DataSource
 from ...registry import ModelOptions
 from ...rows import collection_paused
 from ..apply import is_relay
+from ..client import SourceClient, source_id_of
 from ..file_transfer import Stage
 from .deletes import delete_missing
 from .digests import SourceDigests, compare_digests, digest_buckets, scope_deletes

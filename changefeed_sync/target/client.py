@@ -12,20 +12,21 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import requests
 import urllib3
 
-from . import conf
-from .exceptions import (
+from .. import conf
+from ..exceptions import (
     AuthenticationFailed,
     ConfigurationError,
     CursorExpired,
+    FramingError,
     ProtocolError,
     SignatureError,
     SourceReset,
     SourceUnavailable,
 )
-from .framing import FramingError, check_page
-from .models import SOURCE_ID_MAX, DataSource
-from .serialization import PROTOCOL_VERSION
-from .signing import sign_request
+from ..models import SOURCE_ID_MAX, DataSource
+from ..serialization import PROTOCOL_VERSION
+from ..signing import sign_request
+from .framing import check_page
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Reading the outbox after a cursor. No HTTP here: views.py wraps it.
 
 A cursor is a feed position (``Event.position``). Positions are given after
-commit by ``outbox.sequence``, gap-free and in order, so "every event with
+commit by ``sequencer.sequence``, gap-free and in order, so "every event with
 position > cursor, in position order" never skips a transaction that commits
 late: reading is a plain indexed range scan, after sequencing what committed.
 """
@@ -17,10 +17,11 @@ from typing import Any
 from django.conf import settings
 from django.db import connections
 
-from . import conf, outbox
-from .exceptions import CursorAhead, CursorExpired
-from .models import Event
-from .serialization import PROTOCOL_VERSION
+from .. import conf
+from ..exceptions import CursorAhead, CursorExpired
+from ..models import Event
+from ..serialization import PROTOCOL_VERSION
+from . import sequencer
 
 # Counting what is left is capped, so a far-behind reader costs no long scan
 # (counting 10,000 cost a catching-up reader more than reading its page).
@@ -83,21 +84,21 @@ class FeedPage:
 
 
 def pruned_through(using: str) -> int:
-    return outbox.state(using).pruned_through
+    return sequencer.state(using).pruned_through
 
 
 def head(using: str) -> int:
     """The last position this outbox gave out (after giving positions to every
     event committed so far). No reader's cursor can be beyond it."""
-    return outbox.head(using)
+    return sequencer.head(using)
 
 
-def check_cursor(since: int, using: str) -> outbox.State:
+def check_cursor(since: int, using: str) -> sequencer.State:
     """The outbox's state, after checking that ``since`` is a position it can
     continue from: CursorExpired when older than what is kept, CursorAhead when
     beyond its head (the source was reset or replaced, or the cursor comes from
     another site)."""
-    state = outbox.state(using)
+    state = sequencer.state(using)
     if since < state.pruned_through:
         raise CursorExpired(
             f"cursor {since} is older than the oldest event kept "
@@ -119,7 +120,7 @@ def read(
     list: none); the cursor still moves past the others.
     """
     using = using or conf.feed_database()
-    outbox.sequence(using)
+    sequencer.sequence(using)
     if since < pruned_through(using):
         raise CursorExpired(
             f"cursor {since} is older than the oldest event kept "

@@ -38,9 +38,9 @@ from typing import Any
 
 from django.db import DatabaseError, models, transaction
 
-from . import conf
-from .models import Event
-from .outbox import Change
+from .. import conf
+from ..models import Event
+from ..outbox import Change
 
 logger = logging.getLogger("changefeed_sync.capture")
 

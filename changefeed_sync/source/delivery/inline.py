@@ -47,8 +47,9 @@ import requests
 from django.db import connections
 from requests.adapters import HTTPAdapter
 
-from .. import conf, push
-from ..models import Target
+from ... import conf
+from ...models import Target
+from .. import push
 from ..sqlite_waits import prompt_lock_waits
 from .base import DeliveryBackend
 

@@ -18,12 +18,12 @@ from typing import NamedTuple
 from django.db import InterfaceError, OperationalError, close_old_connections
 from django.utils import timezone
 
-from . import conf
+from .. import conf
+from ..exceptions import ConfigurationError, CursorExpired, SourceReset
+from ..models import DataSource
 from .apply import ApplyStats
 from .client import FetchedPage, SourceClient
-from .exceptions import ConfigurationError, CursorExpired, SourceReset
 from .increment_files import apply_with_files
-from .models import DataSource
 
 logger = logging.getLogger("changefeed_sync.follow")
 
@@ -58,7 +58,7 @@ def _record_safely(source: DataSource, using: str, message: str) -> None:
 
 def _transient(exc: BaseException) -> bool:
     """Conditions that usually pass by themselves (logged as warnings; the rest as errors)."""
-    from .exceptions import SourceUnavailable
+    from ..exceptions import SourceUnavailable
 
     return isinstance(exc, (SourceUnavailable, OperationalError, InterfaceError))
 

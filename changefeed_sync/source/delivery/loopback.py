@@ -1,6 +1,6 @@
 """Deliver to receivers in this very process, for tests: no network, no thread.
 
-``CHANGEFEED_SYNC_DELIVERY_BACKEND = "changefeed_sync.delivery.loopback.LoopbackBackend"``,
+``CHANGEFEED_SYNC_DELIVERY_BACKEND = "changefeed_sync.source.delivery.loopback.LoopbackBackend"``,
 then ``connect(target_name, receive)`` for each target. The batches are the ones the
 inline backend would send (``batches.plan``: the same pages, bodies and signed headers),
 and the outcomes are recorded on the Target rows as push records them (``delivered_seq``
@@ -20,9 +20,9 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ...exceptions import DeliveryFailed
+from ...models import Target
 from .. import push
-from ..exceptions import DeliveryFailed
-from ..models import Target
 from .base import DeliveryBackend
 from .batches import Batch, plan
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from django.db import connections
 
-from . import conf
+from .. import conf
 
 logger = logging.getLogger("changefeed_sync.notifier")
 

@@ -17,22 +17,22 @@ from typing import Any
 
 from django.db import DataError, IntegrityError, connections
 
-from . import conf, sql
+from .. import conf, sql
+from ..exceptions import ApplyError, ProtocolError
+from ..models import DataSource
+from ..registry import options_for_label
+from ..serialization import PROTOCOL_VERSION, decode_value
+from ..signing import remember_nonce
 from .apply import ApplyStats
 from .client import SourceClient, source_id_of
-from .exceptions import ApplyError, ProtocolError
 from .follow import check_source_id, sync
 from .framing import check_page
 from .increment_files import apply_with_files, kept_dir, references
-from .models import DataSource
-from .registry import options_for_label
-from .serialization import PROTOCOL_VERSION, decode_value
-from .signing import remember_nonce
 
 
 def parse(body: Any) -> tuple[int, int, list[dict[str, Any]]]:
     """(since, last_seq, events) of a webhook body: ProtocolError if it is malformed,
-    framing.FramingError if its positions or keys are inconsistent (framing.py)."""
+    exceptions.FramingError if its positions or keys are inconsistent (framing.py)."""
     if not isinstance(body, dict):
         raise ProtocolError("webhook body must be a JSON object")
     if body.get("protocol") != PROTOCOL_VERSION:
@@ -110,7 +110,7 @@ def receive(
     in one transaction: a request that failed can be retried identically.
     The files the batch references are downloaded from the Data Source's URL
     with its credentials before the batch's transaction (increment_files.py),
-    until ``deadline`` (time.monotonic()); then files.TransferDeadline, and
+    until ``deadline`` (time.monotonic()); then exceptions.TransferDeadline, and
     what was downloaded is kept for the retry.
 
     A batch from a source whose identity (``source_id``) is not the one the

@@ -15,9 +15,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .. import conf, feed, outbox
-from ..models import Target
-from ..serialization import PROTOCOL_VERSION
+from ... import conf
+from ...models import Target
+from ...serialization import PROTOCOL_VERSION
+from .. import feed, sequencer
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def plan(
         groups.setdefault((since, None if labels is None else tuple(labels)), []).append(target)
     if not groups:
         return {}
-    source_id = outbox.state(using).source_id
+    source_id = sequencer.state(using).source_id
     plans: dict[int, Plan] = {}
     for (since, selection), members in groups.items():
         chunks, more = _read(since, selection, members, source_id, using, max_events)

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import random
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,25 +28,23 @@ from django.utils.log import log_response
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods
 
-from . import conf, feed, files, longpoll, outbox, snapshot
-from .exceptions import CursorAhead, CursorExpired, SignatureError
-from .http import error_response, plausible_name, shown
-from .models import Target
-from .serialization import PROTOCOL_VERSION
+from .. import conf
+from ..exceptions import BadFileToken, CursorAhead, CursorExpired, SignatureError
+from ..http import bool_param, error_response, float_param, int_param, plausible_name, shown
+from ..models import Target
+from ..serialization import PROTOCOL_VERSION
+from . import feed, file_serving, longpoll, sequencer, snapshot
 from .sqlite_waits import prompt_lock_waits, retry_transaction
 
 logger = logging.getLogger("changefeed_sync.views")
 
 
-#: Largest integer a query parameter may carry: positions and keys are 64-bit.
-MAX_INT = 2**63 - 1
-_INTEGER = re.compile(r"-?[0-9]{1,19}")
 
 
 def verify(request: HttpRequest, using: str) -> tuple[str, str, Target]:
     """(target name, nonce, the Target) of a signed feed or snapshot request, or
     SignatureError."""
-    from .signing import verify_request
+    from ..signing import verify_request
 
     found: list[Target] = []
 
@@ -73,7 +70,7 @@ def verify(request: HttpRequest, using: str) -> tuple[str, str, Target]:
 
 def record_request(name: str, nonce: str, using: str, seq: int | None = None) -> None:
     """Replay guard and "last seen", in one short write transaction."""
-    from .signing import remember_nonce
+    from ..signing import remember_nonce
 
     def write() -> None:
         with transaction.atomic(using=using):
@@ -85,43 +82,6 @@ def record_request(name: str, nonce: str, using: str, seq: int | None = None) ->
 
     # Every request writes: on a busy SQLite source, wait for the lock promptly.
     retry_transaction(using, write)
-
-
-def _int_param(request: HttpRequest, name: str, default: int) -> int:
-    """A query parameter as a 64-bit integer in plain decimal digits, or ValueError."""
-    raw = request.GET.get(name)
-    if raw is None or raw == "":
-        return default
-    if not _INTEGER.fullmatch(raw) or not -MAX_INT - 1 <= int(raw) <= MAX_INT:
-        raise ValueError(
-            f"query parameter {name!r} must be an integer between {-MAX_INT - 1} and "
-            f"{MAX_INT}, got {shown(raw)}"
-        )
-    return int(raw)
-
-
-def _float_param(request: HttpRequest, name: str, default: float) -> float:
-    raw = request.GET.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        if len(raw) > 40:
-            raise ValueError
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise ValueError(f"query parameter {name!r} must be a number, got {shown(raw)}")
-    return value
-
-
-def _bool_param(request: HttpRequest, name: str) -> bool:
-    raw = request.GET.get(name)
-    if raw is None or raw in ("", "0"):
-        return False
-    if raw == "1":
-        return True
-    raise ValueError(f"query parameter {name!r} must be 0 or 1, got {shown(raw)}")
 
 
 def _refused(request: HttpRequest, exc: SignatureError) -> JsonResponse:
@@ -148,7 +108,7 @@ def _not_offered(label: str) -> JsonResponse:
 
 def _offered(target: Target, label: str) -> bool:
     """Whether ``label`` is a registered model this Target receives."""
-    from .registry import options_for_label
+    from ..registry import options_for_label
 
     allowed = target.allowed_models()
     options = options_for_label(label)
@@ -172,9 +132,9 @@ def snapshot_view(request: HttpRequest) -> JsonResponse:
     after = request.GET.get("after")
     try:
         _check_after(label, after, using)
-        limit = max(_int_param(request, "limit", 1000), 1)
-        digest = _int_param(request, "digest", 0)
-        buckets = _int_param(request, "buckets", 0)
+        limit = max(int_param(request, "limit", 1000), 1)
+        digest = int_param(request, "digest", 0)
+        buckets = int_param(request, "buckets", 0)
         if digest:  # bucket digests: no rows, so many more rows per request
             body = snapshot.digest(
                 label, after, min(limit, 100 * conf.feed_max_limit()), digest, using
@@ -198,7 +158,7 @@ def _check_after(label: str, after: str | None, using: str) -> None:
     from django.core.exceptions import ValidationError
     from django.db import connections
 
-    from .registry import options_for_label
+    from ..registry import options_for_label
 
     if after in (None, ""):
         return
@@ -216,7 +176,7 @@ def _check_after(label: str, after: str | None, using: str) -> None:
         raise ValueError(problem) from None
     internal = pk.get_internal_type()
     if isinstance(value, int) and internal.endswith(("IntegerField", "AutoField")):
-        from .sql import integer_range
+        from ..sql import integer_range
 
         low, high = integer_range(connections[using], internal)
         if not low <= value <= high:
@@ -232,7 +192,7 @@ MAX_DESCRIBE = 1000
 @require_http_methods(["GET", "POST"])
 def file_view(request: HttpRequest) -> FileResponse | JsonResponse:
     """GET: the bytes of one file a token names (from a snapshot page or a POST here).
-    POST: describe the files an increment references (files.describe_current)."""
+    POST: describe the files an increment references (file_serving.describe_current)."""
     using = conf.feed_database()
     try:
         name, nonce, target = verify(request, using)
@@ -242,10 +202,10 @@ def file_view(request: HttpRequest) -> FileResponse | JsonResponse:
     if request.method == "POST":
         return _describe_files(request, target, using)
     try:
-        handle, size = files.open_listed(
+        handle, size = file_serving.open_listed(
             request.GET.get("t", ""), name, models=target.allowed_models()
         )
-    except files.BadFileToken as exc:
+    except BadFileToken as exc:
         # One answer for every reason (forged, expired, another Target's, another
         # model's): nothing tells whether a model or file exists. The reason is logged.
         logger.warning("file request of %.200s refused: %.500s", name, exc)
@@ -282,7 +242,7 @@ def _describe_files(request: HttpRequest, target: Target, using: str) -> JsonRes
         return error_response(400, f"at most {MAX_DESCRIBE} files per request", "bad_request")
     models = target.allowed_models()
     answers = [
-        files.describe_current(item, target=target.name, models=models, using=using)
+        file_serving.describe_current(item, target=target.name, models=models, using=using)
         for item in items
     ]
     return JsonResponse({"protocol": PROTOCOL_VERSION, "files": answers})
@@ -478,10 +438,10 @@ def _feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
     except SignatureError as exc:
         return _refused(request, exc)
     try:
-        since = _int_param(request, "since", 0)
-        limit = _int_param(request, "limit", conf.feed_default_limit())
-        wait = _float_param(request, "wait", 0.0)
-        stream = _bool_param(request, "stream")
+        since = int_param(request, "since", 0)
+        limit = int_param(request, "limit", conf.feed_default_limit())
+        wait = float_param(request, "wait", 0.0)
+        stream = bool_param(request, "stream")
     except ValueError as exc:
         return error_response(400, str(exc), "bad_parameter")
     if since < 0 or limit < 1:
@@ -498,7 +458,7 @@ def _feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
             return _refused(request, refused)
         if isinstance(exc, CursorAhead):
             return error_response(409, str(exc), "cursor_ahead", position=exc.head,
-                          source_id=outbox.state(using).source_id)  # fmt: skip
+                          source_id=sequencer.state(using).source_id)  # fmt: skip
         return error_response(410, str(exc), "cursor_expired")
     try:
         record_request(name, nonce, using, seq=since)

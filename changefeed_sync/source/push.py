@@ -31,26 +31,24 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import conf
-from .cache import TtlCache
+from .. import conf
+from ..cache import TtlCache
+from ..exceptions import DeliveryFailed
+from ..models import Target
+from ..signing import ID_HEADER, SIGNATURE_HEADER, sign_request
 from .delivery.base import DeliveryBackend
-from .delivery.batches import (  # noqa: F401 - part of push's interface
-    PAGE_EVENTS,
-    Batch,
-    Chunk,
-    Plan,
-    _body,
-    batches,
-    plan,
-)
-from .exceptions import DeliveryFailed
-from .models import Target
-from .signing import sign_request
+
+# Part of push's interface: the delivery backends plan and read batches through push.
+from .delivery.batches import PAGE_EVENTS as PAGE_EVENTS
+from .delivery.batches import Batch as Batch
+from .delivery.batches import Chunk as Chunk
+from .delivery.batches import Plan as Plan
+from .delivery.batches import _body as _body
+from .delivery.batches import batches as batches
+from .delivery.batches import plan as plan
 
 logger = logging.getLogger("changefeed_sync.push")
 
-SIGNATURE_HEADER = "X-Changefeed-Signature"
-ID_HEADER = "Webhook-Id"
 
 
 # ---------------------------------------------------------------- scheduling

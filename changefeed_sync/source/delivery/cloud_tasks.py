@@ -30,8 +30,9 @@ from typing import Any
 from google.api_core import exceptions as google_exceptions
 from google.cloud import tasks_v2
 
-from .. import conf, push
-from ..models import Target
+from ... import conf
+from ...models import Target
+from .. import push
 from .base import DeliveryBackend
 
 logger = logging.getLogger("changefeed_sync.push")

@@ -17,9 +17,9 @@ from django.db import models
 from .. import outbox, registry
 from ..context import _applying
 from ..models import Event
-from ..read_locks import lock_for_events
 from ..registry import ModelOptions
 from ..serialization import key_from_attvalues, payload_from_instance, payloads_from_db
+from .read_locks import lock_for_events
 
 # Set while one of our queryset wrappers runs, so the queryset calls it makes
 # internally (bulk_update calls update) are not captured a second time.

@@ -30,10 +30,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from . import registry
-from .exceptions import FramingError, ProtocolError
-from .registry import ModelOptions
-from .serialization import decode_value, encode_value
+from .. import registry
+from ..exceptions import FramingError, ProtocolError
+from ..registry import ModelOptions
+from ..serialization import decode_value, encode_value
 
 #: Largest position: positions are 64-bit signed ids.
 MAX_POSITION = 2**63 - 1

@@ -33,9 +33,9 @@ from typing import Any
 
 from django.db import connections, models
 
-from . import registry
-from .keys import max_params
-from .serialization import chunked
+from .. import registry
+from ..keys import max_params
+from ..serialization import chunked
 
 _EXCLUSIVE = {"postgresql": " FOR NO KEY UPDATE", "mysql": " FOR UPDATE"}
 _SHARE = {"postgresql": " FOR KEY SHARE", "mysql": " LOCK IN SHARE MODE"}
