@@ -482,3 +482,17 @@ def check_wsgi_long_polls(app_configs: Any = None, **kwargs: Any) -> list[checks
             "W004",
         )
     ]
+
+
+@checks.register(checks.Tags.database)
+def check_row_filters(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """E011: Targets' row_filters that Target.clean() refuses (saved past it, or a
+    registration changed since). Reads Target rows: database checks only."""
+    from .filters import saved_filter_problems
+    from .models import Target
+
+    hint = "Correct the Target's row filters in the admin, which lists the same problems."
+    return [
+        _error(message, hint, target, "E011")
+        for target, message in saved_filter_problems(Target.objects, kwargs.get("databases"))
+    ]

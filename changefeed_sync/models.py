@@ -213,6 +213,12 @@ class Target(models.Model):
         blank=True,
         help_text='Model labels this target receives, e.g. ["shop.country"]. Empty: all.',
     )
+    row_filters = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='Per model, the rows this target receives, as Django field lookups on '
+        'registered fields, e.g. {"shop.country": {"code__in": ["fr", "be"]}}. Empty: every row.',
+    )
     paused = models.BooleanField(
         default=False, help_text="Deliveries paused (the feed still answers)."
     )
@@ -233,6 +239,13 @@ class Target(models.Model):
 
     def secret_list(self) -> list[str]:
         return split_secrets(self.secrets)
+
+    def clean(self) -> None:
+        from .filters import filter_problems
+
+        problems = filter_problems(self.row_filters)
+        if problems:
+            raise ValidationError({"row_filters": problems})
 
     def allowed_models(self) -> list[str] | None:
         """The model labels this Target receives (lower case), or None for all."""
