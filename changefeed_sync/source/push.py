@@ -34,6 +34,7 @@ from django.utils.module_loading import import_string
 from .. import conf
 from ..cache import TtlCache
 from ..exceptions import DeliveryFailed
+from ..filters import is_filtered
 from ..models import Target
 from ..signing import ID_HEADER, SIGNATURE_HEADER, sign_request
 from .delivery.base import DeliveryBackend
@@ -62,12 +63,13 @@ def push_target_ids(using: str) -> list[int]:
     """Targets that take deliveries (as of at most a second ago)."""
 
     def load() -> list[int]:
-        return list(
+        found = (
             Target.objects.using(using)
             .filter(active=True, paused=False)
             .exclude(webhook_url="")
-            .values_list("pk", flat=True)
+            .values_list("pk", "row_filters")
         )
+        return [pk for pk, filters in found if not is_filtered(filters)]
 
     return _target_ids.get(using, load)
 
@@ -277,7 +279,13 @@ def deliver_pending(
 
 
 def takes_deliveries(target: Target) -> bool:
-    return bool(target.active and not target.paused and target.webhook_url)
+    # Row filters are not served yet (issue 14): nothing rather than rows outside them.
+    return bool(
+        target.active
+        and not target.paused
+        and target.webhook_url
+        and not is_filtered(target.row_filters)
+    )
 
 
 def backoff_left(target: Target) -> float | None:

@@ -1,0 +1,79 @@
+"""Row filters are validated (tests/test_row_filters.py) but not served yet (issue 14
+in progress): a Target that has them gets a 409 naming them on every endpoint, and no
+push, never rows outside its filters. Through real HTTP (a live server: this
+process's SQLite "default" as the source)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import requests
+
+from changefeed_sync.models import Target
+from changefeed_sync.source import push
+from tests.test_restriction import SECRET, Endpoint
+from tests.testapp.models import Country
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(120),
+]
+
+FILTERS = {"testapp.country": {"code__in": ["fr"]}}
+
+
+@pytest.fixture
+def filtered(live_server: Any) -> tuple[Endpoint, Endpoint]:
+    """(a Target with row filters, the same Target without)."""
+    Target.objects.create(name="regional", secrets=SECRET, row_filters=FILTERS)
+    Target.objects.create(name="everything", secrets=SECRET)
+    Country.objects.create(code="fr", name="France")
+    Country.objects.create(code="de", name="Germany")
+    return Endpoint(live_server.url, "regional"), Endpoint(live_server.url, "everything")
+
+
+def _refused(answer: requests.Response) -> None:
+    assert answer.status_code == 409, answer.text
+    body = answer.json()
+    assert body["code"] == "row_filters_not_served"
+    assert "'regional'" in body["error"] and "row_filters" in body["error"]
+    assert "Germany" not in answer.text and "France" not in answer.text
+
+
+def test_every_endpoint_refuses_a_filtered_target(filtered: tuple[Endpoint, Endpoint]) -> None:
+    regional, everything = filtered
+    _refused(regional.get("feed/", since=0))
+    _refused(regional.get("feed/", since=0, stream=1, wait=1))
+    _refused(regional.get("snapshot/"))
+    _refused(regional.get("snapshot/", model="testapp.country"))
+    _refused(regional.get("files/", t="x"))
+    _refused(regional.post("files/", json.dumps({"protocol": 1, "files": []}).encode()))
+    # The same request of an unfiltered Target is answered.
+    page = everything.get("feed/", since=0)
+    assert page.status_code == 200
+    assert {e["key"][0] for e in page.json()["events"]} == {"fr", "de"}
+
+
+def test_clearing_the_filters_serves_the_target_again(
+    filtered: tuple[Endpoint, Endpoint],
+) -> None:
+    regional, _ = filtered
+    _refused(regional.get("feed/", since=0))
+    Target.objects.filter(name="regional").update(row_filters={})
+    assert regional.get("feed/", since=0).status_code == 200
+
+
+def test_a_filtered_target_gets_no_push(live_server: Any) -> None:
+    hook = f"{live_server.url}/sync/webhook/hq/"
+    filtered = Target.objects.create(
+        name="regional", secrets=SECRET, webhook_url=hook, row_filters=FILTERS
+    )
+    plain = Target.objects.create(name="everything", secrets=SECRET, webhook_url=hook)
+    push.forget_targets()
+    assert push.push_target_ids("default") == [plain.pk]
+    assert not push.takes_deliveries(filtered)
+    assert push.deliver_pending(filtered.pk, "default") is None  # nothing sent, no retry
+    filtered.refresh_from_db()
+    assert filtered.delivered_seq == 0 and filtered.failures == 0
