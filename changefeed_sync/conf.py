@@ -95,7 +95,7 @@ _read: dict[str, Any] = {}
 
 def get(name: str) -> Any:
     """The raw value of ``CHANGEFEED_SYNC_<name>``, or its default; the system
-    checks (checks.py) validate it, the accessors below convert it.
+    checks (checks/configuration.py) validate it, the accessors below convert it.
 
     Read once, then kept until a setting changes (``setting_changed``, which
     ``override_settings`` sends): a save reads several settings, and asking

@@ -5,7 +5,7 @@ decorator (``register_model``, the name django-data-sync used). Options are
 kept in an immutable record; everything derived from them is computed once.
 Misconfiguration that can only be judged once all apps are loaded (a path
 that does not resolve, a key that is not unique) is reported by the system
-checks in ``checks.py``, not here.
+checks in ``checks/``, not here.
 """
 
 from __future__ import annotations

@@ -27,5 +27,5 @@ class DeliveryBackend(ABC):
     @staticmethod
     def configuration_problems() -> list[str]:
         """What the settings lack for this backend, each reported as system check E104
-        (checks.py asks the class, before any instance exists). None by default."""
+        (the checks ask the class, before any instance exists). None by default."""
         return []
