@@ -55,8 +55,9 @@ def collection_paused() -> Iterator[None]:
 
     A page allocates tens of thousands of containers that all live until the page is
     done, so the collector runs again and again over them (and, when they reach the
-    oldest generation, over every object of the process) for nothing: measured with
-    bench/pull.py, about an eighth of the CPU of a pull process. Pages are short;
+    oldest generation, over every object of the process) for nothing (measured once
+    in bench/pull.py's pull process, with a switch that was not kept: a noticeable
+    share of its CPU). Pages are short;
     collection resumes between them, so memory stays bounded. Counted across threads:
     the collector is enabled again when the last pause ends, and only if it was
     enabled before the first. It pauses every thread of the process, so it does

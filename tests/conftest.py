@@ -14,7 +14,7 @@ stops the run with a non-zero exit status instead: CI must not skip for a missin
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -119,3 +119,14 @@ def backend_pair(request: pytest.FixtureRequest) -> tuple[str, str]:
     require_alias(source)
     require_alias(target)
     return source, target
+
+
+@pytest.fixture
+def clean_registry() -> Iterator[None]:
+    """Unregister whatever a test registered, even when it fails half-way."""
+    from changefeed_sync import registry, unregister
+
+    before = set(registry.get_registered_models())
+    yield
+    for model in set(registry.get_registered_models()) - before:
+        unregister(model)

@@ -7,7 +7,6 @@ the rest of the suite sees the registry exactly as ``tests.testapp`` left it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import django
@@ -22,7 +21,7 @@ from django.db import models
 from django.test import override_settings
 
 import changefeed_sync
-from changefeed_sync import conf, registry
+from changefeed_sync import conf
 from changefeed_sync.checks import (
     SETTING_CHECKS,
     check_delivery,
@@ -190,13 +189,8 @@ class ChkDerived(ChkBase):
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def clean_registry() -> Iterator[None]:
-    """Unregister whatever a test registered, even when it fails half-way."""
-    before = set(registry.get_registered_models())
-    yield
-    for model in set(registry.get_registered_models()) - before:
-        changefeed_sync.unregister(model)
+# Unregisters whatever a test registered, even when it fails half-way (conftest.py).
+pytestmark = pytest.mark.usefixtures("clean_registry")
 
 
 def errors_for(model: type[models.Model]) -> list[checks.CheckMessage]:

@@ -7,7 +7,6 @@ unregisters them again, so the rest of the suite is not affected.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -92,12 +91,8 @@ class RegOwnKey(models.Model):
         return (f"own:{self.slug}",)
 
 
-@pytest.fixture(autouse=True)
-def clean_registry() -> Iterator[None]:
-    before = set(registry.get_registered_models())
-    yield
-    for model in set(registry.get_registered_models()) - before:
-        changefeed_sync.unregister(model)
+# Unregisters whatever a test registered, even when it fails half-way (conftest.py).
+pytestmark = pytest.mark.usefixtures("clean_registry")
 
 
 def widget_events() -> list[Event]:

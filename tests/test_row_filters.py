@@ -12,7 +12,6 @@ The models below are registered only by the tests that need them (the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -67,13 +66,8 @@ class RfBook(models.Model):
         app_label = "testapp"
 
 
-@pytest.fixture(autouse=True)
-def clean_registry() -> Iterator[None]:
-    """Unregister whatever a test registered, even when it fails half-way."""
-    before = set(registry.get_registered_models())
-    yield
-    for model in set(registry.get_registered_models()) - before:
-        changefeed_sync.unregister(model)
+# Unregisters whatever a test registered, even when it fails half-way (conftest.py).
+pytestmark = pytest.mark.usefixtures("clean_registry")
 
 
 #: The issue's example, on the test app's models.

@@ -27,10 +27,9 @@ from . import file_serving, sequencer
 DIGEST_SECONDS = 2.0  # a digest request answers after about this long
 
 # Pages and digests are built with the garbage collector running. Pausing it
-# (rows.collection_paused) saved about a fifth of the CPU of serving a page, but it
-# pauses every thread of the web process (long-polls, other requests), and the time
-# of a whole pull did not move (bench/pull.py): serving stays free of process-wide
-# side effects.
+# (rows.collection_paused) saved some CPU of serving a page (measured once, with a
+# switch that was not kept), but it pauses every thread of the web process
+# (long-polls, other requests): serving stays free of process-wide side effects.
 
 
 def start(using: str, models: Sequence[str] | None = None) -> dict[str, Any]:

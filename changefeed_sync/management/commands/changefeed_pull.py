@@ -98,7 +98,7 @@ class Command(BaseCommand):
 
     def run_from_argv(self, argv: list[str]) -> None:
         # Run by manage.py, this process does nothing but the pull: pausing the
-        # collector while pages are built is its own business (about an eighth of the
+        # collector while pages are built is its own business (it saves a share of the
         # pull's CPU). call_command() from a process that does more does not.
         rows.allow_collection_pauses()
         super().run_from_argv(argv)
