@@ -108,6 +108,18 @@ class SourceReset(SourceError):
         )
 
 
+class RowFiltersInvalid(ConfigurationError):
+    """Source side: a Target's saved ``row_filters`` are not valid (saved past
+    ``Target.clean()``, or a registration changed since: system check E011). Nothing is
+    served to it rather than rows outside what was meant; ``problems`` lists what is
+    wrong, as the admin and E011 say it."""
+
+    def __init__(self, target: str, problems: list[str]) -> None:
+        self.target = target
+        self.problems = problems
+        super().__init__(f"Target {target!r}: row_filters: " + " ".join(problems))
+
+
 class SignatureError(ChangefeedError):
     """A request's credential is missing, malformed, wrong, expired or replayed.
 
@@ -142,6 +154,12 @@ class BadFileToken(ChangefeedError):
     """Source side: a download request names no file this source listed (its token is
     forged, expired, another target's or of a model it does not receive); answered
     403, one answer for every reason, the reason logged."""
+
+
+class FileOutsideFilter(ChangefeedError):
+    """Source side: a download's token is good, but no row inside the requesting
+    Target's row filters references the file now (its row left the filter, or names
+    another file since); answered 404 ``file_outside_filter``, as a file gone is."""
 
 
 class TransferDeadline(SourceUnavailable):

@@ -17,6 +17,7 @@ from itertools import islice
 from typing import Any
 
 from django.db import connections, models
+from django.db.models import Q
 
 from . import registry
 from .keys import max_params, resolve_keys
@@ -119,11 +120,17 @@ class RowReader:
     Without joins, no plan can turn a page into a scan of the whole table (PostgreSQL
     did, on tables not analyzed yet). Text columns skip the per-value encode/decode
     calls: the snapshot's source and the pull's target both read every row.
-    digests.DigestReader adds reading them as bucket digests."""
+    digests.DigestReader adds reading them as bucket digests.
 
-    def __init__(self, options: ModelOptions, using: str) -> None:
+    With ``row_filter`` (a Target's row filter, selection.py) only the rows matching it
+    are read: the database applies it to every query on the model's own table, the
+    keyset by primary key unchanged (a filter through a parent joins that parent's
+    table by its primary key, for the rows of the page)."""
+
+    def __init__(self, options: ModelOptions, using: str, row_filter: Q | None = None) -> None:
         self.options = options
         self.using = using
+        self.row_filter = row_filter
         self.fks = [(fk, registry.get_options(fk.related_model)) for fk in options.fk_fields]
         self.n = len(options.lookups)
         self.text_key = all(plain_text(f) for f in options.key_fields)
@@ -247,10 +254,15 @@ class RowReader:
             data[link.fk.name] = list(nat) if link.nat_text else list(key_of_row(link.rel, nat))
         return data
 
+    def _table(self) -> Any:
+        """The model's rows this reader reads: all, or those of its row filter."""
+        rows = self.options.model._base_manager.using(self.using).all()
+        return rows if self.row_filter is None else rows.filter(self.row_filter)
+
     def _ordered(self, after: str | None) -> Any:
         pk_field = self.options.model._meta.pk
         assert pk_field is not None
-        ordered = self.options.model._base_manager.using(self.using).order_by("pk")
+        ordered = self._table().order_by("pk")
         if after not in (None, ""):
             ordered = ordered.filter(pk__gt=pk_field.to_python(after))
         return ordered
@@ -333,8 +345,7 @@ class RowReader:
             for chunk, _ in self._rows_after(None, 2**62, columns):
                 yield chunk
             return
-        manager = self.options.model._base_manager.using(self.using)
-        rows = manager.values_list(*columns).iterator(chunk_size=_READ_CHUNK)
+        rows = self._table().values_list(*columns).iterator(chunk_size=_READ_CHUNK)
         try:
             while chunk := list(islice(rows, _READ_CHUNK)):
                 yield chunk
@@ -357,11 +368,19 @@ class RowReader:
             return found
         if not self.fast:
             existing = resolve_keys(options, wanted, self.using)
+            if self.row_filter is not None:
+                pks = list(existing.values())
+                kept = {
+                    pk
+                    for chunk in chunked(pks, max_params(self.using))
+                    for pk in self._table().filter(pk__in=chunk).values_list("pk", flat=True)
+                }
+                existing = {k: pk for k, pk in existing.items() if pk in kept}
             payloads = payloads_from_db(options, list(existing.values()), self.using)
             return {k: (pk, payloads[pk]["data"]) for k, pk in existing.items() if pk in payloads}
         limit = max_params(self.using)
         local = self._local_heads(wanted, self._via_links(wanted, limit))
-        manager = options.model._base_manager.using(self.using)
+        manager = self._table()
         lookups = [lookup for lookup, _, _ in self.heads]
         head_columns = [column for _, column, _ in self.heads]
         for chunk in _key_chunks(set(local), len(lookups), limit):

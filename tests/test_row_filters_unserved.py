@@ -1,7 +1,8 @@
-"""Row filters are validated (tests/test_row_filters.py) but not served yet (issue 14
-in progress): a Target that has them gets a 409 naming them on every endpoint, and no
-push, never rows outside its filters. Through real HTTP (a live server: this
-process's SQLite "default" as the source)."""
+"""Issue 14 in progress: a Target with row filters is served a Data Pull of the rows
+inside them (snapshot/, files/: tests/test_row_filters_pull.py), but not the feed yet:
+feed/, its long-poll and its stream answer a 409 naming the filters, and no push goes
+to it, never events of rows outside its filters. Through real HTTP (a live server:
+this process's SQLite "default" as the source)."""
 
 from __future__ import annotations
 
@@ -39,24 +40,55 @@ def _refused(answer: requests.Response) -> None:
     body = answer.json()
     assert body["code"] == "row_filters_not_served"
     assert "'regional'" in body["error"] and "row_filters" in body["error"]
+    assert "the feed of a filtered Target is not served yet; a Data Pull is" in body["error"]
     assert "Germany" not in answer.text and "France" not in answer.text
 
 
-def test_every_endpoint_refuses_a_filtered_target(filtered: tuple[Endpoint, Endpoint]) -> None:
+def test_the_feed_refuses_a_filtered_target(filtered: tuple[Endpoint, Endpoint]) -> None:
     regional, everything = filtered
     _refused(regional.get("feed/", since=0))
+    _refused(regional.get("feed/", since=0, wait=1))
     _refused(regional.get("feed/", since=0, stream=1, wait=1))
-    _refused(regional.get("snapshot/"))
-    _refused(regional.get("snapshot/", model="testapp.country"))
-    _refused(regional.get("files/", t="x"))
-    _refused(regional.post("files/", json.dumps({"protocol": 1, "files": []}).encode()))
     # The same request of an unfiltered Target is answered.
     page = everything.get("feed/", since=0)
     assert page.status_code == 200
     assert {e["key"][0] for e in page.json()["events"]} == {"fr", "de"}
 
 
-def test_clearing_the_filters_serves_the_target_again(
+def test_snapshot_and_files_serve_a_filtered_target_its_rows(
+    filtered: tuple[Endpoint, Endpoint],
+) -> None:
+    regional, everything = filtered
+    start = regional.get("snapshot/")
+    assert start.status_code == 200, start.text
+    assert start.json()["counts"]["testapp.country"] == 1
+    assert everything.get("snapshot/").json()["counts"]["testapp.country"] == 2
+    page = regional.get("snapshot/", model="testapp.country")
+    assert page.status_code == 200, page.text
+    assert [row["key"] for row in page.json()["rows"]] == [["fr"]]
+    assert "Germany" not in page.text
+    forged = regional.get("files/", t="x")
+    assert forged.status_code == 403 and forged.json()["code"] == "bad_file_token"
+    described = regional.post("files/", json.dumps({"protocol": 1, "files": []}).encode())
+    assert described.status_code == 200 and described.json()["files"] == []
+
+
+def test_invalid_saved_filters_get_nothing(filtered: tuple[Endpoint, Endpoint]) -> None:
+    """Filters saved past Target.clean() (E011) are not read as "no filter"."""
+    regional, _ = filtered
+    Target.objects.filter(name="regional").update(row_filters={"testapp.country": {"nope": 1}})
+    for answer in (
+        regional.get("snapshot/"),
+        regional.get("snapshot/", model="testapp.country"),
+        regional.get("files/", t="x"),
+    ):
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["code"] == "row_filters_invalid"
+        assert "'nope'" in answer.json()["error"] and "France" not in answer.text
+    assert regional.get("feed/", since=0).json()["code"] == "row_filters_not_served"
+
+
+def test_clearing_the_filters_serves_the_feed_again(
     filtered: tuple[Endpoint, Endpoint],
 ) -> None:
     regional, _ = filtered

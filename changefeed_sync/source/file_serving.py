@@ -16,11 +16,13 @@ from typing import Any
 from django.core import signing
 from django.core.exceptions import SuspiciousFileOperation, ValidationError
 from django.core.files import File
+from django.db import router
 
 from .. import registry
-from ..exceptions import BadFileToken
+from ..exceptions import BadFileToken, FileOutsideFilter
 from ..files import MISSING, OK, REFUSED, SUPERSEDED, digest, storage_of
 from ..registry import ModelOptions
+from ..selection import Selection
 from ..serialization import decode_value
 
 _TOKEN_SALT = "changefeed_sync.files.v1"  # as before the move: tokens already issued still work
@@ -47,21 +49,37 @@ def describe(
             if size < 0:
                 files[field_name] = {"name": name, "missing": True}
                 continue
-            token = _token(options.label, field_name, name, target)
+            token = _token(options.label, field_name, name, target, row["key"])
             files[field_name] = {"name": name, "size": size, "sha256": sha, "token": token}
         if files:
             row["files"] = files
 
 
-def _token(label: str, field_name: str, name: str, target: str | None = None) -> str:
-    claims = {"m": label, "f": field_name, "n": name}
+def _token(
+    label: str, field_name: str, name: str, target: str | None = None, key: Any = None
+) -> str:
+    claims: dict[str, Any] = {"m": label, "f": field_name, "n": name}
     if target is not None:
         claims["t"] = target  # only this Target may use it
+    if key is not None:
+        claims["k"] = key  # the row that names it: checked for a filtered Target
     return signing.dumps(claims, salt=_TOKEN_SALT, compress=True)
 
 
+def _lookup(options: ModelOptions, key: Any) -> dict[str, Any]:
+    """The ORM lookups of the row with natural key ``key`` (wire form); ValueError,
+    TypeError, LookupError or ValidationError when it is not one."""
+    key = list(key)
+    if len(key) != len(options.lookups):
+        raise ValueError(f"a key of {options.label} has {len(options.lookups)} parts")
+    return {
+        path: decode_value(f, value)
+        for path, f, value in zip(options.lookups, options.key_fields, key, strict=True)
+    }
+
+
 def describe_current(
-    item: Any, *, target: str, models: Iterable[str] | None, using: str
+    item: Any, *, target: str, selection: Selection | None = None, using: str
 ) -> dict[str, Any]:
     """What a target asking about one file of an increment gets (``POST files/``).
 
@@ -72,37 +90,35 @@ def describe_current(
     works for this Target only), ``superseded`` when the row is gone or
     references another name (a later event carries that state), ``missing``
     when the row references the name but the storage lacks it, ``refused``
-    for a model or field this Target does not receive or a malformed item.
+    for a model or field this Target does not receive or a malformed item. A row
+    outside the Target's row filters (``selection``) is one it does not have:
+    ``superseded``, as a row gone.
     """
+    selection = selection or Selection.everything()
     try:
         label, field_name = str(item["model"]), str(item["field"])
         name, key = str(item["name"]), list(item["key"])
     except (KeyError, TypeError, ValueError):
         return {"status": REFUSED}
     options = registry.options_for_label(label)
-    allowed = set(models) if models is not None else None
     if (
         options is None
         or field_name not in options.file_fields
-        or (allowed is not None and label not in allowed)
+        or not selection.offers(label)
         or len(key) != len(options.lookups)
         or not name
     ):
         return {"status": REFUSED}
     try:
-        lookup = {
-            path: decode_value(f, value)
-            for path, f, value in zip(options.lookups, options.key_fields, key, strict=True)
-        }
         current = (
-            options.model._base_manager.using(using)
-            .filter(**lookup)
+            selection.rows(options, using)
+            .filter(**_lookup(options, key))
             .values_list(field_name, flat=True)
             .first()
         )
     except (ValueError, TypeError, LookupError, ValidationError):
         return {"status": REFUSED}
-    if current != name:  # the row is gone, or references another file since
+    if current != name:  # the row is gone (or outside the filter), or references another file
         return {"status": SUPERSEDED}
     storage = storage_of(options, field_name)
     try:
@@ -115,20 +131,26 @@ def describe_current(
         "status": OK,
         "size": size,
         "sha256": sha,
-        "token": _token(label, field_name, name, target),
+        "token": _token(label, field_name, name, target, key),
     }
 
 
 def open_listed(
-    token: str, requester: str | None = None, *, models: Iterable[str] | None = None
+    token: str,
+    requester: str | None = None,
+    *,
+    selection: Selection | None = None,
+    using: str | None = None,
 ) -> tuple[File[Any], int]:
     """The file a token names, opened for reading, and its size.
 
     Raises BadFileToken for a token this source did not sign (or too old, or
-    issued to another Target than ``requester``, or of a model not in ``models``,
-    the labels the requester receives; None: all), FileNotFoundError when the
-    file is gone since it was listed.
+    issued to another Target than ``requester``, or of a model ``selection``, what
+    the requester reads, leaves out), FileOutsideFilter when the requester's row
+    filters restrict the model and no row inside them references the file now
+    (read on ``using``), FileNotFoundError when the file is gone since it was listed.
     """
+    selection = selection or Selection.everything()
     try:
         claims = signing.loads(token, salt=_TOKEN_SALT, max_age=TOKEN_MAX_AGE)
         label, field_name, name = str(claims["m"]), str(claims["f"]), str(claims["n"])
@@ -136,12 +158,14 @@ def open_listed(
         raise BadFileToken(f"bad or expired file token ({exc})") from None
     if "t" in claims and claims["t"] != requester:
         raise BadFileToken("file token issued to another target")
-    if models is not None and label not in set(models):
+    if not selection.offers(label):
         # The same answer as a forged token: nothing tells whether the model exists.
         raise BadFileToken("bad or expired file token (not a model this target receives)")
     options = registry.options_for_label(label)
     if options is None or field_name not in options.file_fields:
         raise BadFileToken(f"{label}.{field_name} is not a synced file field here")
+    if selection.rows_filter(options.label) is not None:
+        _check_inside(options, field_name, name, claims.get("k"), selection, using)
     storage = storage_of(options, field_name)
     try:
         if not storage.exists(name):
@@ -150,3 +174,29 @@ def open_listed(
         return storage.open(name, "rb"), size
     except SuspiciousFileOperation:
         raise FileNotFoundError(name) from None
+
+
+def _check_inside(
+    options: ModelOptions,
+    field_name: str,
+    name: str,
+    key: Any,
+    selection: Selection,
+    using: str | None,
+) -> None:
+    """FileOutsideFilter unless a row inside the selection's filter references ``name``
+    in ``field_name`` now: first the row the token was issued for (by its natural key,
+    an indexed lookup), then any row (a token without a key, issued before tokens
+    carried one; a file another row inside the filter names too)."""
+    using = using or router.db_for_read(options.model)
+    rows = selection.rows(options, using).filter(**{field_name: name})
+    if key is not None:
+        try:
+            if rows.filter(**_lookup(options, key)).exists():
+                return
+        except (ValueError, TypeError, LookupError, ValidationError):
+            pass  # not a key of this model: a row that names the file may still do
+    if not rows.exists():
+        raise FileOutsideFilter(
+            f"no row of {options.label} inside the target's row filters references {name!r}"
+        )

@@ -14,13 +14,13 @@ differs. No HTTP here: views.py answers with what these functions return.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from .. import registry
 from ..digests import DIGEST_VERSION, MAX_BUCKETS, DigestReader, decode_buckets
 from ..keys import model_order
 from ..registry import ModelOptions
+from ..selection import Selection
 from ..serialization import PROTOCOL_VERSION
 from . import file_serving, sequencer
 
@@ -32,27 +32,31 @@ DIGEST_SECONDS = 2.0  # a digest request answers after about this long
 # (long-polls, other requests): serving stays free of process-wide side effects.
 
 
-def start(using: str, models: Sequence[str] | None = None) -> dict[str, Any]:
+def start(using: str, selection: Selection | None = None) -> dict[str, Any]:
     """The snapshot's feed position, this source's identity and the models to read,
-    parents first: every registered model, or those of ``models`` (a Target's selection)."""
+    parents first, with their rows counted: every registered model and row, or those
+    of ``selection`` (what a Target reads)."""
+    selection = selection or Selection.everything()
     state = sequencer.state(using)
     # Every event committed before now has a position up to the head (the
     # sequencer gives positions only after commit), so the rows read after
     # this reflect at least that state. When every event was pruned, the head
     # is the last pruned one (0 would be expired).
     position = sequencer.head(using)
-    registered = list(registry.get_registered_models())
-    if models is not None:
-        allowed = set(models)
-        registered = [m for m in registered if m._meta.label_lower in allowed]
-    ordered = model_order(registered)
+    ordered = model_order(selection.registered())
+    # The rows the Target reads: a pull's progress, its choice between digests and
+    # full pages, all measured against them.
+    counts = {
+        m._meta.label_lower: selection.rows(_options(m._meta.label_lower), using).count()
+        for m in ordered
+    }
     return {
         "protocol": PROTOCOL_VERSION,
         "source_id": state.source_id,
         "position": position,
         "models": [m._meta.label_lower for m in ordered],
         # For progress only: rows may come and go while the snapshot is read.
-        "counts": {m._meta.label_lower: m._base_manager.using(using).count() for m in ordered},
+        "counts": counts,
         # This source answers digest requests (see ``digest``).
         "digests": DIGEST_VERSION,
     }
@@ -72,11 +76,27 @@ def _check_buckets(options: ModelOptions, buckets: int) -> None:
         raise ValueError(f"{options.label} has file fields: no digests, pull its rows")
 
 
-def digest(label: str, after: str | None, limit: int, buckets: int, using: str) -> dict[str, Any]:
-    """Bucket digests of up to ``limit`` rows after ``after`` (the rows ``page`` would send)."""
+def _reader(label: str, using: str, selection: Selection | None) -> DigestReader:
+    """A reader of the rows of ``label`` that ``selection`` reads (LookupError: none)."""
+    selection = selection or Selection.everything()
+    if not selection.offers(label):
+        raise LookupError(f"model {label!r} is not offered to this target")
     options = _options(label)
-    _check_buckets(options, buckets)
-    result = DigestReader(options, using).digest_page(after, limit, buckets, seconds=DIGEST_SECONDS)
+    return DigestReader(options, using, selection.rows_filter(options.label))
+
+
+def digest(
+    label: str,
+    after: str | None,
+    limit: int,
+    buckets: int,
+    using: str,
+    selection: Selection | None = None,
+) -> dict[str, Any]:
+    """Bucket digests of up to ``limit`` rows after ``after`` (the rows ``page`` would send)."""
+    reader = _reader(label, using, selection)
+    _check_buckets(reader.options, buckets)
+    result = reader.digest_page(after, limit, buckets, seconds=DIGEST_SECONDS)
     return {
         "protocol": PROTOCOL_VERSION,
         "model": label,
@@ -96,11 +116,13 @@ def page(
     only: str | None = None,
     *,
     target: str | None = None,
+    selection: Selection | None = None,
 ) -> dict[str, Any]:
-    """Rows after ``after``; with ``buckets`` and ``only``, just the rows of those buckets.
-    File tokens of the rows work for ``target`` only, when given."""
-    options = _options(label)
-    reader = DigestReader(options, using)
+    """Rows after ``after`` (of ``selection``: a Target's models and rows); with
+    ``buckets`` and ``only``, just the rows of those buckets. File tokens of the rows
+    work for ``target`` only, when given."""
+    reader = _reader(label, using, selection)
+    options = reader.options
     if buckets is None:
         rows, last, more = reader.page(after, limit)
     else:

@@ -29,17 +29,23 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods
 
 from .. import conf
-from ..exceptions import BadFileToken, CursorAhead, CursorExpired, SignatureError
+from ..exceptions import (
+    BadFileToken,
+    CursorAhead,
+    CursorExpired,
+    FileOutsideFilter,
+    RowFiltersInvalid,
+    SignatureError,
+)
 from ..filters import is_filtered
 from ..http import bool_param, error_response, float_param, int_param, plausible_name, shown
 from ..models import Target
+from ..selection import Selection
 from ..serialization import PROTOCOL_VERSION
-from . import feed, file_serving, longpoll, sequencer, snapshot
+from . import feed, file_serving, longpoll, sequencer, snapshot_request
 from .sqlite_waits import prompt_lock_waits, retry_transaction
 
 logger = logging.getLogger("changefeed_sync.views")
-
-
 
 
 def verify(request: HttpRequest, using: str) -> tuple[str, str, Target]:
@@ -98,18 +104,33 @@ def _authenticated(request: HttpRequest, using: str) -> Target | JsonResponse:
         record_request(name, nonce, using)
     except SignatureError as exc:
         return _refused(request, exc)
-    return _unserved(target) or target
+    return target
+
+
+def _selection(target: Target) -> Selection | JsonResponse:
+    """What the Target reads; a 409 when its saved row filters are not valid (E011):
+    it gets nothing rather than rows outside what was meant."""
+    try:
+        return Selection.of(target)
+    except RowFiltersInvalid as exc:
+        logger.warning("%.200s", exc)
+        return error_response(
+            409,
+            f"{exc}: correct them (system check changefeed_sync.E011 lists the same)",
+            "row_filters_invalid",
+        )
 
 
 def _unserved(target: Target) -> JsonResponse | None:
-    """Row filters are validated but not served yet (issue 14, in progress): a
-    filtered Target gets nothing rather than rows outside its filters."""
+    """The feed (its pages, long-polls and streams) is not served to a filtered Target
+    yet (issue 14, in progress): a Data Pull is (snapshot/, files/). It gets this
+    answer rather than events of rows outside its filters."""
     if not is_filtered(target.row_filters):
         return None
     return error_response(
         409,
-        f"Target {target.name!r} has row_filters, which this source does not serve yet: "
-        "clear them to receive its rows",
+        f"Target {target.name!r} has row_filters: the feed of a filtered Target is not "
+        "served yet; a Data Pull is (clear them to follow the feed)",
         "row_filters_not_served",
     )
 
@@ -120,81 +141,25 @@ def _not_offered(label: str) -> JsonResponse:
     return error_response(404, f"model {shown(label)} is not offered to this target", "unknown_model")
 
 
-def _offered(target: Target, label: str) -> bool:
-    """Whether ``label`` is a registered model this Target receives."""
-    from ..registry import options_for_label
-
-    allowed = target.allowed_models()
-    options = options_for_label(label)
-    return options is not None and (allowed is None or options.label in allowed)
-
-
 @transaction.non_atomic_requests
 @require_GET
 def snapshot_view(request: HttpRequest) -> JsonResponse:
-    """Without ``model``: the snapshot's feed position and model order; with it: one page."""
+    """Without ``model``: the snapshot's feed position and model order; with it: one
+    page or its digests (snapshot_request.py), of the rows the Target reads."""
     using = conf.feed_database()
     target = _authenticated(request, using)
     if isinstance(target, JsonResponse):
         return target
-    label = request.GET.get("model")
-    models = target.allowed_models()
-    if not label:
-        return JsonResponse(snapshot.start(using, models))
-    if not _offered(target, label):
-        return _not_offered(label)
-    after = request.GET.get("after")
+    selection = _selection(target)
+    if isinstance(selection, JsonResponse):
+        return selection
     try:
-        _check_after(label, after, using)
-        limit = max(int_param(request, "limit", 1000), 1)
-        digest = int_param(request, "digest", 0)
-        buckets = int_param(request, "buckets", 0)
-        if digest:  # bucket digests: no rows, so many more rows per request
-            body = snapshot.digest(
-                label, after, min(limit, 100 * conf.feed_max_limit()), digest, using
-            )
-        else:
-            limit = min(limit, conf.feed_max_limit())
-            only = request.GET.get("only") if buckets else None
-            body = snapshot.page(
-                label, after, limit, using, buckets or None, only, target=target.name
-            )
+        body = snapshot_request.answer(request, selection, target.name, using)
     except LookupError:
-        return _not_offered(label)
+        return _not_offered(request.GET.get("model") or "")
     except (ValueError, TypeError) as exc:
         return error_response(400, f"bad snapshot request: {exc}", "bad_parameter")
     return JsonResponse(body)
-
-
-def _check_after(label: str, after: str | None, using: str) -> None:
-    """ValueError unless ``after`` is a primary key value of ``label``'s model (the
-    ``next`` of a page): snapshot.py filters by it as it is."""
-    from django.core.exceptions import ValidationError
-    from django.db import connections
-
-    from ..registry import options_for_label
-
-    if after in (None, ""):
-        return
-    options = options_for_label(label)
-    if options is None:
-        return  # snapshot.py answers 404 for the label
-    pk = options.model._meta.pk
-    assert pk is not None
-    problem = f"'after' must be a primary key of {options.label}, got {shown(after)}"
-    if "\x00" in after or len(after) > 1000:
-        raise ValueError(problem)
-    try:
-        value = pk.to_python(after)
-    except (ValidationError, ValueError, TypeError):
-        raise ValueError(problem) from None
-    internal = pk.get_internal_type()
-    if isinstance(value, int) and internal.endswith(("IntegerField", "AutoField")):
-        from ..sql import integer_range
-
-        low, high = integer_range(connections[using], internal)
-        if not low <= value <= high:
-            raise ValueError(problem)
 
 
 #: Most files one ``POST files/`` may ask about.
@@ -213,20 +178,23 @@ def file_view(request: HttpRequest) -> FileResponse | JsonResponse:
         record_request(name, nonce, using)
     except SignatureError as exc:
         return _refused(request, exc)
-    unserved = _unserved(target)
-    if unserved is not None:
-        return unserved
+    selection = _selection(target)
+    if isinstance(selection, JsonResponse):
+        return selection
     if request.method == "POST":
-        return _describe_files(request, target, using)
+        return _describe_files(request, target.name, selection, using)
     try:
         handle, size = file_serving.open_listed(
-            request.GET.get("t", ""), name, models=target.allowed_models()
+            request.GET.get("t", ""), name, selection=selection, using=using
         )
     except BadFileToken as exc:
         # One answer for every reason (forged, expired, another Target's, another
         # model's): nothing tells whether a model or file exists. The reason is logged.
         logger.warning("file request of %.200s refused: %.500s", name, exc)
         return error_response(403, "bad or expired file token", "bad_file_token")
+    except FileOutsideFilter as exc:
+        # Its row left the Target's filters since it was listed: gone, for this Target.
+        return error_response(404, str(exc), "file_outside_filter")
     except FileNotFoundError:
         return error_response(404, "file listed by the snapshot is gone", "file_missing")
     response = FileResponse(handle, content_type="application/octet-stream")
@@ -234,7 +202,9 @@ def file_view(request: HttpRequest) -> FileResponse | JsonResponse:
     return response
 
 
-def _describe_files(request: HttpRequest, target: Target, using: str) -> JsonResponse:
+def _describe_files(
+    request: HttpRequest, target: str, selection: Selection, using: str
+) -> JsonResponse:
     try:
         body = json.loads(request.body)
         items = body["files"]
@@ -257,9 +227,8 @@ def _describe_files(request: HttpRequest, target: Target, using: str) -> JsonRes
         return error_response(400, f"bad files request: {exc}", "bad_request")
     if len(items) > MAX_DESCRIBE:
         return error_response(400, f"at most {MAX_DESCRIBE} files per request", "bad_request")
-    models = target.allowed_models()
     answers = [
-        file_serving.describe_current(item, target=target.name, models=models, using=using)
+        file_serving.describe_current(item, target=target, selection=selection, using=using)
         for item in items
     ]
     return JsonResponse({"protocol": PROTOCOL_VERSION, "files": answers})
@@ -484,7 +453,10 @@ def _feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
         record_request(name, nonce, using, seq=since)
     except SignatureError as exc:
         return _refused(request, exc)
-    models = target.allowed_models()
+    selection = _selection(target)  # its models (filtered Targets were refused above)
+    if isinstance(selection, JsonResponse):
+        return selection
+    models = selection.model_list()
     try:
         page = longpoll.read(using, since, limit, models)
     except CursorExpired as exc:
