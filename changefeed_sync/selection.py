@@ -36,7 +36,7 @@ class Selection:
     one) and, per model label, the ``Q`` its rows must match (absent: every row)."""
 
     labels: frozenset[str] | None = None
-    row_filters: Mapping[str, Q] = field(default=_NO_FILTERS)
+    row_filters: Mapping[str, Q] = field(default_factory=lambda: _NO_FILTERS)
 
     @classmethod
     def everything(cls) -> Selection:
