@@ -143,7 +143,12 @@ class TargetForm(_SecretForm):
 
     class Meta:
         model = Target
-        fields = ["name", "active", "webhook_url", "model_labels", "paused"]
+        fields = ["name", "active", "webhook_url", "model_labels", "row_filters", "paused"]
+
+    def clean_row_filters(self) -> Any:
+        # An emptied box is "every row" ({}), not null, which the column does not take.
+        value = self.cleaned_data.get("row_filters")
+        return {} if value in (None, "") else value
 
 
 @admin.register(DataSource)
@@ -213,7 +218,8 @@ class TargetAdmin(_TargetAdmin):
         secret = ["new_secrets"] if obj is None else ["new_secrets", "keep_current_secrets"]
         fieldsets: list[Any] = [
             (None, {"fields": ["name", *secret, "active"]}),
-            ("Push", {"fields": ["webhook_url", "model_labels", "paused"]}),
+            ("What it receives", {"fields": ["model_labels", "row_filters"]}),
+            ("Push", {"fields": ["webhook_url", "paused"]}),
         ]
         if obj is not None:
             fieldsets.append(("Status", {"fields": self.readonly_fields}))

@@ -26,15 +26,16 @@ what the replication itself carries:
 * the value is plain JSON Django accepts for that lookup: a list for ``in``, two for
   ``range``, no NaN, no integer beyond 64 bits, no text a database cannot store.
 
-This module only validates (``Target.clean()`` and the system check E011 call
-:func:`filter_problems`); the source does not serve filtered Targets yet.
+This module validates (``Target.clean()`` and the system check E011 call
+:func:`filter_problems`) and reads them (:func:`queryset_filter`, for selection.py:
+the source serves a filtered Target's Data Pull; its feed and pushes not yet).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from django.apps import apps
@@ -298,6 +299,25 @@ def _refused(model: type[models.Model], lookup: str, value: Any) -> str | None:
     return None
 
 
+def unreceived_problems(row_filters: Any, allowed: Iterable[str] | None) -> list[str]:
+    """One message per model ``row_filters`` names that a Target receiving only the
+    models ``allowed`` (Target.allowed_models(); None: all) does not receive: its
+    filter would never be used, which is seldom what was meant (Target.clean(), W005)."""
+    if allowed is None or not isinstance(row_filters, dict):
+        return []
+    received = set(allowed)
+    problems = []
+    for key in row_filters:
+        options, _ = _options(key)
+        if options is not None and options.label not in received:
+            problems.append(
+                f"{options.label} has a filter, but this Target does not receive "
+                f"{options.label} (its models: {', '.join(sorted(received)) or 'none'}): "
+                "add the model to its models, or remove the filter."
+            )
+    return problems
+
+
 # ------------------------------------------------------------------------ reading
 
 
@@ -332,28 +352,32 @@ def queryset_filter(row_filters: Any, label: str) -> Q | None:
 
 
 def saved_filter_problems(
-    manager: models.Manager[Any], databases: Iterable[str] | None
+    manager: models.Manager[Any],
+    databases: Iterable[str] | None,
+    problems_of: Callable[[Any], list[str]] | None = None,
 ) -> list[tuple[Any, str]]:
     """(Target, message) for each problem of the Targets saved in ``databases``: the
-    system check E011 (filters saved past ``clean()``, or a registration changed since).
+    system check E011 (filters saved past ``clean()``, or a registration changed since),
+    or with ``problems_of`` (a Target -> its messages) another check of them (W005).
 
     It takes the Target manager because models.py imports this module. Only the
     aliases given are read (Django gives the database checks those of ``migrate`` and
     ``check --database``; a bare ``check`` none), and an alias without the table or
     its ``row_filters`` column yet (before ``migrate``) is passed over.
     """
+    problems_of = problems_of or (lambda target: filter_problems(target.row_filters))
     found: list[tuple[Any, str]] = []
     for alias in databases or ():
         if alias not in connections or not router.allow_migrate_model(alias, manager.model):
             continue
         try:
             with transaction.atomic(using=alias):  # a failed read leaves no broken transaction
-                targets = list(manager.using(alias).only("name", "row_filters"))
+                targets = list(manager.using(alias).only("name", "row_filters", "model_labels"))
         except DatabaseError:
             continue
         found += [
             (target, f"Target {target.name!r} (database {alias!r}): row_filters: {problem}")
             for target in targets
-            for problem in filter_problems(target.row_filters)
+            for problem in problems_of(target)
         ]
     return found

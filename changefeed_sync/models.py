@@ -241,9 +241,10 @@ class Target(models.Model):
         return split_secrets(self.secrets)
 
     def clean(self) -> None:
-        from .filters import filter_problems
+        from .filters import filter_problems, unreceived_problems
 
         problems = filter_problems(self.row_filters)
+        problems += unreceived_problems(self.row_filters, self.allowed_models())
         if problems:
             raise ValidationError({"row_filters": problems})
 

@@ -252,6 +252,63 @@ def test_forms_suggest_a_freshly_generated_secret(
     assert 'name="keep_current_secrets"' not in html(admin_client.get(add_url))
 
 
+# --------------------------------------------------------------------------- row filters
+
+
+def _target_fields(**fields: Any) -> dict[str, Any]:
+    return {"name": "regional", "active": "on", "new_secrets": SECRET, **fields}
+
+
+def test_target_form_shows_and_saves_row_filters(admin_client: Client) -> None:
+    form = admin_client.get(reverse("admin:changefeed_sync_target_add"))
+    assert 'name="row_filters"' in html(form)
+    filters = '{"testapp.country": {"code__in": ["fr", "be"]}}'
+    response = admin_client.post(
+        reverse("admin:changefeed_sync_target_add"), _target_fields(row_filters=filters)
+    )
+    assert response.status_code == 302, html(response)[:2000]
+    target = Target.objects.get(name="regional")
+    assert target.row_filters == {"testapp.country": {"code__in": ["fr", "be"]}}
+    change = admin_client.get(reverse("admin:changefeed_sync_target_change", args=[target.pk]))
+    assert "code__in" in html(change)
+    # Emptied: every row again, not a null the column refuses.
+    response = admin_client.post(
+        reverse("admin:changefeed_sync_target_change", args=[target.pk]),
+        {"name": "regional", "active": "on", "row_filters": ""},
+    )
+    assert response.status_code == 302, html(response)[:2000]
+    target.refresh_from_db()
+    assert target.row_filters == {}
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"row_filters": '{"testapp.country": {"nope": 1}}'}, "testapp.country has no field"),
+        (
+            {
+                "row_filters": '{"testapp.copy": {"key": "title"}}',
+                "model_labels": ["testapp.country"],
+            },
+            "this Target does not receive testapp.copy",
+        ),
+    ],
+)
+def test_target_form_shows_the_filters_problems_on_the_field(
+    admin_client: Client, fields: dict[str, Any], words: str
+) -> None:
+    response = admin_client.post(
+        reverse("admin:changefeed_sync_target_add"), _target_fields(**fields)
+    )
+    assert response.status_code == 200
+    # On the row_filters field, not at the form's top.
+    errors = response.context["adminform"].form.errors
+    assert set(errors) == {"row_filters"}, errors
+    assert any(words in message for message in errors["row_filters"]), errors
+    assert 'id="id_row_filters_error"' in html(response) or "errorlist" in html(response)
+    assert not Target.objects.exists()
+
+
 # --------------------------------------------------------------------------- outbox events
 
 

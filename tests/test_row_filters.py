@@ -416,6 +416,44 @@ def test_e011_skips_aliases_it_does_not_know() -> None:
     assert check_row_filters(databases=["nowhere"]) == []
 
 
+# --------------------------------------------------------------------------- W005
+
+NARROW = {"name": "regional", "model_labels": ["testapp.country"]}
+
+
+@pytest.mark.django_db
+def test_clean_refuses_a_filter_of_a_model_the_target_does_not_receive() -> None:
+    target = Target(secrets=generate_secret(), row_filters=ISSUE_EXAMPLE, **NARROW)
+    with pytest.raises(ValidationError) as info:
+        target.full_clean()
+    [message] = info.value.message_dict["row_filters"]
+    assert message.startswith("testapp.copy has a filter, but this Target does not receive")
+    assert "testapp.country" in message  # its models, named
+    target.model_labels = ["testapp.country", "TestApp.Copy"]  # case-insensitive
+    target.full_clean()
+    target.model_labels = []  # every model
+    target.full_clean()
+
+
+@pytest.mark.django_db
+def test_w005_names_the_target_and_the_model_left_out() -> None:
+    from changefeed_sync.checks import check_filtered_models_received
+
+    Target.objects.create(secrets=generate_secret(), row_filters=ISSUE_EXAMPLE, **NARROW)
+    Target.objects.create(name="everything", secrets=generate_secret(), row_filters=ISSUE_EXAMPLE)
+    assert check_filtered_models_received() == []  # no database named: nothing read
+    [message] = check_filtered_models_received(databases=["default"])
+    assert message.id == "changefeed_sync.W005" and message.level == checks.WARNING
+    assert message.msg.startswith("Target 'regional' (database 'default'): row_filters: ")
+    assert "testapp.copy has a filter, but this Target does not receive" in message.msg
+    assert message.hint is not None and "admin" in message.hint
+    assert isinstance(message.obj, Target) and message.obj.name == "regional"
+    # Bound: what ``manage.py check --database default`` runs.
+    assert "changefeed_sync.W005" in {m.id for m in checks.run_checks(databases=["default"])}
+    Target.objects.filter(name="regional").update(model_labels=["testapp.country", "testapp.copy"])
+    assert check_filtered_models_received(databases=["default"]) == []
+
+
 # --------------------------------------------------------------------------- is_filtered
 
 

@@ -13,6 +13,7 @@ from .configuration import check_delivery as check_delivery
 from .configuration import check_settings as check_settings
 from .configuration import check_sqlite_transaction_mode as check_sqlite_transaction_mode
 from .configuration import check_wsgi_long_polls as check_wsgi_long_polls
+from .database import check_filtered_models_received as check_filtered_models_received
 from .database import check_row_filters as check_row_filters
 from .registration import check_registered_models as check_registered_models
 from .registration import looks_secret as looks_secret

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core import checks
 
-from .messages import _error
+from .messages import _error, _warning
 
 
 @checks.register(checks.Tags.database)
@@ -21,3 +21,22 @@ def check_row_filters(app_configs: Any = None, **kwargs: Any) -> list[checks.Che
         _error(message, hint, target, "E011")
         for target, message in saved_filter_problems(Target.objects, kwargs.get("databases"))
     ]
+
+
+@checks.register(checks.Tags.database)
+def check_filtered_models_received(
+    app_configs: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """W005: a Target's row_filters name a model its models leave out, so that filter
+    is never used (Target.clean() refuses it; saved past it, or the models changed by
+    hand since). Reads Target rows: database checks only."""
+    from ..filters import saved_filter_problems, unreceived_problems
+    from ..models import Target
+
+    hint = "Tick the model in the Target's models in the admin, or remove its filter."
+    found = saved_filter_problems(
+        Target.objects,
+        kwargs.get("databases"),
+        lambda target: unreceived_problems(target.row_filters, target.allowed_models()),
+    )
+    return [_warning(message, hint, target, "W005") for target, message in found]
