@@ -428,7 +428,7 @@ class _RawWriter:
         event = outbox.make_event(
             "testapp.plain", "upsert", ["xx"], data={"code": "xx", "name": "created"},
             changed=["code", "name"],
-        )  # fmt: skip
+        ).instance()  # fmt: skip
         fields = [f for f in Event._meta.concrete_fields if not f.primary_key]
         self.event_params = [
             f.get_db_prep_save(f.pre_save(event, True), self.connection) for f in fields

@@ -112,6 +112,28 @@ def _events_refused(alias: str) -> Iterator[None]:
                 cursor.execute(sql)
 
 
+def test_a_failed_capture_inside_atomic_dooms_the_transaction(
+    db_alias: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside the caller's transaction, a save whose event could not be made must
+    not commit without it, even when the caller catches the error and goes on.
+    The fault is injected (building the event raises): the real faults behind it
+    (a natural key that cannot be read, a bug) have no reliable trigger."""
+    from changefeed_sync.source import capture, capture_pg
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("event could not be built")
+
+    monkeypatch.setattr(capture, "upsert_change", broken)
+    monkeypatch.setattr(capture_pg, "upsert_change", broken)
+    with transaction.atomic(using=db_alias):
+        with pytest.raises(RuntimeError, match="could not be built"):
+            Country(code="pt", name="Portugal").save(using=db_alias)
+        assert connections[db_alias].needs_rollback
+    assert not Country.objects.using(db_alias).filter(code="pt").exists()
+    assert events(db_alias) == []
+
+
 def test_autocommit_save_and_event_are_one_transaction(db_alias: str) -> None:
     """A failure between the row write and the outbox write must undo the row too.
 

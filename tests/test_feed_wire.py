@@ -9,6 +9,7 @@ import json
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 
 from changefeed_sync import outbox
 from changefeed_sync.models import Event
@@ -66,6 +67,45 @@ def test_feed_sends_what_the_outbox_holds(db_alias: str) -> None:
     wire = json.loads(page.to_json())
     assert wire["events"] == expected
     assert wire["protocol"] == 1 and wire["since"] == since and wire["last_seq"] == page.last_seq
+
+
+def test_written_events_hold_what_the_orm_would_write(db_alias: str) -> None:
+    """outbox.write builds its INSERT by hand (no Event instances): each column
+    must hold what saving the same Event through the ORM stores."""
+    events = [
+        outbox.make_event("testapp.country", "upsert", ["c1", 2], old_key=["c0", 1],
+                          data=ODD_DATA, changed=["text", "big"]),
+        outbox.make_event("testapp.country", "delete", ["é 中"]),
+        outbox.make_event("testapp.country", "upsert", [None], data={}, changed=[]),
+    ]  # fmt: skip
+    mark = Event.objects.using(db_alias).order_by("-id").values_list("id", flat=True).first() or 0
+    before = timezone.now()
+    with transaction.atomic(using=db_alias):
+        outbox.write(db_alias, events)
+    after = timezone.now()
+    with transaction.atomic(using=db_alias):
+        for event in events:
+            event.instance().save(using=db_alias)
+    columns = ("model", "op", "key", "old_key", "data", "changed")
+    rows = list(Event.objects.using(db_alias).filter(id__gt=mark).order_by("id"))
+    written, saved = rows[:3], rows[3:]
+    assert len(written) == len(saved) == 3
+    for ours, orm in zip(written, saved):
+        assert [getattr(ours, c) for c in columns] == [getattr(orm, c) for c in columns]
+        assert before - datetime.timedelta(seconds=1) <= ours.created_at <= after
+    # NULL, not JSON null, where an event has no old key, data or list of changes.
+    raw = Event.objects.using(db_alias).filter(
+        id=written[1].id, old_key__isnull=True, data__isnull=True, changed__isnull=True
+    )
+    assert raw.exists()
+
+
+def test_the_direct_insert_names_every_event_column() -> None:
+    from changefeed_sync.outbox import _COLUMNS
+
+    assert list(_COLUMNS) == [
+        f.column for f in Event._meta.concrete_fields if not f.primary_key
+    ]
 
 
 def test_feed_filters_models_and_counts_pending(db_alias: str) -> None:

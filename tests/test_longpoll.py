@@ -216,7 +216,7 @@ def test_poke_checks_at_once(loop: LoopThread) -> None:
     with override_settings(CHANGEFEED_SYNC_FEED_POLL_INTERVAL=5.0):
         waiting = loop.submit(notifier.await_head("default", since, 10))
         _until(lambda: notifier.stats("default")["waiting"] == 1, "a waiter")
-        Event.objects.bulk_create([outbox.make_event("testapp.country", "upsert", ["pk"])])
+        Event.objects.bulk_create([outbox.make_event("testapp.country", "upsert", ["pk"]).instance()])
         time.sleep(0.2)
         assert not waiting.done()  # the next check is seconds away
         start = time.monotonic()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from django.db import models, router, transaction
+from django.db import connections, models, router, transaction
 from django.db.models import signals
 
 from .. import outbox, registry
@@ -110,8 +110,13 @@ def _wrap_save_base(model: type[models.Model]) -> None:
         try:
             if plan is not None:
                 return original(self, *args, **kwargs)
-            # savepoint=False: free inside an existing transaction, a real one in autocommit.
-            with transaction.atomic(using=using, savepoint=False):
+            if connections[using].in_atomic_block:
+                # Already in a transaction: an error in a receiver (the event's)
+                # must still doom it, as atomic() would, so that no caller
+                # catching it commits the row without its event.
+                with transaction.mark_for_rollback_on_error(using=using):
+                    return original(self, *args, **kwargs)
+            with transaction.atomic(using=using):
                 return original(self, *args, **kwargs)
         finally:
             if outer is None:
