@@ -11,6 +11,7 @@ and so does a target that relays what it applies.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -138,6 +139,18 @@ def _insert_at_commit(connection: Any, using: str, batch: list[NewEvent]) -> Non
         # A new transaction (the last flag was used by a commit). A flag left
         # unused by a rollback serves the next transaction just as well.
         pending.wake = [False]
+    hooks = connection.run_on_commit
+    if hooks:
+        # The previous save's events, at the same savepoint depth: one callback
+        # can carry both, since a savepoint rollback would drop both alike.
+        savepoints, last, _ = hooks[-1]
+        if (
+            type(last) is _AtCommit
+            and last.wake is pending.wake
+            and savepoints == set(connection.savepoint_ids)
+        ):
+            last.events.extend(batch)
+            return
     transaction.on_commit(_AtCommit(using, batch, pending.wake), using=using)
 
 
@@ -163,26 +176,78 @@ def _insert(using: str, batch: list[NewEvent]) -> None:
         return
     qn = connection.ops.quote_name
     head = f"INSERT INTO {qn(Event._meta.db_table)} ({', '.join(qn(c) for c in _COLUMNS)}) VALUES "
-    row = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
     created_at: Any = Event._meta.get_field("created_at")
     created = created_at.get_db_prep_save(timezone.now(), connection)
+    # Values this module makes (the time, labels, ops, positions, NULLs) go into
+    # the statement as literals when they are plainly safe: each parameter costs
+    # the driver an escaping call, and most events have four such values.
+    created_sql = _literal(created) or "%s"
+    starts: dict[tuple[str, str], tuple[str, list[Any]]] = {}
     dumps = json.dumps
     with connection.cursor() as cursor:
-        for start in range(0, len(batch), _PER_STATEMENT):
-            chunk = batch[start : start + _PER_STATEMENT]
+        for first in range(0, len(batch), _PER_STATEMENT):
+            chunk = batch[first : first + _PER_STATEMENT]
+            rows: list[str] = []
             params: list[Any] = []
-            for n, (model, op, key, old_key, data, changed) in enumerate(chunk, start):
-                params += (
-                    created,
-                    model,
-                    op,
-                    dumps(key),
-                    None if old_key is None else dumps(old_key),
-                    None if data is None else dumps(data),
-                    None if changed is None else dumps(changed),
-                    None if positions is None else positions[n],
-                )
-            cursor.execute(head + ", ".join([row] * len(chunk)), params)
+            for n, (model, op, key, old_key, data, changed) in enumerate(chunk, first):
+                start = starts.get((model, op))
+                if start is None:
+                    start = starts[model, op] = _row_start(created, created_sql, model, op)
+                params += start[1]
+                params.append(dumps(key))
+                row = start[0]
+                for value in (old_key, data):
+                    if value is None:
+                        row += "NULL, "
+                    else:
+                        row += "%s, "
+                        params.append(dumps(value))
+                if changed is None:
+                    row += "NULL, "
+                else:
+                    row += "%s, "
+                    params.append(_dumped_names(changed))
+                position = None if positions is None else positions[n]
+                rows.append(row + ("NULL)" if position is None else f"{int(position)})"))
+            cursor.execute(head + ", ".join(rows), params)
+
+
+def _row_start(created: Any, created_sql: str, model: str, op: str) -> tuple[str, list[Any]]:
+    """The start of a row's VALUES up to its key (a parameter), and its parameters."""
+    parts = [created_sql]
+    params = [] if created_sql != "%s" else [created]
+    for value in (model, op):
+        literal = _literal(value)
+        parts.append(literal or "%s")
+        if literal is None:
+            params.append(value)
+    return "(" + ", ".join(parts) + ", %s, ", params
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.:+ -]*\Z")
+
+
+def _literal(value: Any) -> str | None:
+    """``value`` as an SQL string literal when it holds nothing that needs escaping
+    (letters, digits, ``_ . : + -`` and spaces), else None: send it as a parameter."""
+    if isinstance(value, str) and _PLAIN.match(value):
+        return f"'{value}'"
+    return None
+
+
+_names: dict[tuple[str, ...], str] = {}
+
+
+def _dumped_names(names: list[str]) -> str:
+    """``json.dumps(names)`` for a list of field names, remembered: a model's
+    creates all name the same fields."""
+    key = tuple(names)
+    found = _names.get(key)
+    if found is None:
+        if len(_names) >= 1000:
+            _names.clear()
+        found = _names[key] = json.dumps(names)
+    return found
 
 
 # The columns _insert writes, in its order; tests/test_outbox_write.py checks that

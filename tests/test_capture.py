@@ -72,6 +72,29 @@ def test_event_rolls_back_with_the_change(db_alias: str) -> None:
     assert not Country.objects.using(db_alias).exists()
 
 
+def test_a_rolled_back_savepoint_drops_its_events_only(db_alias: str) -> None:
+    """Savepoints inside one transaction: the events of saves in a rolled-back
+    savepoint go with it, those before, after and in released savepoints stay
+    (MariaDB keeps them until the commit, several saves' events together)."""
+    with transaction.atomic(using=db_alias):
+        Country.objects.using(db_alias).create(code="a1")
+        Country.objects.using(db_alias).create(code="a2")
+        with pytest.raises(RuntimeError), transaction.atomic(using=db_alias):
+            Country.objects.using(db_alias).create(code="b1")
+            raise RuntimeError("inner block fails")
+        Country.objects.using(db_alias).create(code="c1")
+        with transaction.atomic(using=db_alias):
+            Country.objects.using(db_alias).create(code="d1")
+            with pytest.raises(RuntimeError), transaction.atomic(using=db_alias):
+                Country.objects.using(db_alias).create(code="e1")
+                raise RuntimeError("innermost block fails")
+            Country.objects.using(db_alias).create(code="d2")
+        Country.objects.using(db_alias).create(code="f1")
+    assert [e.key for e in events(db_alias)] == [["a1"], ["a2"], ["c1"], ["d1"], ["d2"], ["f1"]]
+    stored = Country.objects.using(db_alias).order_by("code").values_list("code", flat=True)
+    assert list(stored) == ["a1", "a2", "c1", "d1", "d2", "f1"]
+
+
 _REFUSE = "crash between row and outbox write"
 
 

@@ -100,7 +100,10 @@ def _wrap_save_base(model: type[models.Model]) -> None:
 
     @functools.wraps(original)
     def save_base(self: models.Model, *args: Any, **kwargs: Any) -> Any:
-        if not registry.is_registered(type(self)) and not registry.is_registered(model):
+        if paused() or (
+            not registry.is_registered(type(self)) and not registry.is_registered(model)
+        ):
+            # Nothing to capture (a change applied from a source): no transaction of ours.
             return original(self, *args, **kwargs)
         using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
         plan = one_statement_plan(self, using, args, kwargs)
