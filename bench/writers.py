@@ -4,6 +4,7 @@ the same writers of an unregistered twin, side by side, on PostgreSQL, MariaDB a
     .venv-django6/bin/python bench/writers.py                     # every database that answers
     .venv-django6/bin/python bench/writers.py --only postgresql   # or mysql, sqlite (repeatable)
     .venv-django6/bin/python bench/writers.py --seconds 5 --rounds 1 --threads 8   # shorter
+    .venv-django6/bin/python bench/writers.py --only mysql --breakdown   # + where it goes
 
 Measured per database, in one run:
 
@@ -624,6 +625,8 @@ def bench_database(vendor: str, args: argparse.Namespace, results: list[Result])
             for message, count in counted.most_common():
                 print(f"    {kind(registered)}: {count} x {message}", flush=True)
         results.append(result)
+        if args.breakdown and work and vendor == "mysql":
+            breakdown(alias, by_registration, args, work, result, outbox)
 
     # 3: one thread. A warm-up round (checked, not kept), then the rounds.
     first_code = args.threads
@@ -672,6 +675,45 @@ def bench_database(vendor: str, args: argparse.Namespace, results: list[Result])
     return outbox
 
 
+def breakdown(
+    alias: str,
+    by_registration: dict[bool, Any],
+    args: argparse.Namespace,
+    work: float,
+    result: Result,
+    outbox: Outbox,
+) -> None:
+    """``--breakdown`` (MariaDB): where the registered writers' throughput goes. The
+    registered model once more, with the outbox INSERT replaced by a no-op: capture's
+    Python without the statement that writes its events at commit. A diagnostic only
+    (no event is written, so the feed must hold none of these saves), never a verdict;
+    on PostgreSQL a save's event is part of its row's statement, so it has no such part."""
+    from changefeed_sync import outbox as outbox_module
+    from changefeed_sync.source import feed
+
+    rates = []
+    real = outbox_module._insert
+    for rnd in range(args.rounds):
+        since = feed.head(alias)
+        outbox_module._insert = lambda using, batch: None  # type: ignore[assignment]
+        try:
+            run = writers(
+                alias, by_registration[True], args.threads, args.seconds, work, f"x{rnd}"
+            )
+        finally:
+            outbox_module._insert = real
+        outbox.verify(alias, since, Counter(), f"breakdown, round {rnd + 1}")
+        rates.append(run.rate)
+    plain = statistics.median(result.plain)
+    rate = statistics.median(rates)
+    print(
+        f"  breakdown  {result.case}: unregistered {plain:,.0f} tx/s; registered, its events "
+        f"not inserted {rate:,.0f} tx/s ({rate / plain:.2f}x; rounds {'/'.join(f'{r:.0f}' for r in rates)}); "
+        f"registered {statistics.median(result.registered):,.0f} tx/s ({result.ratio():.2f}x)",
+        flush=True,
+    )
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -685,6 +727,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only", action="append", choices=VENDORS, help="this database only (repeatable)"
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="MariaDB: also measure the registered writers without their events' INSERT "
+        "(a diagnostic of where the throughput goes, not a verdict)",
     )
     args = parser.parse_args(argv)
     if args.saves % PER_TRANSACTION or args.saves < PER_TRANSACTION:
