@@ -15,6 +15,7 @@ class ChangefeedSyncConfig(AppConfig):
         wake_readers_on_commit()
         resume_deliveries_on_first_request()
         reread_changed_settings()
+        reread_targets_when_saved()
 
 
 def capture_registered_models() -> None:
@@ -56,3 +57,18 @@ def reread_changed_settings() -> None:
     from . import conf
 
     setting_changed.connect(conf.forget, dispatch_uid="changefeed_settings")
+
+
+def reread_targets_when_saved() -> None:
+    """Capture routes events by the Targets' filters, kept a second (source/routes.py):
+    a Target saved or deleted in this process is read again at the next write."""
+    from django.db.models.signals import post_delete, post_save
+
+    from .models import Target
+    from .source import routes
+
+    def forget(**kwargs: object) -> None:
+        routes.forget()
+
+    post_save.connect(forget, sender=Target, dispatch_uid="changefeed_routes", weak=False)
+    post_delete.connect(forget, sender=Target, dispatch_uid="changefeed_routes", weak=False)

@@ -143,6 +143,14 @@ class Event(models.Model):
         unique=True,
         help_text="Place in the feed, given once the event's transaction committed.",
     )
+    # NULL, not "": writers that do not route (the PostgreSQL one-statement save, older
+    # code, relays) leave the column out, and nothing to route is not "routed to none".
+    routes = models.TextField(  # noqa: DJ001
+        null=True,
+        blank=True,
+        help_text="For the Targets whose row filters read this model: what the event is "
+        "to each (source/routes.py). Empty: no filter reads the model.",
+    )
 
     class Meta:
         ordering = ["id"]

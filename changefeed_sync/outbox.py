@@ -189,7 +189,7 @@ def _insert(using: str, batch: list[NewEvent]) -> None:
             chunk = batch[first : first + _PER_STATEMENT]
             rows: list[str] = []
             params: list[Any] = []
-            for n, (model, op, key, old_key, data, changed) in enumerate(chunk, first):
+            for n, (model, op, key, old_key, data, changed, routes) in enumerate(chunk, first):
                 start = starts.get((model, op))
                 if start is None:
                     start = starts[model, op] = _row_start(created, created_sql, model, op)
@@ -208,7 +208,12 @@ def _insert(using: str, batch: list[NewEvent]) -> None:
                     row += "%s, "
                     params.append(_dumped_names(changed))
                 position = None if positions is None else positions[n]
-                rows.append(row + ("NULL)" if position is None else f"{int(position)})"))
+                row += "NULL, " if position is None else f"{int(position)}, "
+                if routes is None:
+                    rows.append(row + "NULL)")
+                else:
+                    rows.append(row + "%s)")
+                    params.append(routes)
             cursor.execute(head + ", ".join(rows), params)
 
 
@@ -252,7 +257,7 @@ def _dumped_names(names: list[str]) -> str:
 
 # The columns _insert writes, in its order; tests/test_outbox_write.py checks that
 # they are the Event model's (all but the id).
-_COLUMNS = ("created_at", "model", "op", "key", "old_key", "data", "changed", "position")
+_COLUMNS = ("created_at", "model", "op", "key", "old_key", "data", "changed", "position", "routes")
 _PER_STATEMENT = 250  # rows per INSERT: 2,000 parameters, under every backend's limit
 
 
@@ -296,6 +301,7 @@ class NewEvent(NamedTuple):
     old_key: list[Any] | None = None
     data: dict[str, Any] | None = None
     changed: list[str] | None = None
+    routes: str | None = None  # source/routes.py; None: no Target's filter reads the model
 
     def instance(self, position: int | None = None) -> Event:
         """As an unsaved ``Event`` (for a backend without the direct INSERT)."""
@@ -307,6 +313,7 @@ class NewEvent(NamedTuple):
             data=self.data,
             changed=self.changed,
             position=position,
+            routes=self.routes,
         )
 
 
@@ -319,8 +326,10 @@ class Change(NamedTuple):
     data: dict[str, Any]
     changed: list[str]
 
-    def event(self) -> NewEvent:
-        return NewEvent(self.label, Event.UPSERT, self.key, self.old_key, self.data, self.changed)
+    def event(self, routes: str | None = None) -> NewEvent:
+        return NewEvent(
+            self.label, Event.UPSERT, self.key, self.old_key, self.data, self.changed, routes
+        )
 
 
 def make_event(

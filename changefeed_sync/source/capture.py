@@ -37,6 +37,7 @@ from .. import outbox, registry
 from ..models import Event
 from ..registry import ModelOptions
 from ..serialization import key_from_attvalues, key_of_instance
+from . import routes
 from .capture_pg import PLAN_ATTR, one_statement_plan, wrap_row_writes
 from .events import (
     SNAPSHOT_ATTR,
@@ -47,6 +48,10 @@ from .events import (
     write_upserts,
 )
 from .read_locks import lock_for_events
+
+# Which filtered Targets had the row before this write (routes.py), from pre_save or
+# pre_delete to the event.
+ROUTED_BEFORE = "_changefeed_routed_before"
 
 # ------------------------------------------------------------ registration
 
@@ -138,6 +143,14 @@ def _pre_write(sender: type[models.Model], instance: models.Model, **kwargs: Any
         return  # a one-statement save sends its event with its row
     using = kwargs.get("using") or instance._state.db or "default"
     outbox.lock(using)  # SQLite: the write lock before this transaction reads
+    options = registry.get_options(sender)
+    routed = routes.concerned(options, using) if options is not None else None
+    if routed is not None and instance.pk is not None:
+        # Filtered Targets: which of them had the row, read under its lock so that
+        # no other writer moves it in or out in between.
+        lock_for_events(sender, [instance.pk], using)
+        found = routes.members(options, [instance.pk], using, routed[1])  # type: ignore[arg-type]
+        instance.__dict__[ROUTED_BEFORE] = found.get(instance.pk, frozenset())
     if not instance._state.adding and SNAPSHOT_ATTR not in instance.__dict__:
         # Built by hand with a primary key, never loaded: read what is stored,
         # locked, so that no other writer changes its key in between.
@@ -171,9 +184,20 @@ def _post_save(
         change = upsert_change(options, instance, created, using, update_fields, raw)
         # Outside a plan the lock was taken in pre_save; a plan whose row
         # statement was never seen (not expected) takes it here.
-        outbox.write(using, [change.event()], locked=plan is None)
+        route = _upsert_routes(options, instance, using)
+        outbox.write(using, [change.event(route)], locked=plan is None)
     # Later saves of this instance compare with what is stored now.
     instance.__dict__[SNAPSHOT_ATTR] = snapshot(instance)
+
+
+def _upsert_routes(options: ModelOptions, instance: models.Model, using: str) -> str | None:
+    """The saved row's routes to the filtered Targets (None: no filter reads the model)."""
+    routed = routes.concerned(options, using)
+    before = instance.__dict__.pop(ROUTED_BEFORE, None)
+    if routed is None:
+        return None
+    after = routes.members(options, [instance.pk], using, routed[1]).get(instance.pk, frozenset())
+    return routes.upsert_routes(routed[0], routed[1], before, after)
 
 
 def _pre_delete(
@@ -184,6 +208,10 @@ def _pre_delete(
         return
     outbox.lock(using)
     lock_for_events(sender, [instance.pk], using)
+    routed = routes.concerned(options, using)
+    if routed is not None:
+        found = routes.members(options, [instance.pk], using, routed[1])
+        instance.__dict__[ROUTED_BEFORE] = found.get(instance.pk, frozenset())
     # Read the key now: in a cascade, rows it goes through may be gone by post_delete.
     heads = {getattr(sender._meta.get_field(h), "attname", h) for h in options.key_heads}
     values = {attname: getattr(instance, attname) for attname in heads}
@@ -199,7 +227,12 @@ def _post_delete(
     key = getattr(instance, "_changefeed_deleted_key", None)
     if key is None:
         key = list(key_of_instance(options, instance))
-    outbox.write(using, [outbox.make_event(options.label, Event.DELETE, key)], locked=True)
+    event = outbox.make_event(options.label, Event.DELETE, key)
+    routed = routes.concerned(options, using)
+    if routed is not None:
+        before = instance.__dict__.pop(ROUTED_BEFORE, frozenset())
+        event = event._replace(routes=routes.delete_routes(routed[0], routed[1], before))
+    outbox.write(using, [event], locked=True)
 
 
 def _m2m_changed(
@@ -240,4 +273,4 @@ def _m2m_changed(
         pks = getattr(instance, "_changefeed_cleared", [])
     else:
         pks = list(pk_set or ())
-    write_upserts(options, pks, using, changed=None)
+    write_upserts(options, pks, using, changed=None, rows_unchanged=True)

@@ -15,7 +15,8 @@ from .. import outbox
 from ..keys import resolve_keys
 from ..registry import ModelOptions
 from ..serialization import key_of_instance, key_of_row
-from .events import capturing, no_capture, write_upserts
+from . import routes
+from .events import capturing, no_capture, routed_before, write_upserts
 
 
 def _write_db(qs: QuerySet[Any]) -> str:
@@ -39,6 +40,7 @@ def _bulk_create(original: Any) -> Any:
         using = _write_db(self)
         with transaction.atomic(using=using, savepoint=False):
             outbox.lock(using)
+            before = _existing_before(options, self.model, objs, using, kwargs)
             with no_capture():
                 result = original(self, objs, *args, **kwargs)
             pks = [obj.pk for obj in result]
@@ -47,7 +49,7 @@ def _bulk_create(original: Any) -> Any:
                 # come back, so find the rows by natural key.
                 keys = [key_of_instance(options, obj) for obj in objs]
                 pks = list(resolve_keys(options, keys, using).values())
-            write_upserts(options, pks, using, changed=None)
+            write_upserts(options, pks, using, changed=None, before=before)
         return result
 
     return bulk_create
@@ -70,10 +72,13 @@ def _bulk_update(original: Any) -> Any:
                 options,
                 self.model._base_manager.using(using).select_for_update().filter(pk__in=pks),
             )
+            before = routed_before(options, pks, using)
             with no_capture():
                 result = original(self, objs, fields, *args, **kwargs)
             changed = sorted(set(fields) & options.field_names)
-            write_upserts(options, pks, using, changed=changed, old_keys=old_keys)
+            write_upserts(
+                options, pks, using, changed=changed, old_keys=old_keys, before=before or {}
+            )
         return result
 
     return bulk_update
@@ -95,13 +100,33 @@ def _update(original: Any) -> Any:
             pks = list(_locked(self, using).values_list("pk", flat=True))
             base = self.model._base_manager.using(using).filter(pk__in=pks)
             old_keys = _keys_by_pk(options, base)
+            before = routed_before(options, pks, using)
             with no_capture():
                 result = original(base, **kwargs) if pks else 0
             changed = sorted(set(kwargs) & options.field_names)
-            write_upserts(options, list(old_keys), using, changed=changed, old_keys=old_keys)
+            write_upserts(
+                options, list(old_keys), using, changed=changed, old_keys=old_keys,
+                before=before or {},
+            )  # fmt: skip
         return result
 
     return update
+
+
+def _existing_before(
+    options: ModelOptions, model: Any, objs: list[Any], using: str, kwargs: dict[str, Any]
+) -> dict[Any, frozenset[int]] | None:
+    """For the filtered Targets, which of them have the rows a bulk_create with
+    ``update_conflicts`` or ``ignore_conflicts`` may find already there (locked, by
+    natural key); None for a plain bulk_create, whose rows are all new."""
+    if not (kwargs.get("update_conflicts") or kwargs.get("ignore_conflicts")):
+        return None
+    if routes.concerned(options, using) is None:
+        return None
+    keys = [key_of_instance(options, obj) for obj in objs]
+    pks = list(resolve_keys(options, keys, using).values())
+    list(model._base_manager.using(using).select_for_update().filter(pk__in=pks).values("pk"))
+    return routed_before(options, pks, using) or {}
 
 
 def _locked(qs: QuerySet[Any], using: str) -> QuerySet[Any]:

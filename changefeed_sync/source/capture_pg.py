@@ -12,7 +12,7 @@ from django.db import connections, models, transaction
 
 from .. import outbox
 from ..registry import ModelOptions
-from . import outbox_pg
+from . import outbox_pg, routes
 from .events import SNAPSHOT_ATTR, capturing, has_expression, upsert_change
 
 PLAN_ATTR = "_changefeed_one_statement"
@@ -49,6 +49,8 @@ def one_statement_plan(
     concrete: Any = instance._meta.concrete_model  # a proxy's parents are not tables
     if not options.payload_in_memory or concrete._meta.parents:
         return None
+    if routes.concerned(options, using) is not None:
+        return None  # a filtered Target's routes need the row read before and after
     if not connection.in_atomic_block and not connection.get_autocommit():
         return None  # a transaction managed by hand (set_autocommit(False))
     if not instance._state.adding and SNAPSHOT_ATTR not in instance.__dict__:

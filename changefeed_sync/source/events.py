@@ -19,6 +19,7 @@ from ..context import _applying
 from ..models import Event
 from ..registry import ModelOptions
 from ..serialization import key_from_attvalues, payload_from_instance, payloads_from_db
+from . import routes
 from .read_locks import lock_for_events
 
 # Set while one of our queryset wrappers runs, so the queryset calls it makes
@@ -141,26 +142,48 @@ def write_upserts(
     *,
     changed: list[str] | None,
     old_keys: dict[Any, list[Any]] | None = None,
+    before: dict[Any, frozenset[int]] | None = None,
+    rows_unchanged: bool = False,
 ) -> None:
+    """Upsert events of rows ``pks`` as stored now. For the filtered Targets:
+    ``before``, which of them had each row (read under its lock before the write;
+    None: new rows), or ``rows_unchanged``, the write changed no column (a
+    many-to-many edit), so no row moved in or out."""
     if not pks:
         return
     # Locked first: a many-to-many change does not write the row itself.
     lock_for_events(options.model, pks, using)
     payloads = payloads_from_db(options, pks, using)
+    routed = routes.concerned(options, using)
+    after = routes.members(options, pks, using, routed[1]) if routed else {}
     events = []
     for pk in pks:
         payload = payloads.get(pk)
         if payload is None:
             continue
         old = (old_keys or {}).get(pk)
-        events.append(
-            outbox.make_event(
-                options.label,
-                Event.UPSERT,
-                payload["key"],
-                old_key=old if old is not None and old != payload["key"] else None,
-                data=payload["data"],
-                changed=changed,
-            )
+        event = outbox.make_event(
+            options.label,
+            Event.UPSERT,
+            payload["key"],
+            old_key=old if old is not None and old != payload["key"] else None,
+            data=payload["data"],
+            changed=changed,
         )
+        if routed is not None:
+            now = after.get(pk, frozenset())
+            had = now if rows_unchanged else (None if before is None else before.get(pk))
+            event = event._replace(routes=routes.upsert_routes(routed[0], routed[1], had, now))
+        events.append(event)
     outbox.write(using, events, locked=True)
+
+
+def routed_before(
+    options: ModelOptions, pks: list[Any], using: str
+) -> dict[Any, frozenset[int]] | None:
+    """Which filtered Targets have each of the rows ``pks`` (locked by the caller), before
+    a write; None when no Target's filter reads the model."""
+    routed = routes.concerned(options, using)
+    if routed is None:
+        return None
+    return routes.members(options, pks, using, routed[1])

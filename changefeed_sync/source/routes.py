@@ -1,0 +1,138 @@
+"""Routes: what each event of a filtered model is to each filtered Target (issue 14).
+
+A Target with row filters must see a row arrive when it starts matching its filter
+and go when it stops, and never learn of rows outside it. Capture decides this as
+it writes, because only then are both states of the row known: the database says
+which Targets the row belongs to before the write and after it (``membership``),
+under the row's lock, and the event carries one entry per Target whose filter
+reads the model, in ``Event.routes``::
+
+    ,<route id>:<op>,<route id>:<op>,
+
+    u  upsert: in the filter before and after     j  joined: in after only (upsert)
+    l  left: in before only (a delete)            d  deleted while in the filter
+    -  nothing for this Target: outside before and after
+
+The route id names a Target *and* the filters it had when the event was routed
+(``route_id``): an event without an entry for a Target's current route id was
+routed before its filters were set or changed, or by a writer that did not know
+them yet, and the feed will ask that Target for a Data Pull instead of guessing.
+Models no Target filters carry no routes (NULL): nothing is evaluated for them,
+and a site without filtered Targets pays one cached read of its Targets per second.
+
+Not served yet: the feed still answers a filtered Target 409, and a filter through
+a foreign key moves rows when a parent changes, which capture does not follow yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..cache import TtlCache
+from ..models import Target
+from ..registry import ModelOptions
+from . import membership
+from .membership import Reader
+
+UPSERT, JOINED, LEFT, DELETED, NOTHING = "u", "j", "l", "d", "-"
+
+
+def route_id(target: Target) -> str:
+    """A Target's id together with what it reads: changes when its filters change."""
+    what = json.dumps(
+        [target.pk, target.row_filters, target.allowed_models()], sort_keys=True, default=str
+    )
+    return hashlib.sha256(what.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The filtered Targets of one database, as capture routes for them."""
+
+    readers: tuple[Reader, ...]
+    ids: dict[int, str]  # target id -> route id
+
+    def concerned(self, label: str) -> list[Reader]:
+        """The Targets whose filters read model ``label`` (an entry in each event of it);
+        a Target with invalid filters is concerned with every model (member of none)."""
+        return [
+            r
+            for r in self.readers
+            if r.selection is None
+            or (r.selection.offers(label) and r.selection.rows_filter(label) is not None)
+        ]
+
+
+def _load(using: str) -> Routing | None:
+    found = membership.readers(using)
+    if not found:
+        return None
+    targets = Target.objects.using(using).in_bulk([r.target_id for r in found])
+    return Routing(tuple(found), {pk: route_id(t) for pk, t in targets.items()})
+
+
+# A second, as push's list of Targets: a busy source does not read them at every write.
+_routing: TtlCache[str, Routing | None] = TtlCache(1.0)
+
+
+def routing(using: str) -> Routing | None:
+    """The filtered Targets of ``using`` (read at most a second ago); None: there are none."""
+    return _routing.get(using, lambda: _load(using))
+
+
+def forget() -> None:
+    """Read the Targets again at the next write (one was saved or deleted here)."""
+    _routing.clear()
+
+
+def concerned(options: ModelOptions, using: str) -> tuple[Routing, list[Reader]] | None:
+    """The routing and the Targets concerned with writes of this model, or None."""
+    found = routing(using)
+    if found is None:
+        return None
+    readers = found.concerned(options.label)
+    return (found, readers) if readers else None
+
+
+def members(
+    options: ModelOptions, pks: Sequence[Any], using: str, readers: Iterable[Reader]
+) -> dict[Any, frozenset[int]]:
+    return membership.members(options, pks, using, readers)
+
+
+def upsert_routes(
+    found: Routing,
+    readers: Iterable[Reader],
+    before: frozenset[int] | None,
+    after: frozenset[int],
+) -> str:
+    """The routes of an upsert event: ``before`` None when the row is new."""
+    entries = []
+    for reader in readers:
+        was = before is not None and reader.target_id in before
+        now = reader.target_id in after
+        op = (UPSERT if was else JOINED) if now else (LEFT if was else NOTHING)
+        entries.append(f"{found.ids[reader.target_id]}:{op}")
+    return "," + ",".join(entries) + ","
+
+
+def delete_routes(found: Routing, readers: Iterable[Reader], before: frozenset[int]) -> str:
+    """The routes of a delete event: a delete only for the Targets that had the row."""
+    entries = [
+        f"{found.ids[r.target_id]}:{DELETED if r.target_id in before else NOTHING}" for r in readers
+    ]
+    return "," + ",".join(entries) + ","
+
+
+def parse(routes: str) -> dict[str, str]:
+    """``Event.routes`` -> route id -> op."""
+    found = {}
+    for entry in routes.strip(",").split(","):
+        if entry:
+            rid, _, op = entry.partition(":")
+            found[rid] = op
+    return found
