@@ -83,6 +83,12 @@ class CursorExpired(SourceError):
     """The checkpoint is older than the oldest event the source still keeps."""
 
 
+class FilterChanged(CursorExpired):
+    """A filtered Target's feed holds events routed without its current row filters
+    (set or changed since, or relayed unrouted): only a full Data Pull can say which
+    rows it should have. Answered 410 ``filter_changed``."""
+
+
 class CursorAhead(ChangefeedError):
     """Source side: a cursor beyond every position this outbox ever gave out."""
 

@@ -227,6 +227,19 @@ class Target(models.Model):
         help_text='Per model, the rows this target receives, as Django field lookups on '
         'registered fields, e.g. {"shop.country": {"code__in": ["fr", "be"]}}. Empty: every row.',
     )
+    filters_route = models.CharField(
+        max_length=16,
+        blank=True,
+        default="",
+        editable=False,
+        help_text="The route id of the row filters in effect (source/routes.py); empty: none.",
+    )
+    filters_position = models.BigIntegerField(
+        default=0,
+        editable=False,
+        help_text="Feed position at which the row filters in effect were first seen: a "
+        "cursor below it must start again with a full Data Pull.",
+    )
     paused = models.BooleanField(
         default=False, help_text="Deliveries paused (the feed still answers)."
     )

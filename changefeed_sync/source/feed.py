@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db import connections
 
 from .. import conf
-from ..exceptions import CursorAhead, CursorExpired
+from ..exceptions import CursorAhead, CursorExpired, FilterChanged
 from ..models import Event
 from ..serialization import PROTOCOL_VERSION
 from . import sequencer
@@ -111,13 +111,31 @@ def check_cursor(since: int, using: str) -> sequencer.State:
     return state
 
 
+@dataclass(frozen=True)
+class Routed:
+    """A filtered Target's part of the feed: events of the models its filters read
+    (``labels``) reach it as their routes say for ``route_id`` (source/routes.py).
+    Hashable: long-polls share pages per (position, models, Routed)."""
+
+    route_id: str
+    labels: frozenset[str]
+
+
 def read(
-    since: int, limit: int, *, using: str | None = None, models: list[str] | None = None
+    since: int,
+    limit: int,
+    *,
+    using: str | None = None,
+    models: list[str] | None = None,
+    routed: Routed | None = None,
 ) -> FeedPage:
     """Events with position > ``since``, oldest first, at most ``limit``.
 
     ``models`` limits the events to those labels (a Target's selection, an empty
-    list: none); the cursor still moves past the others.
+    list: none); the cursor still moves past the others. ``routed``: a filtered
+    Target's reading (``Routed``): events of its filtered models that are nothing
+    to it are left out, a row that left its filter comes as a delete, and an event
+    routed without its current filters raises FilterChanged.
     """
     using = using or conf.feed_database()
     sequencer.sequence(using)
@@ -126,23 +144,56 @@ def read(
             f"cursor {since} is older than the oldest event kept "
             f"(pruned through {pruned_through(using)}): run a full Data Pull"
         )
-    rows = _rows(since, limit + 1, using, models)
+    rows = _rows(since, limit + 1, using, models, routed)
     more = len(rows) > limit
     rows = rows[:limit]
+    if routed is not None:
+        rows = _as_routed(rows, routed)
     last = rows[-1][0] if rows else since
     if more:
         events = Event.objects.using(using).filter(position__gt=last)
         if models is not None:
             events = events.filter(model__in=models)
+        if routed is not None:
+            events = events.exclude(
+                model__in=routed.labels, routes__contains=f",{routed.route_id}:-,"
+            )
         pending = events[:PENDING_CAP].count()
     else:
         pending = 0
     return FeedPage(_splice(rows, connections[using]), since, last, more, pending)
 
 
-def _rows(since: int, count: int, using: str, models: list[str] | None) -> list[tuple[Any, ...]]:
+def _as_routed(rows: list[tuple[Any, ...]], routed: Routed) -> list[tuple[Any, ...]]:
+    """Rows with their routes (last column) -> the rows one filtered Target receives."""
+    out = []
+    mark = f",{routed.route_id}:"
+    for row in rows:
+        *event, routes = row
+        if event[2] in routed.labels:
+            text = routes if isinstance(routes, str) or routes is None else _text(routes)
+            at = -1 if text is None else text.find(mark)
+            if text is None or at < 0:
+                raise FilterChanged(
+                    f"the event at position {event[0]} ({event[2]}) was routed without this "
+                    "Target's current row filters (they were set or changed since, or the "
+                    "event came through a relay that does not route): run a full Data Pull"
+                )
+            op = text[at + len(mark)]
+            if op == "-":  # left out by the query already; never sent
+                continue
+            if op == "l":  # the row left the filter: the Target deletes what it holds
+                key = event[5] if event[5] is not None else event[4]
+                event = [event[0], event[1], event[2], "delete", key, None, None, None]
+        out.append(tuple(event))
+    return out
+
+
+def _rows(
+    since: int, count: int, using: str, models: list[str] | None, routed: Routed | None = None
+) -> list[tuple[Any, ...]]:
     """(position, created_at, model, op, key, old_key, data, changed) with the JSON
-    columns as the text the database holds.
+    columns as the text the database holds (and ``routes`` last, when ``routed``).
 
     The feed's hot path: the stored JSON is valid JSON already, so it is
     passed through rather than decoded per column and encoded again (that
@@ -159,6 +210,7 @@ def _rows(since: int, count: int, using: str, models: list[str] | None) -> list[
     columns = ", ".join(
         [qn("position"), created_at, qn("model"), qn("op")]
         + [f"{qn(c)}{cast}" for c in _JSON_COLUMNS]
+        + ([qn("routes")] if routed is not None else [])
     )
     sql = f"SELECT {columns} FROM {qn(Event._meta.db_table)} WHERE {qn('position')} > %s"
     params: list[Any] = [since]
@@ -167,6 +219,15 @@ def _rows(since: int, count: int, using: str, models: list[str] | None) -> list[
             return []
         sql += f" AND {qn('model')} IN ({', '.join(['%s'] * len(models))})"
         params.extend(models)
+    if routed is not None and routed.labels:
+        # Events that are nothing to this Target stay in the database. NULL routes
+        # (never routed) are read, so that read() can refuse them.
+        labels = sorted(routed.labels)
+        sql += (
+            f" AND NOT ({qn('model')} IN ({', '.join(['%s'] * len(labels))})"
+            f" AND COALESCE({qn('routes')}, '') LIKE %s)"
+        )
+        params.extend([*labels, f"%,{routed.route_id}:-,%"])
     sql += f" ORDER BY {qn('position')} LIMIT {int(count)}"
     with connection.cursor() as cursor:
         cursor.execute(sql, params)

@@ -150,7 +150,7 @@ class _Flight:
         self.futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
 
-_Key = tuple[str, str, int, int, "tuple[str, ...] | None", int]
+_Key = tuple[str, str, int, int, "tuple[str, ...] | None", int, "feed.Routed | None"]
 _cache_lock = threading.Lock()
 _flights: OrderedDict[_Key, _Flight] = OrderedDict()
 _cached_bytes = 0
@@ -172,20 +172,31 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def read(
-    using: str, since: int, limit: int, models: list[str] | None, source_id: str | None = None
+    using: str,
+    since: int,
+    limit: int,
+    models: list[str] | None,
+    source_id: str | None = None,
+    routed: feed.Routed | None = None,
 ) -> FeedPage:
     """One feed page (on SQLite, waiting for a busy writer promptly: sqlite_waits.py),
-    carrying ``source_id`` when given."""
+    carrying ``source_id`` when given; ``routed``: a filtered Target's (feed.read)."""
     with prompt_lock_waits(using):
-        page = feed.read(since, limit, using=using, models=models)
+        page = feed.read(since, limit, using=using, models=models, routed=routed)
     return dataclasses.replace(page, source_id=source_id) if source_id else page
 
 
 def _key(
-    using: str, source_id: str, since: int, limit: int, models: list[str] | None, head: int
+    using: str,
+    source_id: str,
+    since: int,
+    limit: int,
+    models: list[str] | None,
+    head: int,
+    routed: feed.Routed | None = None,
 ) -> _Key:
     labels = None if models is None else tuple(sorted(models))
-    return (using, source_id, since, limit, labels, head)
+    return (using, source_id, since, limit, labels, head, routed)
 
 
 def _join(key: _Key) -> tuple[_Flight, bool]:
@@ -265,15 +276,21 @@ def _set_done(futures: list[asyncio.Future[None]]) -> None:
 
 
 async def acached_read(
-    using: str, source_id: str, since: int, limit: int, models: list[str] | None, head: int
+    using: str,
+    source_id: str,
+    since: int,
+    limit: int,
+    models: list[str] | None,
+    head: int,
+    routed: feed.Routed | None = None,
 ) -> FeedPage:
     """The page after ``since``, read once per process for everyone woken by ``head``
     who saw the outbox ``source_id``: only the reader uses a thread; the others wait
     on their loop."""
-    key = _key(using, source_id, since, limit, models, head)
+    key = _key(using, source_id, since, limit, models, head, routed)
     flight, leader = _join(key)
     if leader:
-        reader = functools.partial(read, using, since, limit, models, source_id)
+        reader = functools.partial(read, using, since, limit, models, source_id, routed)
         return await in_db_thread(_lead, key, flight, reader, lane="wake")
     if not flight.done.is_set():
         loop = asyncio.get_running_loop()
@@ -286,7 +303,7 @@ async def acached_read(
             await future
     if flight.page is not None:
         return flight.page
-    return await in_db_thread(read, using, since, limit, models, source_id, lane="wake")
+    return await in_db_thread(read, using, since, limit, models, source_id, routed, lane="wake")
 
 
 def cache_stats() -> dict[str, int]:
@@ -307,6 +324,7 @@ async def aread_or_wait(
     source_id: str = "",
     page: FeedPage | None = None,
     slots: WaitSlots | None = None,
+    routed: feed.Routed | None = None,
 ) -> Outcome:
     """The page after ``since``, waiting up to ``wait`` seconds for one that is not empty.
 
@@ -319,7 +337,7 @@ async def aread_or_wait(
     """
     deadline = time.monotonic() + max(0.0, wait)
     if page is None:
-        page = await in_db_thread(read, using, since, limit, models)
+        page = await in_db_thread(read, using, since, limit, models, None, routed)
     if page.has_events or wait <= 0:
         return Outcome(page)
     if slots is not None and not slots.try_take():
@@ -330,7 +348,7 @@ async def aread_or_wait(
             head = await notifier.await_head(using, floor, deadline - time.monotonic())
             if head is None:  # time is up; the page read last is the answer
                 return Outcome(page)
-            page = await acached_read(using, source_id, since, limit, models, head)
+            page = await acached_read(using, source_id, since, limit, models, head, routed)
             if page.has_events:
                 return Outcome(page)
             # Woken by events of models this target does not receive: wait for later ones.
@@ -352,6 +370,7 @@ async def stream_pages(
     models: list[str] | None = None,
     source_id: str = "",
     page: FeedPage,
+    routed: feed.Routed | None = None,
 ) -> AsyncIterator[FeedPage | None]:
     """The pages after ``since`` as they come, for ``duration`` seconds (CouchDB's
     ``feed=continuous``): ``page`` first (the request's first read, even empty), then
@@ -376,13 +395,13 @@ async def stream_pages(
             sent = now
             continue
         if more:  # catching up: the next page at once, no wake needed
-            page = await in_db_thread(read, using, since, limit, models, source_id)
+            page = await in_db_thread(read, using, since, limit, models, source_id, routed)
         else:
             timeout = min(sent + HEARTBEAT, deadline) - now
             head = await notifier.await_head(using, floor, timeout)
             if head is None:
                 continue
-            page = await acached_read(using, source_id, since, limit, models, head)
+            page = await acached_read(using, source_id, since, limit, models, head, routed)
             # Events of models this follower does not receive: wait for later ones
             # (the heartbeat still comes HEARTBEAT seconds after the last line).
             floor = max(floor, head)

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..cache import TtlCache
+from ..filters import is_filtered
 from ..models import Target
 from ..registry import ModelOptions
-from . import membership
+from . import membership, sequencer
 from .membership import Reader
 
 UPSERT, JOINED, LEFT, DELETED, NOTHING = "u", "j", "l", "d", "-"
@@ -136,3 +137,29 @@ def parse(routes: str) -> dict[str, str]:
             rid, _, op = entry.partition(":")
             found[rid] = op
     return found
+
+
+def filters_in_effect(target: Target) -> str:
+    """What ``Target.filters_route`` must hold: the route id of a filtered Target, ""
+    for one without row filters (changing only its models asks for no Data Pull)."""
+    return route_id(target) if is_filtered(target.row_filters) else ""
+
+
+def stamp(target: Target, using: str) -> None:
+    """Record, the first time it is seen, the position at which a Target's current row
+    filters took effect (``filters_position``): its rows before that position were
+    chosen by other filters, or by none, so only a Data Pull started after it tells what
+    it should hold. Seen by the feed and the snapshot, whatever changed the filters
+    (the admin, ``save()``, ``QuerySet.update``). A Target that never had filters is
+    stamped at 0 (nothing to redo)."""
+    now = filters_in_effect(target)
+    if now == target.filters_route:
+        return
+    position = 0 if not now and not target.filters_route else sequencer.head(using)
+    changed = Target.objects.using(using).filter(
+        pk=target.pk, filters_route=target.filters_route
+    ).update(filters_route=now, filters_position=position)
+    if changed:
+        target.filters_route, target.filters_position = now, position
+    else:  # another request stamped it first: take its record
+        target.refresh_from_db(using=using, fields=["filters_route", "filters_position"])

@@ -34,15 +34,15 @@ from ..exceptions import (
     CursorAhead,
     CursorExpired,
     FileOutsideFilter,
+    FilterChanged,
     RowFiltersInvalid,
     SignatureError,
 )
-from ..filters import is_filtered
 from ..http import bool_param, error_response, float_param, int_param, plausible_name, shown
 from ..models import Target
 from ..selection import Selection
 from ..serialization import PROTOCOL_VERSION
-from . import feed, file_serving, longpoll, sequencer, snapshot_request
+from . import feed, file_serving, longpoll, membership, routes, sequencer, snapshot_request
 from .sqlite_waits import prompt_lock_waits, retry_transaction
 
 logger = logging.getLogger("changefeed_sync.views")
@@ -121,24 +121,36 @@ def _selection(target: Target) -> Selection | JsonResponse:
         )
 
 
-def _unserved(target: Target) -> JsonResponse | None:
-    """The feed (its pages, long-polls and streams) is not served to a filtered Target
-    yet (issue 14, in progress): a Data Pull is (snapshot/, files/). It gets this
-    answer rather than events of rows outside its filters."""
-    if not is_filtered(target.row_filters):
+def _routed(target: Target, selection: Selection) -> feed.Routed | JsonResponse | None:
+    """A filtered Target's part of the feed (None: not filtered). Filters through a
+    foreign key are refused 409 for now: a parent's change moves its children in or
+    out of them, which capture does not route yet; a Data Pull serves them."""
+    if not selection.filtered:
         return None
-    return error_response(
-        409,
-        f"Target {target.name!r} has row_filters: the feed of a filtered Target is not "
-        "served yet; a Data Pull is (clear them to follow the feed)",
-        "row_filters_not_served",
-    )
+    hops = membership.filter_paths([membership.Reader(target.pk, selection)])
+    if hops:
+        path = f"{hops[0].child} through {hops[0].via}"
+        return error_response(
+            409,
+            f"Target {target.name!r} has row_filters through a foreign key ({path}): the "
+            "feed of a filtered Target is not served yet for such filters; a Data Pull is, "
+            "and the feed is for filters on a model's own fields",
+            "row_filters_not_served",
+        )
+    return feed.Routed(routes.route_id(target), frozenset(selection.row_filters))
+
+
+def _expired(exc: CursorExpired) -> JsonResponse:
+    code = "filter_changed" if isinstance(exc, FilterChanged) else "cursor_expired"
+    return error_response(410, str(exc), code)
 
 
 def _not_offered(label: str) -> JsonResponse:
     """The one answer for a model a Target may not read, registered here or not:
     nothing tells the two apart."""
-    return error_response(404, f"model {shown(label)} is not offered to this target", "unknown_model")
+    return error_response(
+        404, f"model {shown(label)} is not offered to this target", "unknown_model"
+    )
 
 
 @transaction.non_atomic_requests
@@ -153,6 +165,8 @@ def snapshot_view(request: HttpRequest) -> JsonResponse:
     selection = _selection(target)
     if isinstance(selection, JsonResponse):
         return selection
+    if not request.GET.get("model"):
+        routes.stamp(target, using)  # a pull's position is then past a change of filters
     try:
         body = snapshot_request.answer(request, selection, target.name, using)
     except LookupError:
@@ -327,6 +341,8 @@ class _FeedRequest:
     page: feed.FeedPage
     #: Pages as they come, on one answer (``stream=1``), rather than one page.
     stream: bool = False
+    #: A filtered Target's part of the feed.
+    routed: feed.Routed | None = None
 
 
 @_non_atomic_on_every_database
@@ -354,9 +370,10 @@ async def feed_view(request: HttpRequest) -> HttpResponse | StreamingHttpRespons
         outcome = await longpoll.aread_or_wait(
             started.since, started.limit, started.wait, using=using, models=started.models,
             source_id=started.source_id, page=started.page, slots=_wsgi_wait_slots(request),
+            routed=started.routed,
         )  # fmt: skip
-    except CursorExpired as exc:  # pruned while it waited
-        return error_response(410, str(exc), "cursor_expired")
+    except CursorExpired as exc:  # pruned while it waited (or a filter changed)
+        return _expired(exc)
     # Pages may be shared by followers woken together: each answer gets its own copy.
     page = dataclasses.replace(outcome.page, source_id=started.source_id)
     # The events are spliced in as stored, not decoded and encoded again.
@@ -387,12 +404,14 @@ def _streamed(started: _FeedRequest, using: str) -> StreamingHttpResponse:
             started.since, started.limit, duration, using=using, models=started.models,
             source_id=started.source_id,
             page=dataclasses.replace(started.page, source_id=started.source_id),
+            routed=started.routed,
         )  # fmt: skip
         try:
             async for page in pages:
                 yield b"\n" if page is None else page.line
         except CursorExpired as exc:  # pruned past the stream's position
-            yield _error_line(str(exc), "cursor_expired")
+            code = "filter_changed" if isinstance(exc, FilterChanged) else "cursor_expired"
+            yield _error_line(str(exc), code)
         except Exception:
             # Headers are sent: the status cannot say it any more. Logged here; the
             # follower sees an error line, then the end, and asks again.
@@ -423,9 +442,12 @@ def _feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
         name, nonce, target = verify(request, using)
     except SignatureError as exc:
         return _refused(request, exc)
-    unserved = _unserved(target)
-    if unserved is not None:
-        return unserved
+    selection = _selection(target)  # its models, and its row filters
+    if isinstance(selection, JsonResponse):
+        return selection
+    routed = _routed(target, selection)
+    if isinstance(routed, JsonResponse):
+        return routed
     try:
         since = int_param(request, "since", 0)
         limit = int_param(request, "limit", conf.feed_default_limit())
@@ -453,12 +475,18 @@ def _feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
         record_request(name, nonce, using, seq=since)
     except SignatureError as exc:
         return _refused(request, exc)
-    selection = _selection(target)  # its models (filtered Targets were refused above)
-    if isinstance(selection, JsonResponse):
-        return selection
+    routes.stamp(target, using)
+    if since < target.filters_position:
+        return error_response(
+            410,
+            f"Target {target.name!r}'s row filters changed at position "
+            f"{target.filters_position}, after its checkpoint {since}: its rows were chosen "
+            "by other filters: run a full Data Pull",
+            "filter_changed",
+        )
     models = selection.model_list()
     try:
-        page = longpoll.read(using, since, limit, models)
+        page = longpoll.read(using, since, limit, models, None, routed)
     except CursorExpired as exc:
-        return error_response(410, str(exc), "cursor_expired")
-    return _FeedRequest(name, since, limit, wait, models, state.source_id, page, stream)
+        return _expired(exc)
+    return _FeedRequest(name, since, limit, wait, models, state.source_id, page, stream, routed)

@@ -17,6 +17,7 @@ from ..exceptions import (
     AuthenticationFailed,
     ConfigurationError,
     CursorExpired,
+    FilterChanged,
     FramingError,
     ProtocolError,
     SignatureError,
@@ -157,6 +158,8 @@ class SourceClient:
             )
         if response.status_code == 410 and body.get("code") == "cursor_expired":
             raise CursorExpired(f"source {self.source.name}: {body.get('error')}")
+        if response.status_code == 410 and body.get("code") == "filter_changed":
+            raise FilterChanged(f"source {self.source.name}: {body.get('error')}")
         if response.status_code == 409 and body.get("code") == "cursor_ahead":
             raise SourceReset(
                 self.source.name,
@@ -291,6 +294,8 @@ class SourceClient:
         if "error" in body:
             if body.get("code") == "cursor_expired":  # pruned while we streamed
                 raise CursorExpired(f"source {self.source.name}: {body.get('error')}")
+            if body.get("code") == "filter_changed":  # our row filters changed meanwhile
+                raise FilterChanged(f"source {self.source.name}: {body.get('error')}")
             raise ProtocolError(
                 f"source {self.source.name} ended its feed stream with an error: "
                 f"{body.get('error')!r:.300} (code {body.get('code')!r:.40})"
