@@ -186,3 +186,51 @@ def test_an_event_written_without_routes_is_refused_not_guessed(db_alias: str) -
         )
     with pytest.raises(FilterChanged, match="was routed without this Target's current row"):
         feed.read(since, 10, using=db_alias, routed=routed)
+
+
+@pytest.fixture(params=["postgres", "mariadb"])
+def pushed(request: pytest.FixtureRequest) -> Any:
+    """A filtered Target whose webhook is the target site's (another database), called
+    in process by the loopback backend; it holds what the source held when its filters
+    took effect (nothing), as after a Data Pull there."""
+    from django.test import override_settings
+
+    from changefeed_sync.source import push
+    from changefeed_sync.source.delivery import loopback
+    from tests.dbs import require_alias
+    from tests.test_delivery_loopback import LOOPBACK, Webhook
+
+    tgt = str(request.param)
+    require_alias(tgt)
+    with override_settings(
+        CHANGEFEED_SYNC_TARGET_DATABASE=tgt, CHANGEFEED_SYNC_DELIVERY_BACKEND=LOOPBACK
+    ):
+        target = Target.objects.create(
+            name="regional", secrets="pw", row_filters=FILTERS,
+            webhook_url="http://target.invalid/sync/webhook/hq/",
+        )  # fmt: skip
+        routes.stamp(target, "default")
+        Target.objects.filter(pk=target.pk).update(delivered_seq=target.filters_position)
+        DataSource.objects.using(tgt).create(
+            name="hq", url="http://source.invalid/sync/", client_name="regional",
+            secrets="pw", checkpoint=target.filters_position,
+        )  # fmt: skip
+        push.forget_targets()
+        received = Webhook()
+        loopback.connect("regional", received)
+        try:
+            yield tgt, received
+        finally:
+            loopback.disconnect("regional")
+
+
+def test_pushes_carry_only_what_the_filters_route(pushed: tuple[str, Any]) -> None:
+    tgt, webhook = pushed
+    seed("default")
+    change("default")
+    assert state(tgt) == expected("default")
+    events = [e for body in webhook.bodies for e in body["events"]]
+    values = {e["data"]["value"] for e in events if e["model"] == "testapp.copy" and e["data"]}
+    assert values and all(v.startswith("pub") for v in values), values
+    assert ["de", "l1", "hidden"] not in [e["key"] for e in events]
+    assert {s for s, _ in webhook.statuses()} == {200}

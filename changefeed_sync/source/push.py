@@ -37,6 +37,7 @@ from ..exceptions import DeliveryFailed
 from ..filters import is_filtered
 from ..models import Target
 from ..signing import ID_HEADER, SIGNATURE_HEADER, sign_request
+from . import routes
 from .delivery.base import DeliveryBackend
 
 # Part of push's interface: the delivery backends plan and read batches through push.
@@ -49,7 +50,6 @@ from .delivery.batches import batches as batches
 from .delivery.batches import plan as plan
 
 logger = logging.getLogger("changefeed_sync.push")
-
 
 
 # ---------------------------------------------------------------- scheduling
@@ -69,7 +69,13 @@ def push_target_ids(using: str) -> list[int]:
             .exclude(webhook_url="")
             .values_list("pk", "row_filters")
         )
-        return [pk for pk, filters in found if not is_filtered(filters)]
+        return [pk for pk, filters in found if not is_filtered(filters)] + [
+            target.pk
+            for target in Target.objects.using(using).filter(pk__in=[
+                pk for pk, filters in found if is_filtered(filters)
+            ])
+            if not isinstance(routes.reading(target), str)
+        ]  # fmt: skip
 
     return _target_ids.get(using, load)
 
@@ -279,12 +285,13 @@ def deliver_pending(
 
 
 def takes_deliveries(target: Target) -> bool:
-    # Row filters are not served yet (issue 14): nothing rather than rows outside them.
+    # Row filters the feed does not serve yet (through a foreign key, invalid): nothing
+    # rather than rows outside them (routes.reading).
     return bool(
         target.active
         and not target.paused
         and target.webhook_url
-        and not is_filtered(target.row_filters)
+        and not isinstance(routes.reading(target), str)
     )
 
 

@@ -33,10 +33,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..cache import TtlCache
+from ..exceptions import RowFiltersInvalid
 from ..filters import is_filtered
 from ..models import Target
 from ..registry import ModelOptions
+from ..selection import Selection
 from . import membership, sequencer
+from .feed import Routed
 from .membership import Reader
 
 UPSERT, JOINED, LEFT, DELETED, NOTHING = "u", "j", "l", "d", "-"
@@ -163,3 +166,25 @@ def stamp(target: Target, using: str) -> None:
         target.filters_route, target.filters_position = now, position
     else:  # another request stamped it first: take its record
         target.refresh_from_db(using=using, fields=["filters_route", "filters_position"])
+
+
+def reading(target: Target) -> Routed | str | None:
+    """How ``target`` reads the feed: None unfiltered, a ``Routed`` when its filters are
+    served there, else why not (as a sentence): invalid saved filters, or filters
+    through a foreign key, whose rows a parent's change moves in or out, which capture
+    does not route yet (a Data Pull serves them)."""
+    if not is_filtered(target.row_filters):
+        return None
+    try:
+        selection = Selection.of(target)
+    except RowFiltersInvalid as exc:
+        return str(exc)
+    hops = membership.filter_paths([Reader(target.pk, selection)])
+    if hops:
+        return (
+            f"Target {target.name!r} has row_filters through a foreign key "
+            f"({hops[0].child} through {hops[0].via}): the feed of a filtered Target is not "
+            "served yet for such filters; a Data Pull is, and the feed is for filters on a "
+            "model's own fields"
+        )
+    return Routed(route_id(target), frozenset(selection.row_filters))

@@ -42,7 +42,7 @@ from ..http import bool_param, error_response, float_param, int_param, plausible
 from ..models import Target
 from ..selection import Selection
 from ..serialization import PROTOCOL_VERSION
-from . import feed, file_serving, longpoll, membership, routes, sequencer, snapshot_request
+from . import feed, file_serving, longpoll, routes, sequencer, snapshot_request
 from .sqlite_waits import prompt_lock_waits, retry_transaction
 
 logger = logging.getLogger("changefeed_sync.views")
@@ -121,23 +121,13 @@ def _selection(target: Target) -> Selection | JsonResponse:
         )
 
 
-def _routed(target: Target, selection: Selection) -> feed.Routed | JsonResponse | None:
-    """A filtered Target's part of the feed (None: not filtered). Filters through a
-    foreign key are refused 409 for now: a parent's change moves its children in or
-    out of them, which capture does not route yet; a Data Pull serves them."""
-    if not selection.filtered:
-        return None
-    hops = membership.filter_paths([membership.Reader(target.pk, selection)])
-    if hops:
-        path = f"{hops[0].child} through {hops[0].via}"
-        return error_response(
-            409,
-            f"Target {target.name!r} has row_filters through a foreign key ({path}): the "
-            "feed of a filtered Target is not served yet for such filters; a Data Pull is, "
-            "and the feed is for filters on a model's own fields",
-            "row_filters_not_served",
-        )
-    return feed.Routed(routes.route_id(target), frozenset(selection.row_filters))
+def _routed(target: Target) -> feed.Routed | JsonResponse | None:
+    """A filtered Target's part of the feed (None: not filtered); a 409 for filters
+    the feed does not serve yet (routes.reading)."""
+    found = routes.reading(target)
+    if isinstance(found, str):
+        return error_response(409, found, "row_filters_not_served")
+    return found
 
 
 def _expired(exc: CursorExpired) -> JsonResponse:
@@ -445,7 +435,7 @@ def _feed(request: HttpRequest, using: str) -> _FeedRequest | HttpResponse:
     selection = _selection(target)  # its models, and its row filters
     if isinstance(selection, JsonResponse):
         return selection
-    routed = _routed(target, selection)
+    routed = _routed(target)
     if isinstance(routed, JsonResponse):
         return routed
     try:

@@ -1,6 +1,7 @@
 """What a push delivery sends: a target's undelivered events as bodies under the size limit.
 
-The events after the target's ``delivered_seq`` (only the models it receives),
+The events after the target's ``delivered_seq`` (only the models it receives, and
+of those its row filters read, the events routed to it: feed.read),
 split so that no body exceeds ``CHANGEFEED_SYNC_DELIVERY_MAX_BYTES``. Many
 targets usually wait at the same position: ``plan`` reads the feed once for all
 of them (per position and model selection) and encodes the events once; each
@@ -11,14 +12,19 @@ it with the target's own secret.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ... import conf
+from ...exceptions import FilterChanged
 from ...models import Target
 from ...serialization import PROTOCOL_VERSION
-from .. import feed, sequencer
+from .. import feed, routes, sequencer
+from ..feed import Routed
+
+logger = logging.getLogger("changefeed_sync.push")
 
 
 @dataclass(frozen=True)
@@ -99,11 +105,23 @@ def plan(
     encoded once per read, whatever the number of targets at that position.
     Targets with nothing to deliver get no plan.
     """
-    groups: dict[tuple[int, tuple[str, ...] | None], list[Target]] = {}
+    groups: dict[tuple[int, tuple[str, ...] | None, Routed | None], list[Target]] = {}
     newest: int | None = None
     for target in targets:
+        routed = routes.reading(target)
+        if isinstance(routed, str):
+            continue  # not served to it (takes_deliveries says so too)
         # A target that already read the feed further needs nothing before that.
         since = max(target.delivered_seq, target.last_seen_seq or 0)
+        routes.stamp(target, using)
+        if since < target.filters_position:
+            # Its filters changed after what it holds: a Data Pull, not a push, repairs it.
+            logger.warning(
+                "no delivery to %s: its row filters changed at position %s, after its "
+                "checkpoint %s: run a full Data Pull", target.name,
+                target.filters_position, since,
+            )  # fmt: skip
+            continue
         if since > target.delivered_seq:
             if newest is None:
                 newest = feed.head(using)
@@ -112,13 +130,14 @@ def plan(
                 # cursors, or the outbox was recreated under it): not a position it has.
                 since = target.delivered_seq
         labels = target.allowed_models()
-        groups.setdefault((since, None if labels is None else tuple(labels)), []).append(target)
+        key = (since, None if labels is None else tuple(labels), routed)
+        groups.setdefault(key, []).append(target)
     if not groups:
         return {}
     source_id = sequencer.state(using).source_id
     plans: dict[int, Plan] = {}
-    for (since, selection), members in groups.items():
-        chunks, more = _read(since, selection, members, source_id, using, max_events)
+    for (since, selection, routed), members in groups.items():
+        chunks, more = _read(since, selection, members, source_id, using, max_events, routed)
         for target in members:
             if chunks:
                 plans[target.pk] = Plan(target, _batches(target, chunks, source_id), more)
@@ -132,11 +151,17 @@ def _read(
     source_id: str | None,
     using: str,
     max_events: int,
+    routed: Routed | None = None,
 ) -> tuple[list[Chunk], bool]:
     """One page of the feed after ``since`` in chunks that fit every member's body."""
-    page = feed.read(
-        since, max_events, using=using, models=None if models is None else list(models)
-    )
+    try:
+        page = feed.read(
+            since, max_events, using=using, models=None if models is None else list(models),
+            routed=routed,
+        )  # fmt: skip
+    except FilterChanged as exc:
+        logger.warning("no delivery to %s: %s", ", ".join(t.name for t in members), exc)
+        return [], False
     if not page.events:
         return [], False
     # Room for the longest header among them (and the closing brace).
@@ -155,9 +180,10 @@ def batches(target: Target, using: str, *, max_events: int = PAGE_EVENTS) -> Ite
     source_id = planned.batches[0].source_id
     models = target.allowed_models()
     key = None if models is None else tuple(models)
-    while more:
+    routed = routes.reading(target)
+    while more and not isinstance(routed, str):
         since = planned.batches[-1].last_seq
-        chunks, more = _read(since, key, [target], source_id, using, max_events)
+        chunks, more = _read(since, key, [target], source_id, using, max_events, routed)
         if not chunks:
             return
         planned = Plan(target, _batches(target, chunks, source_id), more)
