@@ -316,3 +316,185 @@ def test_which_targets_had_the_row_is_read_under_its_lock(db_alias: str) -> None
         worker.finish()
     assert [r[rid] for _, _, _, r in _routes(db_alias)] == ["-", "j", "l"]
     assert _replay(db_alias, rid) == set()
+
+
+# ---------------------------------------------------------------- through a parent
+
+HOP_FILTERS = st.sampled_from(
+    [
+        # Closed: a row's parents are inside whenever it is (the rest would be rows
+        # outside the filters, which a target cannot hold).
+        {
+            "testapp.language": {"country__code__in": ["fr", "be"]},
+            "testapp.copy": {"language__country__code__in": ["fr", "be"]},
+        },
+        {"testapp.copy": {"language__country__code__in": ["fr", "be"]}},
+        {"testapp.copy": {"language__country__name__startswith": "in", "value": "pub"}},
+        {
+            "testapp.language": {"country__name": "in"},
+            "testapp.copy": {"language__country__name": "in", "language__code": "l1"},
+        },
+    ]
+)
+HOP_WRITE = st.one_of(
+    st.tuples(st.just("country code"), st.sampled_from(CODES), st.sampled_from(CODES)),
+    st.tuples(st.just("country name"), st.sampled_from(CODES), st.sampled_from(NAMES)),
+    st.tuples(st.just("countries update"), st.sampled_from(NAMES), st.sampled_from(NAMES)),
+    st.tuples(st.just("language country"), st.sampled_from(["l1", "l2"]), st.sampled_from(CODES)),
+    st.tuples(
+        st.just("language code"), st.sampled_from(["l1", "l2"]), st.sampled_from(["l1", "l2"])
+    ),
+    st.tuples(st.just("copy value"), st.sampled_from(["a", "b"]), st.sampled_from(["pub", "x"])),
+    st.tuples(st.just("delete country"), st.sampled_from(CODES), st.just("")),
+)
+
+
+def _hop_world(alias: str) -> None:
+    for code, name in (("fr", "in"), ("de", "out"), ("be", "in b")):
+        country = Country.objects.using(alias).create(code=code, name=name)
+        for lang in ("l1", "l2"):
+            language = Language.objects.using(alias).create(country=country, code=lang)
+            for key in ("a", "b"):
+                Copy.objects.using(alias).create(language=language, key=key, value="pub")
+
+
+def _hop_write(alias: str, action: tuple[str, str, str]) -> None:
+    kind, a, b = action
+    countries = Country.objects.using(alias)
+    if kind == "country code":
+        found = countries.filter(code=a).first()
+        if found is not None and not countries.filter(code=b).exists():
+            found.code = b
+            found.save(using=alias)
+    elif kind == "country name":
+        found = countries.filter(code=a).first()
+        if found is not None:
+            found.name = b
+            found.save(using=alias)
+    elif kind == "countries update":
+        countries.filter(name=a).update(name=b)
+    elif kind == "language country":
+        # The first language of that code whose move breaks no unique pair.
+        country = countries.filter(code=b).first()
+        for language in Language.objects.using(alias).filter(code=a).order_by("pk"):
+            clash = Language.objects.using(alias).filter(country=country, code=a).exists()
+            if country is not None and not clash:
+                language.country = country
+                language.save(using=alias)
+                break
+    elif kind == "language code":
+        for language in Language.objects.using(alias).filter(code=a).order_by("pk"):
+            if (
+                not Language.objects.using(alias)
+                .filter(country=language.country_id, code=b)
+                .exists()
+            ):
+                Language.objects.using(alias).filter(pk=language.pk).update(code=b)
+                break
+    elif kind == "copy value":
+        Copy.objects.using(alias).filter(key=a).update(value=b)
+    else:
+        countries.filter(code=a).delete()
+
+
+def _replay_all(
+    alias: str, rid: str, since_id: int, start: dict[str, set[tuple[Any, ...]]]
+) -> dict[str, set[tuple[Any, ...]]]:
+    """Per model, the keys a Target holds after applying in order every event it gets:
+    routed ones as their routes say, those of models its filters do not read as they are
+    (route-only events excluded). Parents' renames carry their children's keys along, as
+    foreign keys do on the target."""
+    held = {label: set(keys) for label, keys in start.items()}
+    for e in Event.objects.using(alias).filter(id__gt=since_id).order_by("id"):
+        rows = held.setdefault(e.model, set())
+        parsed = routes.parse(e.routes) if e.routes else None
+        if parsed is None or rid not in parsed:
+            if e.routes and e.routes.startswith("*"):
+                continue  # route-only, for other Targets
+            op = "u" if e.op == "upsert" else "d"
+        else:
+            op = parsed[rid]
+        if e.old_key is not None and tuple(e.old_key) in rows and op in ("u", "j"):
+            _rename(held, e.model, tuple(e.old_key), tuple(e.key))
+        if op in ("u", "j"):
+            rows.add(tuple(e.key))
+        elif op in ("l", "d"):
+            rows.discard(tuple(e.key))
+            if e.old_key is not None:
+                rows.discard(tuple(e.old_key))
+            _cascade_delete(held, e.model, tuple(e.key if e.old_key is None else e.old_key))
+    return held
+
+
+def _rename(
+    held: dict[str, set[tuple[Any, ...]]], model: str, old: tuple[Any, ...], new: tuple[Any, ...]
+) -> None:
+    held[model].discard(old)
+    prefix = len(old)
+    if model not in ("testapp.country", "testapp.language"):
+        return
+    for child in ("testapp.language", "testapp.copy"):
+        if child == model:
+            continue
+        rows = held.get(child, set())
+        for key in list(rows):
+            if key[:prefix] == old and len(key) > prefix:
+                rows.discard(key)
+                rows.add(new + key[prefix:])
+
+
+def _cascade_delete(
+    held: dict[str, set[tuple[Any, ...]]], model: str, key: tuple[Any, ...]
+) -> None:
+    """A parent deleted on the target takes its children (on_delete=CASCADE)."""
+    for child in ("testapp.language", "testapp.copy"):
+        if child == model or model not in ("testapp.country", "testapp.language"):
+            continue
+        rows = held.get(child, set())
+        for k in list(rows):
+            if k[: len(key)] == key and len(k) > len(key):
+                rows.discard(k)
+
+
+def _expected_keys(
+    alias: str, lookups: dict[str, dict[str, Any]]
+) -> dict[str, set[tuple[Any, ...]]]:
+    from changefeed_sync import registry
+    from changefeed_sync.serialization import payloads_from_db
+
+    out = {}
+    for model in (Country, Language, Copy):
+        options = registry.get_options(model)
+        assert options is not None
+        rows = model._base_manager.using(alias).filter(**lookups.get(options.label, {}))
+        payloads = payloads_from_db(options, list(rows.values_list("pk", flat=True)), alias)
+        out[options.label] = {tuple(p["key"]) for p in payloads.values()}
+    return out
+
+
+def test_a_parents_change_moves_its_children_for_any_writes(db_alias: str) -> None:
+    @settings(
+        max_examples=30,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(HOP_FILTERS, st.lists(HOP_WRITE, min_size=1, max_size=8))
+    def moved(filters: dict[str, Any], writes: list[tuple[str, str, str]]) -> None:
+        for model in (Copy, Language, Country, Target):
+            model.objects.using(db_alias).all().delete()
+        routes.forget()
+        _hop_world(db_alias)
+        # The target starts as a Data Pull would leave it: the filtered rows now.
+        start = _expected_keys(db_alias, filters)
+        mark = _last_id(db_alias)
+        rid = _target(db_alias, "regional", filters)
+        for action in writes:
+            with transaction.atomic(using=db_alias):
+                _hop_write(db_alias, action)
+        held = _replay_all(db_alias, rid, mark, start)
+        got = {label: held.get(label, set()) for label in start}
+        assert got == _expected_keys(db_alias, filters), (filters, writes)
+
+    moved()

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from changefeed_sync import registry
-from changefeed_sync.exceptions import ProtocolError
+from changefeed_sync.exceptions import FilterChanged
 from changefeed_sync.models import DataSource, Target
 from changefeed_sync.serialization import payloads_from_db
 from changefeed_sync.target.client import SourceClient
@@ -224,7 +224,13 @@ def test_a_relay_passes_on_its_filtered_rows_filtered_further(relay: Relay, comp
     assert {("fr", "l9", "k0-renamed"), ("be", "l1", "new"), ("be", "l2", "k0")} <= published
     assert ("fr", "l1", "k1") in published and ("fr", "l1", "k2") not in published  # own field
     assert ("fr", "l1", "k0") not in published  # deleted
-    # C's following of B's feed: not served to a filtered Target yet (409).
+    # C follows B's feed: caught up, nothing to apply. B relays what it applies without
+    # routing it for its own filtered Targets yet: when it relays more, C is asked for
+    # a Data Pull (410 filter_changed) rather than sent rows outside its filters.
     relay.settings.CHANGEFEED_SYNC_FEED_DATABASE = relay.b
-    with pytest.raises(ProtocolError, match="the feed of a filtered Target is not served yet"):
+    assert sync(relay.c_of_b, using=relay.c).stats.events == 0
+    Copy.objects.using(relay.a).filter(value__startswith="pub").update(value="pub, relayed")
+    relay.pull_b()
+    relay.settings.CHANGEFEED_SYNC_FEED_DATABASE = relay.b
+    with pytest.raises(FilterChanged, match="run a full Data Pull"):
         sync(relay.c_of_b, using=relay.c)

@@ -1,9 +1,11 @@
-"""Issue 14 in progress: a Target with row filters is served a Data Pull of the rows
-inside them (snapshot/, files/: tests/test_row_filters_pull.py), and the feed when its
-filters read the models' own fields only (tests/test_row_filters_feed.py); with a filter
-through a foreign key, feed/, its long-poll and its stream answer a 409 naming it, and
-no push goes to a filtered Target yet: never events of rows outside its filters.
-Through real HTTP (a live server: this process's SQLite "default" as the source)."""
+"""Issue 14: what a filtered Target is answered before it can follow the feed.
+
+It starts with a Data Pull of the rows inside its filters (snapshot/, files/:
+tests/test_row_filters_pull.py); its feed, long-poll and stream ask a checkpoint from
+before its filters took effect for one (410 ``filter_changed``), and answer a Target
+whose saved filters are invalid 409 ``row_filters_invalid``: never events of rows
+outside its filters. Through real HTTP (a live server: this process's SQLite
+"default" as the source); the feed itself: tests/test_row_filters_feed.py."""
 
 from __future__ import annotations
 
@@ -39,25 +41,29 @@ def filtered(live_server: Any) -> tuple[Endpoint, Endpoint]:
     return Endpoint(live_server.url, "regional"), Endpoint(live_server.url, "everything")
 
 
-def _refused(answer: requests.Response) -> None:
-    assert answer.status_code == 409, answer.text
+def _asked_for_a_pull(answer: requests.Response) -> None:
+    assert answer.status_code == 410, answer.text
     body = answer.json()
-    assert body["code"] == "row_filters_not_served"
-    assert "'regional'" in body["error"] and "row_filters" in body["error"]
-    assert "through a foreign key (testapp.language through country)" in body["error"]
-    assert "the feed of a filtered Target is not served yet" in body["error"]
+    assert body["code"] == "filter_changed"
+    assert "'regional'" in body["error"] and "run a full Data Pull" in body["error"]
     assert "Germany" not in answer.text and "France" not in answer.text
 
 
-def test_the_feed_refuses_a_filtered_target(filtered: tuple[Endpoint, Endpoint]) -> None:
+def test_a_new_filtered_target_is_asked_for_a_data_pull_first(
+    filtered: tuple[Endpoint, Endpoint],
+) -> None:
     regional, everything = filtered
-    _refused(regional.get("feed/", since=0))
-    _refused(regional.get("feed/", since=0, wait=1))
-    _refused(regional.get("feed/", since=0, stream=1, wait=1))
+    _asked_for_a_pull(regional.get("feed/", since=0))
+    _asked_for_a_pull(regional.get("feed/", since=0, wait=1))
+    _asked_for_a_pull(regional.get("feed/", since=0, stream=1, wait=1))
     # The same request of an unfiltered Target is answered.
     page = everything.get("feed/", since=0)
     assert page.status_code == 200
     assert {e["key"][0] for e in page.json()["events"]} == {"fr", "de"}
+    # From where its pull starts, it follows.
+    start = regional.get("snapshot/").json()["position"]
+    followed = regional.get("feed/", since=start)
+    assert followed.status_code == 200 and followed.json()["events"] == []
 
 
 def test_snapshot_and_files_serve_a_filtered_target_its_rows(
@@ -91,26 +97,35 @@ def test_invalid_saved_filters_get_nothing(filtered: tuple[Endpoint, Endpoint]) 
         assert answer.json()["code"] == "row_filters_invalid"
         assert "'nope'" in answer.json()["error"] and "France" not in answer.text
     assert regional.get("feed/", since=0).json()["code"] == "row_filters_invalid"
+    assert regional.get("feed/", since=0, stream=1, wait=1).json()["code"] == "row_filters_invalid"
 
 
-def test_clearing_the_filters_serves_the_feed_again(
+def test_clearing_the_filters_asks_for_a_data_pull_too(
     filtered: tuple[Endpoint, Endpoint],
 ) -> None:
+    """Its rows were a part of the source's: only a pull gives it the rest."""
     regional, _ = filtered
-    _refused(regional.get("feed/", since=0))
+    start = regional.get("snapshot/").json()["position"]
+    assert regional.get("feed/", since=start).status_code == 200
     Target.objects.filter(name="regional").update(row_filters={})
-    assert regional.get("feed/", since=0).status_code == 200
+    Country.objects.create(code="it")
+    _asked_for_a_pull(regional.get("feed/", since=start))
+    again = regional.get("snapshot/").json()["position"]
+    assert regional.get("feed/", since=again).status_code == 200
 
 
-def test_a_filtered_target_gets_no_push(live_server: Any) -> None:
+def test_a_target_with_invalid_filters_gets_no_push(live_server: Any) -> None:
     hook = f"{live_server.url}/sync/webhook/hq/"
     filtered = Target.objects.create(
         name="regional", secrets=SECRET, webhook_url=hook, row_filters=FILTERS
     )
+    broken = Target.objects.create(name="broken", secrets=SECRET, webhook_url=hook)
+    Target.objects.filter(pk=broken.pk).update(row_filters={"testapp.country": {"nope": 1}})
+    broken.refresh_from_db()
     plain = Target.objects.create(name="everything", secrets=SECRET, webhook_url=hook)
     push.forget_targets()
-    assert push.push_target_ids("default") == [plain.pk]
-    assert not push.takes_deliveries(filtered)
-    assert push.deliver_pending(filtered.pk, "default") is None  # nothing sent, no retry
-    filtered.refresh_from_db()
-    assert filtered.delivered_seq == 0 and filtered.failures == 0
+    assert sorted(push.push_target_ids("default")) == sorted([plain.pk, filtered.pk])
+    assert not push.takes_deliveries(broken)
+    assert push.deliver_pending(broken.pk, "default") is None  # nothing sent, no retry
+    broken.refresh_from_db()
+    assert broken.delivered_seq == 0 and broken.failures == 0

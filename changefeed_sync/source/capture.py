@@ -37,7 +37,7 @@ from .. import outbox, registry
 from ..models import Event
 from ..registry import ModelOptions
 from ..serialization import key_from_attvalues, key_of_instance
-from . import routes
+from . import cascades, routes
 from .capture_pg import PLAN_ATTR, one_statement_plan, wrap_row_writes
 from .events import (
     SNAPSHOT_ATTR,
@@ -52,6 +52,8 @@ from .read_locks import lock_for_events
 # Which filtered Targets had the row before this write (routes.py), from pre_save or
 # pre_delete to the event.
 ROUTED_BEFORE = "_changefeed_routed_before"
+# The children a parent's save moves in or out of filters (cascades.py), pre_save to post_save.
+CASCADE_ATTR = "_changefeed_cascade"
 
 # ------------------------------------------------------------ registration
 
@@ -146,9 +148,10 @@ def _pre_write(sender: type[models.Model], instance: models.Model, **kwargs: Any
     options = registry.get_options(sender)
     routed = routes.concerned(options, using) if options is not None else None
     if routed is not None and instance.pk is not None:
-        # Filtered Targets: which of them had the row, read under its lock so that
-        # no other writer moves it in or out in between.
+        # Filtered Targets: which of them had the row, read under its lock (and its
+        # filters' parents', for share) so no other writer moves it in or out meanwhile.
         lock_for_events(sender, [instance.pk], using)
+        cascades.lock_parents(routed[0], options, [instance.pk], using)  # type: ignore[arg-type]
         found = routes.members(options, [instance.pk], using, routed[1])  # type: ignore[arg-type]
         instance.__dict__[ROUTED_BEFORE] = found.get(instance.pk, frozenset())
     if not instance._state.adding and SNAPSHOT_ATTR not in instance.__dict__:
@@ -162,6 +165,14 @@ def _pre_write(sender: type[models.Model], instance: models.Model, **kwargs: Any
             .first()
         )
         instance.__dict__[SNAPSHOT_ATTR] = stored or {}
+    loaded = instance.__dict__.get(SNAPSHOT_ATTR)
+    if options is not None and loaded and routes.routing(using) is not None:
+        # A parent whose fields other models' filters read: the children it moves.
+        values = {f.attname: getattr(instance, f.attname) for f in sender._meta.concrete_fields}
+        changed = cascades.changed_fields(options, loaded, values)
+        cascade = cascades.before_write(options, [instance.pk], changed, using) if changed else None
+        if cascade is not None:
+            instance.__dict__[CASCADE_ATTR] = cascade
 
 
 def _post_save(
@@ -185,7 +196,9 @@ def _post_save(
         # Outside a plan the lock was taken in pre_save; a plan whose row
         # statement was never seen (not expected) takes it here.
         route = _upsert_routes(options, instance, using)
-        outbox.write(using, [change.event(route)], locked=plan is None)
+        cascade = instance.__dict__.pop(CASCADE_ATTR, None)
+        leavers, joiners = cascades.events(cascade, using) if cascade else ([], [])
+        outbox.write(using, [*leavers, change.event(route), *joiners], locked=plan is None)
     # Later saves of this instance compare with what is stored now.
     instance.__dict__[SNAPSHOT_ATTR] = snapshot(instance)
 
@@ -196,6 +209,7 @@ def _upsert_routes(options: ModelOptions, instance: models.Model, using: str) ->
     before = instance.__dict__.pop(ROUTED_BEFORE, None)
     if routed is None:
         return None
+    cascades.lock_parents(routed[0], options, [instance.pk], using)  # its parents now
     after = routes.members(options, [instance.pk], using, routed[1]).get(instance.pk, frozenset())
     return routes.upsert_routes(routed[0], routed[1], before, after)
 

@@ -15,7 +15,7 @@ from .. import outbox
 from ..keys import resolve_keys
 from ..registry import ModelOptions
 from ..serialization import key_of_instance, key_of_row
-from . import routes
+from . import cascades, routes
 from .events import capturing, no_capture, routed_before, write_upserts
 
 
@@ -73,12 +73,11 @@ def _bulk_update(original: Any) -> Any:
                 self.model._base_manager.using(using).select_for_update().filter(pk__in=pks),
             )
             before = routed_before(options, pks, using)
+            changed = sorted(set(fields) & options.field_names)
+            cascade = cascades.before_write(options, pks, changed, using)
             with no_capture():
                 result = original(self, objs, fields, *args, **kwargs)
-            changed = sorted(set(fields) & options.field_names)
-            write_upserts(
-                options, pks, using, changed=changed, old_keys=old_keys, before=before or {}
-            )
+            _write_moved(options, pks, using, cascade, changed, old_keys, before)
         return result
 
     return bulk_update
@@ -101,16 +100,43 @@ def _update(original: Any) -> Any:
             base = self.model._base_manager.using(using).filter(pk__in=pks)
             old_keys = _keys_by_pk(options, base)
             before = routed_before(options, pks, using)
+            changed = sorted(set(kwargs) & options.field_names)
+            cascade = cascades.before_write(options, pks, _names(options, kwargs), using)
             with no_capture():
                 result = original(base, **kwargs) if pks else 0
-            changed = sorted(set(kwargs) & options.field_names)
-            write_upserts(
-                options, list(old_keys), using, changed=changed, old_keys=old_keys,
-                before=before or {},
-            )  # fmt: skip
+            _write_moved(options, list(old_keys), using, cascade, changed, old_keys, before)
         return result
 
     return update
+
+
+def _names(options: ModelOptions, kwargs: dict[str, Any]) -> list[str]:
+    """Field names of an update's keyword arguments (a foreign key may be given by its
+    column, ``country_id``)."""
+    names = []
+    for given in kwargs:
+        for f in options.model._meta.concrete_fields:
+            if given in (f.name, f.attname):
+                names.append(f.name)
+    return names
+
+
+def _write_moved(
+    options: ModelOptions,
+    pks: list[Any],
+    using: str,
+    cascade: cascades.Cascade | None,
+    changed: list[str],
+    old_keys: dict[Any, list[Any]],
+    before: dict[Any, frozenset[int]] | None,
+) -> None:
+    """The events of rows changed in bulk, with those of the children the change moved
+    in or out of filters (cascades.py): the ones that left before, those that came in
+    after."""
+    leavers, joiners = cascades.events(cascade, using) if cascade else ([], [])
+    outbox.write(using, leavers, locked=True)
+    write_upserts(options, pks, using, changed=changed, old_keys=old_keys, before=before or {})
+    outbox.write(using, joiners, locked=True)
 
 
 def _existing_before(

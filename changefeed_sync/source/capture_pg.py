@@ -49,8 +49,11 @@ def one_statement_plan(
     concrete: Any = instance._meta.concrete_model  # a proxy's parents are not tables
     if not options.payload_in_memory or concrete._meta.parents:
         return None
-    if routes.concerned(options, using) is not None:
-        return None  # a filtered Target's routes need the row read before and after
+    routing = routes.routing(using)
+    if routing is not None and (
+        routing.concerned(options.label) or routing.moved_by(options.label, None)
+    ):
+        return None  # filtered Targets' routes need the rows read before and after
     if not connection.in_atomic_block and not connection.get_autocommit():
         return None  # a transaction managed by hand (set_autocommit(False))
     if not instance._state.adding and SNAPSHOT_ATTR not in instance.__dict__:

@@ -19,7 +19,7 @@ from ..context import _applying
 from ..models import Event
 from ..registry import ModelOptions
 from ..serialization import key_from_attvalues, payload_from_instance, payloads_from_db
-from . import routes
+from . import cascades, routes
 from .read_locks import lock_for_events
 
 # Set while one of our queryset wrappers runs, so the queryset calls it makes
@@ -155,6 +155,8 @@ def write_upserts(
     lock_for_events(options.model, pks, using)
     payloads = payloads_from_db(options, pks, using)
     routed = routes.concerned(options, using)
+    if routed is not None:
+        cascades.lock_parents(routed[0], options, pks, using)
     after = routes.members(options, pks, using, routed[1]) if routed else {}
     events = []
     for pk in pks:
@@ -186,4 +188,5 @@ def routed_before(
     routed = routes.concerned(options, using)
     if routed is None:
         return None
+    cascades.lock_parents(routed[0], options, pks, using)
     return routes.members(options, pks, using, routed[1])

@@ -16,6 +16,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connections
+from django.db.models import Q
 
 from .. import conf
 from ..exceptions import CursorAhead, CursorExpired, FilterChanged
@@ -157,7 +158,9 @@ def read(
         if routed is not None:
             events = events.exclude(
                 model__in=routed.labels, routes__contains=f",{routed.route_id}:-,"
-            )
+            ).exclude(~Q(model__in=routed.labels), routes__startswith="*")
+        else:
+            events = events.exclude(routes__startswith="*")
         pending = events[:PENDING_CAP].count()
     else:
         pending = 0
@@ -219,15 +222,22 @@ def _rows(
             return []
         sql += f" AND {qn('model')} IN ({', '.join(['%s'] * len(models))})"
         params.extend(models)
+    routes = f"COALESCE({qn('routes')}, '')"
     if routed is not None and routed.labels:
-        # Events that are nothing to this Target stay in the database. NULL routes
-        # (never routed) are read, so that read() can refuse them.
+        # Events that are nothing to this Target stay in the database; so do
+        # route-only events (cascades.py) of models its filters do not read. NULL
+        # routes (never routed) are read, so that read() can refuse them.
         labels = sorted(routed.labels)
+        marks = ", ".join(["%s"] * len(labels))
         sql += (
-            f" AND NOT ({qn('model')} IN ({', '.join(['%s'] * len(labels))})"
-            f" AND COALESCE({qn('routes')}, '') LIKE %s)"
+            f" AND NOT ({qn('model')} IN ({marks}) AND {routes} LIKE %s)"
+            f" AND ({routes} NOT LIKE %s OR {qn('model')} IN ({marks}))"
         )
-        params.extend([*labels, f"%,{routed.route_id}:-,%"])
+        params.extend([*labels, f"%,{routed.route_id}:-,%", "*%", *labels])
+    else:
+        # Route-only events are for some filtered Targets only (cascades.py).
+        sql += f" AND {routes} NOT LIKE %s"
+        params.append("*%")
     sql += f" ORDER BY {qn('position')} LIMIT {int(count)}"
     with connection.cursor() as cursor:
         cursor.execute(sql, params)

@@ -147,3 +147,14 @@ def _key_links(model: type[models.Model]) -> tuple[Any, ...]:
         return ()
     heads = set(options.key_heads)
     return tuple(f for f in options.fk_fields if f.name in heads)
+
+
+def lock_rows(model: type[models.Model], pks: Sequence[Any], using: str, *, share: bool) -> None:
+    """Lock rows ``pks`` of ``model`` for update, or for share against any change of them
+    (PostgreSQL ``FOR SHARE``, stronger than the key share above): the row filters of
+    other models read their columns (source/routes.py)."""
+    connection = connections[using]
+    if connection.vendor not in _SHARE or not pks:
+        return
+    lock = {"postgresql": " FOR SHARE", "mysql": " LOCK IN SHARE MODE"}[connection.vendor]
+    _select(connection, model, list(pks), (), lock if share else _EXCLUSIVE[connection.vendor])

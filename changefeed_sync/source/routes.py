@@ -40,7 +40,7 @@ from ..registry import ModelOptions
 from ..selection import Selection
 from . import membership, sequencer
 from .feed import Routed
-from .membership import Reader
+from .membership import Dependent, Reader
 
 UPSERT, JOINED, LEFT, DELETED, NOTHING = "u", "j", "l", "d", "-"
 
@@ -59,6 +59,19 @@ class Routing:
 
     readers: tuple[Reader, ...]
     ids: dict[int, str]  # target id -> route id
+    paths: tuple[Dependent, ...] = ()  # what the filters read across foreign keys
+
+    def moved_by(self, label: str, changed: Iterable[str] | None) -> list[Dependent]:
+        """The paths by which a write to model ``label`` changing the fields ``changed``
+        (None: a new or deleted row) can move rows of other models."""
+        names = None if changed is None else set(changed)
+        return [
+            d for d in self.paths if d.parent == label and (names is None or d.field in names)
+        ]
+
+    def read_through(self, label: str) -> list[Dependent]:
+        """The paths from model ``label`` to the parents its filters read."""
+        return [d for d in self.paths if d.child == label]
 
     def concerned(self, label: str) -> list[Reader]:
         """The Targets whose filters read model ``label`` (an entry in each event of it);
@@ -76,7 +89,8 @@ def _load(using: str) -> Routing | None:
     if not found:
         return None
     targets = Target.objects.using(using).in_bulk([r.target_id for r in found])
-    return Routing(tuple(found), {pk: route_id(t) for pk, t in targets.items()})
+    ids = {pk: route_id(t) for pk, t in targets.items()}
+    return Routing(tuple(found), ids, tuple(membership.filter_paths(found)))
 
 
 # A second, as push's list of Targets: a busy source does not read them at every write.
@@ -135,7 +149,7 @@ def delete_routes(found: Routing, readers: Iterable[Reader], before: frozenset[i
 def parse(routes: str) -> dict[str, str]:
     """``Event.routes`` -> route id -> op."""
     found = {}
-    for entry in routes.strip(",").split(","):
+    for entry in routes.lstrip("*").strip(",").split(","):
         if entry:
             rid, _, op = entry.partition(":")
             found[rid] = op
@@ -169,22 +183,12 @@ def stamp(target: Target, using: str) -> None:
 
 
 def reading(target: Target) -> Routed | str | None:
-    """How ``target`` reads the feed: None unfiltered, a ``Routed`` when its filters are
-    served there, else why not (as a sentence): invalid saved filters, or filters
-    through a foreign key, whose rows a parent's change moves in or out, which capture
-    does not route yet (a Data Pull serves them)."""
+    """How ``target`` reads the feed: None unfiltered, a ``Routed`` when filtered, or
+    why it cannot (as a sentence): its saved filters are invalid."""
     if not is_filtered(target.row_filters):
         return None
     try:
         selection = Selection.of(target)
     except RowFiltersInvalid as exc:
         return str(exc)
-    hops = membership.filter_paths([Reader(target.pk, selection)])
-    if hops:
-        return (
-            f"Target {target.name!r} has row_filters through a foreign key "
-            f"({hops[0].child} through {hops[0].via}): the feed of a filtered Target is not "
-            "served yet for such filters; a Data Pull is, and the feed is for filters on a "
-            "model's own fields"
-        )
     return Routed(route_id(target), frozenset(selection.row_filters))
