@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from django.db import connections
 from django.db.models import IntegerField, Q, Value
 from django.db.models.constants import LOOKUP_SEP
 
@@ -78,26 +79,70 @@ def members(
         q = reader.selection.rows_filter(label) if reader.selection else None
         if q is not None:
             filtered.append((reader.target_id, q))
-    manager = options.model._base_manager.using(using)
+    connection = connections[using]
+    to_key = options.model._meta.pk.to_python  # as the ORM gives keys (a UUID, not its text)
     for chunk in chunked(list(pks), CHUNK):
-        found: dict[Any, set[int]] = {
-            pk: set(unfiltered) for pk in manager.filter(pk__in=chunk).values_list("pk", flat=True)
-        }
-        if filtered:
-            # One statement: per Target, the chunk's rows its Q selects, compiled as
-            # the snapshot's filter() is (a CASE WHEN of the same Q is not: Django
-            # cannot compile an empty "__in" there on MariaDB), tagged with its id.
-            parts = [
-                manager.filter(q, pk__in=chunk).values_list(
-                    "pk", Value(target_id, output_field=IntegerField())
-                )
-                for target_id, q in filtered
-            ]
-            for pk, target_id in parts[0].union(*parts[1:], all=True):
-                if pk in found:
+        sql, params = _statement(options, using, filtered, chunk)
+        found: dict[Any, set[int]] = {}
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            for pk, target_id in cursor.fetchall():
+                pk = to_key(pk)
+                found.setdefault(pk, set(unfiltered))
+                if target_id:
                     found[pk].add(int(target_id))
         result.update((pk, frozenset(ids)) for pk, ids in found.items())
     return result
+
+
+# Compiled statements by model, Targets' filters and number of rows: capture asks
+# before and after every write of a filtered model, and compiling a UNION of one
+# filtered query per Target cost more than running it.
+_statements: dict[tuple[Any, ...], tuple[str, list[Any], list[tuple[int, int]]]] = {}
+_PLACEHOLDER = -(2**62)  # primary keys while compiling: values no row has
+_INTEGER_KEYS = {"AutoField", "BigAutoField", "SmallAutoField", "IntegerField", "BigIntegerField",
+                 "SmallIntegerField", "PositiveIntegerField", "PositiveBigIntegerField",
+                 "PositiveSmallIntegerField"}  # fmt: skip
+
+
+def _statement(
+    options: ModelOptions, using: str, filtered: list[tuple[int, Q]], chunk: list[Any]
+) -> tuple[str, list[Any]]:
+    """One statement: (pk, 0) for each row of ``chunk`` that exists, and (pk, target id)
+    for each Target whose Q selects it, each compiled as the snapshot's filter() is (a
+    CASE WHEN of the same Q is not: Django cannot compile an empty "__in" there on
+    MariaDB). Compiled once per shape, then given the chunk's keys."""
+    key = (using, options.label, tuple((tid, repr(q)) for tid, q in filtered), len(chunk))
+    integer_keys = options.model._meta.pk.get_internal_type() in _INTEGER_KEYS
+    found = _statements.get(key) if integer_keys else None
+    if found is None:
+        # Other primary keys (UUIDs, text) are compiled with the chunk itself, each time.
+        marks = [_PLACEHOLDER - i for i in range(len(chunk))] if integer_keys else chunk
+        manager = options.model._base_manager.using(using)
+        parts = [manager.filter(pk__in=marks).values_list("pk", _tag(0))] + [
+            manager.filter(q, pk__in=marks).values_list("pk", _tag(tid)) for tid, q in filtered
+        ]
+        query = parts[0].union(*parts[1:], all=True).query
+        sql, compiled = query.get_compiler(using).as_sql()
+        slots = [
+            (i, _PLACEHOLDER - value)
+            for i, value in enumerate(compiled)
+            if isinstance(value, int) and _PLACEHOLDER - len(chunk) < value <= _PLACEHOLDER
+        ]
+        if not integer_keys:
+            return sql, list(compiled)
+        if len(_statements) >= 512:
+            _statements.clear()
+        found = _statements[key] = (sql, list(compiled), slots)
+    sql, template, slots = found
+    params = list(template)
+    for index, which in slots:
+        params[index] = chunk[which]
+    return sql, params
+
+
+def _tag(target_id: int) -> Value:
+    return Value(target_id, output_field=IntegerField())
 
 
 @dataclass(frozen=True)
