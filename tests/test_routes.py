@@ -498,3 +498,21 @@ def test_a_parents_change_moves_its_children_for_any_writes(db_alias: str) -> No
         assert got == _expected_keys(db_alias, filters), (filters, writes)
 
     moved()
+
+
+def test_a_stale_instance_writing_an_old_value_back_is_routed_by_what_is_stored(
+    db_alias: str,
+) -> None:
+    """A save that changes no field the filters read is routed where the row already
+    is: "changes" means against the stored row, since an instance loaded before
+    another writer's change writes its old values back."""
+    rid = _target(db_alias, "regional", {"testapp.country": {"name": "in"}})
+    fr = Country.objects.using(db_alias).create(code="fr", name="out")
+    stale = Country.objects.using(db_alias).get(pk=fr.pk)
+    Country.objects.using(db_alias).filter(pk=fr.pk).update(name="in")  # comes in
+    stale.save(using=db_alias)  # writes "out" back: leaves
+    fresh = Country.objects.using(db_alias).get(pk=fr.pk)
+    fresh.code = "fx"  # a field no filter reads: stays out
+    fresh.save(using=db_alias)
+    assert [r[rid] for _, _, _, r in _routes(db_alias)] == ["-", "j", "l", "-"]
+    assert _replay(db_alias, rid) == set()

@@ -54,6 +54,8 @@ from .read_locks import lock_for_events
 ROUTED_BEFORE = "_changefeed_routed_before"
 # The children a parent's save moves in or out of filters (cascades.py), pre_save to post_save.
 CASCADE_ATTR = "_changefeed_cascade"
+# ROUTED_BEFORE when the save changes no field the filters read: where it is after.
+SAME: frozenset[int] = frozenset({-1})
 
 # ------------------------------------------------------------ registration
 
@@ -147,6 +149,16 @@ def _pre_write(sender: type[models.Model], instance: models.Model, **kwargs: Any
     outbox.lock(using)  # SQLite: the write lock before this transaction reads
     options = registry.get_options(sender)
     routed = routes.concerned(options, using) if options is not None else None
+    read = routed[0].fields_read(sender._meta.label_lower) if routed is not None else set()
+    if (
+        routed is not None
+        and instance.pk is not None
+        and _keeps_its_place(sender, read, instance, using)
+    ):
+        # The fields its filters read are stored with the values it saves: it stays
+        # where it is for every Target (read where it is after the write).
+        instance.__dict__[ROUTED_BEFORE] = SAME
+        routed = None
     if routed is not None and instance.pk is not None:
         # Filtered Targets: which of them had the row, read under its lock (and its
         # filters' parents', for share) so no other writer moves it in or out meanwhile.
@@ -203,14 +215,34 @@ def _post_save(
     instance.__dict__[SNAPSHOT_ATTR] = snapshot(instance)
 
 
+def _keeps_its_place(
+    sender: type[models.Model], read: set[str], instance: models.Model, using: str
+) -> bool:
+    """Whether the stored row (read locked, as the save is about to lock it) holds the
+    values this save writes in every field the filters read: then no Target's filter
+    can see it move. Compared with what is stored, not with what was loaded, since a
+    stale instance writes its old values back."""
+    if "*" in read:
+        return False
+    names = [f.attname for f in sender._meta.concrete_fields if f.name in read]
+    stored = (
+        sender._base_manager.using(using).select_for_update().filter(pk=instance.pk)
+        .values(*names).first()
+    )  # fmt: skip
+    return stored is not None and all(stored[n] == getattr(instance, n) for n in names)
+
+
 def _upsert_routes(options: ModelOptions, instance: models.Model, using: str) -> str | None:
     """The saved row's routes to the filtered Targets (None: no filter reads the model)."""
     routed = routes.concerned(options, using)
     before = instance.__dict__.pop(ROUTED_BEFORE, None)
     if routed is None:
         return None
-    cascades.lock_parents(routed[0], options, [instance.pk], using)  # its parents now
+    if before is not SAME:
+        cascades.lock_parents(routed[0], options, [instance.pk], using)  # its parents now
     after = routes.members(options, [instance.pk], using, routed[1]).get(instance.pk, frozenset())
+    if before is SAME:
+        before = after
     return routes.upsert_routes(routed[0], routed[1], before, after)
 
 

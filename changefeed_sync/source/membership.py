@@ -168,7 +168,7 @@ def filter_paths(among: Iterable[Reader]) -> list[Dependent]:
             options = registry.options_for_label(label)
             if options is None:
                 continue
-            for lookup in _lookups(q):
+            for lookup in lookups(q):
                 for dependent in _hops(options, lookup):
                     key = (dependent.child, dependent.via, dependent.parent, dependent.field)
                     found.setdefault(key, dependent)
@@ -202,12 +202,12 @@ def dependent_pks(dependent: Dependent, parent_pks: Sequence[Any], using: str) -
     return found
 
 
-def _lookups(q: Q) -> list[str]:
+def lookups(q: Q) -> list[str]:
     """The lookup strings of a ``Q`` (nested ones included)."""
     found: list[str] = []
     for child in q.children:
         if isinstance(child, Q):
-            found += _lookups(child)
+            found += lookups(child)
         elif isinstance(child, tuple):
             found.append(str(child[0]))
     return found

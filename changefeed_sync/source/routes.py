@@ -69,6 +69,17 @@ class Routing:
             d for d in self.paths if d.parent == label and (names is None or d.field in names)
         ]
 
+    def fields_read(self, label: str) -> set[str]:
+        """The fields of model ``label`` its filters read (a foreign key for a path
+        through it): a write changing none of them moves no row of it in or out."""
+        found: set[str] = set()
+        for reader in self.concerned(label):
+            q = reader.selection.rows_filter(label) if reader.selection else None
+            if q is None:
+                return {"*"}  # invalid filters: treat every field as read
+            found.update(lookup.split("__")[0] for lookup in membership.lookups(q))
+        return found
+
     def read_through(self, label: str) -> list[Dependent]:
         """The paths from model ``label`` to the parents its filters read."""
         return [d for d in self.paths if d.child == label]
