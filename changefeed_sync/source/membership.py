@@ -1,20 +1,17 @@
 """Which filtered Targets a row belongs to, and which rows a write can move.
 
-The filtered feed (issue 14) routes each event to the filtered Targets whose rows
-it touches: a row that starts matching a Target's filter reaches it as an upsert,
-one that stops matching as a delete. Capture will ask, before and after a write,
-``members`` of the rows it writes, and ``dependents`` of a parent whose field a
-filter reads through a foreign key (``language__country__code``): a country's new
-code moves its languages' and copies' rows in or out of filters.
+Capture (routes.py, cascades.py) asks, before and after a write, which Targets' filters
+hold the rows it writes (``members``), and which rows of other models a write to a
+parent moves (``filter_paths``, ``dependent_pks``): a filter through a foreign key
+(``language__country__code``) reads the parent, so a country's new code moves its
+languages' and copies' rows in or out.
 
 Membership is decided by the database, with the very ``Q`` the snapshot filters
 its pages with (``Selection``), so a row is in a Target's feed exactly when it
-would be in its Data Pull, collations and all. Two statements per chunk of rows
-(which exist; which each Target selects, a UNION ALL of one SELECT per Target):
-the cost grows with the rows written and the Targets, never with the table.
-
-Not yet called by capture: the feed still refuses filtered Targets
-(``row_filters_not_served``) until routes are written and served.
+would be in its Data Pull, collations and all. One statement per chunk of rows (a
+UNION ALL: which of them exist, and one SELECT per Target of those its Q selects),
+compiled once per shape: the cost grows with the rows written and the Targets,
+never with the table.
 """
 
 from __future__ import annotations

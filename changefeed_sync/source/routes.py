@@ -16,12 +16,12 @@ reads the model, in ``Event.routes``::
 The route id names a Target *and* the filters it had when the event was routed
 (``route_id``): an event without an entry for a Target's current route id was
 routed before its filters were set or changed, or by a writer that did not know
-them yet, and the feed will ask that Target for a Data Pull instead of guessing.
+them yet, and the feed asks that Target for a Data Pull instead of guessing.
 Models no Target filters carry no routes (NULL): nothing is evaluated for them,
 and a site without filtered Targets pays one cached read of its Targets per second.
 
-Not served yet: the feed still answers a filtered Target 409, and a filter through
-a foreign key moves rows when a parent changes, which capture does not follow yet.
+The feed, long-polls, streams and pushes read them (feed.Routed); a parent's change
+that moves other models' rows writes their route-only events (cascades.py).
 """
 
 from __future__ import annotations

@@ -123,10 +123,10 @@ def _selection(target: Target) -> Selection | JsonResponse:
 
 def _routed(target: Target) -> feed.Routed | JsonResponse | None:
     """A filtered Target's part of the feed (None: not filtered); a 409 for filters
-    the feed does not serve yet (routes.reading)."""
+    it cannot read (routes.reading; _selection refuses them first)."""
     found = routes.reading(target)
     if isinstance(found, str):
-        return error_response(409, found, "row_filters_not_served")
+        return error_response(409, found, "row_filters_invalid")
     return found
 
 
