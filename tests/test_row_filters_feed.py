@@ -68,8 +68,8 @@ class Sides:
         run_pull(self.ds, using=self.tgt, client=self.client(), allow_mass_delete=True)
         self.ds.refresh_from_db(using=self.tgt)
 
-    def follow(self) -> None:
-        sync(self.ds, using=self.tgt, client=self.client())
+    def follow(self, limit: int | None = None) -> None:
+        sync(self.ds, using=self.tgt, client=self.client(), limit=limit)
         self.ds.refresh_from_db(using=self.tgt)
 
 
@@ -123,12 +123,15 @@ def change(alias: str) -> None:
     Copy.objects.using(alias).create(language=de, key="hidden", value="secret draft")
 
 
-def test_the_feed_keeps_a_filtered_target_equal_to_the_filtered_source(sides: Sides) -> None:
+@pytest.mark.parametrize("limit", [None, 2], ids=["one-page", "pages-of-2"])
+def test_the_feed_keeps_a_filtered_target_equal_to_the_filtered_source(
+    sides: Sides, limit: int | None
+) -> None:
     seed(sides.src)
     sides.pull()
     assert state(sides.tgt) == expected(sides.src)
     change(sides.src)
-    sides.follow()
+    sides.follow(limit)
     assert state(sides.tgt) == expected(sides.src)
     values = {e["data"]["value"] for e in sides.seen if e["model"] == "testapp.copy" and e["data"]}
     assert values and all(v.startswith("pub") for v in values), values

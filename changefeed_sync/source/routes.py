@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..cache import TtlCache
 from ..exceptions import RowFiltersInvalid
 from ..filters import is_filtered
 from ..models import Target
@@ -105,12 +105,21 @@ def _load(using: str) -> Routing | None:
 
 
 # A second, as push's list of Targets: a busy source does not read them at every write.
-_routing: TtlCache[str, Routing | None] = TtlCache(1.0)
+# Asked at every save of every registered model, so read without a lock (a dict's get
+# is atomic): two threads that find it stale at once both load it, the last one stays.
+ROUTING_SECONDS = 1.0
+_routing: dict[str, tuple[float, Routing | None]] = {}
 
 
 def routing(using: str) -> Routing | None:
     """The filtered Targets of ``using`` (read at most a second ago); None: there are none."""
-    return _routing.get(using, lambda: _load(using))
+    now = time.monotonic()
+    hit = _routing.get(using)
+    if hit is not None and now - hit[0] < ROUTING_SECONDS:
+        return hit[1]
+    found = _load(using)
+    _routing[using] = (now, found)
+    return found
 
 
 def forget() -> None:
