@@ -516,3 +516,19 @@ def test_a_stale_instance_writing_an_old_value_back_is_routed_by_what_is_stored(
     fresh.save(using=db_alias)
     assert [r[rid] for _, _, _, r in _routes(db_alias)] == ["-", "j", "l", "-"]
     assert _replay(db_alias, rid) == set()
+
+
+def test_a_stale_parent_writing_an_old_value_back_moves_its_children_back(db_alias: str) -> None:
+    """A parent's save moves children when it changes, against the stored row, a field
+    a filter reads: a country loaded before its name changed writes the old name back."""
+    filters = {"testapp.copy": {"language__country__name": "in"}}
+    _hop_world(db_alias)
+    start = _expected_keys(db_alias, filters)
+    mark = _last_id(db_alias)
+    rid = _target(db_alias, "regional", filters)
+    stale = Country.objects.using(db_alias).get(code="fr")  # name "in"
+    Country.objects.using(db_alias).filter(code="fr").update(name="out")  # its copies leave
+    stale.save(using=db_alias)  # writes "in" back: they come in again
+    held = _replay_all(db_alias, rid, mark, start)
+    assert {label: held.get(label, set()) for label in start} == _expected_keys(db_alias, filters)
+    assert len(held["testapp.copy"]) == 4

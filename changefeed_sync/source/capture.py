@@ -177,12 +177,14 @@ def _pre_write(sender: type[models.Model], instance: models.Model, **kwargs: Any
             .first()
         )
         instance.__dict__[SNAPSHOT_ATTR] = stored or {}
-    loaded = instance.__dict__.get(SNAPSHOT_ATTR)
-    if options is not None and loaded and routes.routing(using) is not None:
+    found_routing = routes.routing(using) if options is not None else None
+    if found_routing is not None and instance.pk is not None:
         # A parent whose fields other models' filters read: the children it moves.
-        values = {f.attname: getattr(instance, f.attname) for f in sender._meta.concrete_fields}
-        changed = cascades.changed_fields(options, loaded, values)
-        cascade = cascades.before_write(options, [instance.pk], changed, using) if changed else None
+        changed = _changed_from_stored(
+            sender, {d.field for d in found_routing.moved_by(sender._meta.label_lower, None)},
+            instance, using,
+        )  # fmt: skip
+        cascade = cascades.before_write(options, [instance.pk], changed, using) if changed else None  # type: ignore[arg-type]
         if cascade is not None:
             instance.__dict__[CASCADE_ATTR] = cascade
 
@@ -230,6 +232,24 @@ def _keeps_its_place(
         .values(*names).first()
     )  # fmt: skip
     return stored is not None and all(stored[n] == getattr(instance, n) for n in names)
+
+
+def _changed_from_stored(
+    sender: type[models.Model], names: set[str], instance: models.Model, using: str
+) -> list[str]:
+    """Which of the fields ``names`` this save changes, against the stored row (read
+    locked): an instance loaded before another writer's change writes its old values
+    back, which moves rows as much as a new value does."""
+    if not names:
+        return []
+    fields = [f for f in sender._meta.concrete_fields if f.name in names]
+    stored = (
+        sender._base_manager.using(using).select_for_update().filter(pk=instance.pk)
+        .values(*(f.attname for f in fields)).first()
+    )  # fmt: skip
+    if stored is None:
+        return []  # a new row: no children yet
+    return [f.name for f in fields if stored[f.attname] != getattr(instance, f.attname)]
 
 
 def _upsert_routes(options: ModelOptions, instance: models.Model, using: str) -> str | None:

@@ -130,18 +130,6 @@ def lock_parents(found: routes.Routing, options: ModelOptions, pks: list[Any], u
         lock_rows(parent.model, [p for p in parents if p is not None], using, share=True)
 
 
-def changed_fields(
-    options: ModelOptions, loaded: dict[str, Any], values: dict[str, Any]
-) -> list[str]:
-    """Names of the concrete fields whose value (by attname) differs between the row as
-    loaded and as it is about to be saved."""
-    return [
-        f.name
-        for f in options.model._meta.concrete_fields
-        if f.attname in loaded and f.attname in values and loaded[f.attname] != values[f.attname]
-    ]
-
-
 def _keys(options: ModelOptions, pks: list[Any], using: str) -> dict[Any, list[Any]]:
     rows = options.model._base_manager.using(using).filter(pk__in=pks)
     return {
