@@ -72,3 +72,9 @@ def reread_targets_when_saved() -> None:
 
     post_save.connect(forget, sender=Target, dispatch_uid="changefeed_routes", weak=False)
     post_delete.connect(forget, sender=Target, dispatch_uid="changefeed_routes", weak=False)
+    # What a filter may read depends on the registered models too.
+    from . import registry
+
+    for hooks in (registry._on_register, registry._on_unregister):
+        if routes.forget not in hooks:
+            hooks.append(routes.forget)

@@ -37,7 +37,7 @@ from .. import outbox, registry
 from ..models import Event
 from ..registry import ModelOptions
 from ..serialization import key_from_attvalues, key_of_instance
-from . import cascades, routes
+from . import cascades, membership, routes
 from .capture_pg import PLAN_ATTR, one_statement_plan, wrap_row_writes
 from .events import (
     SNAPSHOT_ATTR,
@@ -143,29 +143,13 @@ def _wrap_save_base(model: type[models.Model]) -> None:
 
 
 def _pre_write(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
-    if capturing(sender) is None or instance.__dict__.get(PLAN_ATTR) is not None:
+    options = capturing(sender)
+    if options is None or instance.__dict__.get(PLAN_ATTR) is not None:
         return  # a one-statement save sends its event with its row
     using = kwargs.get("using") or instance._state.db or "default"
     outbox.lock(using)  # SQLite: the write lock before this transaction reads
-    options = registry.get_options(sender)
-    routed = routes.concerned(options, using) if options is not None else None
-    read = routed[0].fields_read(sender._meta.label_lower) if routed is not None else set()
-    if (
-        routed is not None
-        and instance.pk is not None
-        and _keeps_its_place(sender, read, instance, using)
-    ):
-        # The fields its filters read are stored with the values it saves: it stays
-        # where it is for every Target (read where it is after the write).
-        instance.__dict__[ROUTED_BEFORE] = SAME
-        routed = None
-    if routed is not None and instance.pk is not None:
-        # Filtered Targets: which of them had the row, read under its lock (and its
-        # filters' parents', for share) so no other writer moves it in or out meanwhile.
-        lock_for_events(sender, [instance.pk], using)
-        cascades.lock_parents(routed[0], options, [instance.pk], using)  # type: ignore[arg-type]
-        found = routes.members(options, [instance.pk], using, routed[1])  # type: ignore[arg-type]
-        instance.__dict__[ROUTED_BEFORE] = found.get(instance.pk, frozenset())
+    if instance.pk is not None:
+        _route_before(options, instance, using)
     if not instance._state.adding and SNAPSHOT_ATTR not in instance.__dict__:
         # Built by hand with a primary key, never loaded: read what is stored,
         # locked, so that no other writer changes its key in between.
@@ -177,16 +161,45 @@ def _pre_write(sender: type[models.Model], instance: models.Model, **kwargs: Any
             .first()
         )
         instance.__dict__[SNAPSHOT_ATTR] = stored or {}
-    found_routing = routes.routing(using) if options is not None else None
-    if found_routing is not None and instance.pk is not None:
-        # A parent whose fields other models' filters read: the children it moves.
-        changed = _changed_from_stored(
-            sender, {d.field for d in found_routing.moved_by(sender._meta.label_lower, None)},
-            instance, using,
-        )  # fmt: skip
-        cascade = cascades.before_write(options, [instance.pk], changed, using) if changed else None  # type: ignore[arg-type]
-        if cascade is not None:
-            instance.__dict__[CASCADE_ATTR] = cascade
+
+
+def _route_before(options: ModelOptions, instance: models.Model, using: str) -> None:
+    """For the filtered Targets, before a save: where the row was (ROUTED_BEFORE), and
+    the children a parent's change moves (CASCADE_ATTR). Changes are told against the
+    stored row, read once and locked: an instance loaded before another writer's change
+    writes its old values back, which moves rows as much as a new value does."""
+    found = routes.routing(using)
+    if found is None:
+        return
+    label = options.label
+    concerned = found.concerned(label)
+    own = found.fields_read(label) if concerned else set()
+    parents = {d.field for d in found.moved_by(label, None)}
+    wanted = (own - {"*"}) | parents
+    fields = [f for f in options.model._meta.concrete_fields if f.name in wanted]
+    stored = (
+        options.model._base_manager.using(using).select_for_update().filter(pk=instance.pk)
+        .values(*(f.attname for f in fields)).first()
+    ) if fields else None  # fmt: skip
+    changed = set() if stored is None else {
+        f.name for f in fields if stored[f.attname] != getattr(instance, f.attname)
+    }  # fmt: skip
+    if concerned:
+        if stored is not None and "*" not in own and not changed & own:
+            # The fields its filters read are stored with the values it saves: it
+            # stays where it is for every Target (read where it is after the write).
+            instance.__dict__[ROUTED_BEFORE] = SAME
+        else:
+            # Which Targets had the row, read under its lock (and its filters'
+            # parents', for share) so no other writer moves it in or out meanwhile.
+            lock_for_events(options.model, [instance.pk], using)
+            cascades.lock_parents(found, options, [instance.pk], using)
+            had = membership.members(options, [instance.pk], using, concerned)
+            instance.__dict__[ROUTED_BEFORE] = had.get(instance.pk, frozenset())
+    moved = sorted(changed & parents)
+    cascade = cascades.before_write(options, [instance.pk], moved, using) if moved else None
+    if cascade is not None:
+        instance.__dict__[CASCADE_ATTR] = cascade
 
 
 def _post_save(
@@ -217,41 +230,6 @@ def _post_save(
     instance.__dict__[SNAPSHOT_ATTR] = snapshot(instance)
 
 
-def _keeps_its_place(
-    sender: type[models.Model], read: set[str], instance: models.Model, using: str
-) -> bool:
-    """Whether the stored row (read locked, as the save is about to lock it) holds the
-    values this save writes in every field the filters read: then no Target's filter
-    can see it move. Compared with what is stored, not with what was loaded, since a
-    stale instance writes its old values back."""
-    if "*" in read:
-        return False
-    names = [f.attname for f in sender._meta.concrete_fields if f.name in read]
-    stored = (
-        sender._base_manager.using(using).select_for_update().filter(pk=instance.pk)
-        .values(*names).first()
-    )  # fmt: skip
-    return stored is not None and all(stored[n] == getattr(instance, n) for n in names)
-
-
-def _changed_from_stored(
-    sender: type[models.Model], names: set[str], instance: models.Model, using: str
-) -> list[str]:
-    """Which of the fields ``names`` this save changes, against the stored row (read
-    locked): an instance loaded before another writer's change writes its old values
-    back, which moves rows as much as a new value does."""
-    if not names:
-        return []
-    fields = [f for f in sender._meta.concrete_fields if f.name in names]
-    stored = (
-        sender._base_manager.using(using).select_for_update().filter(pk=instance.pk)
-        .values(*(f.attname for f in fields)).first()
-    )  # fmt: skip
-    if stored is None:
-        return []  # a new row: no children yet
-    return [f.name for f in fields if stored[f.attname] != getattr(instance, f.attname)]
-
-
 def _upsert_routes(options: ModelOptions, instance: models.Model, using: str) -> str | None:
     """The saved row's routes to the filtered Targets (None: no filter reads the model)."""
     routed = routes.concerned(options, using)
@@ -260,7 +238,9 @@ def _upsert_routes(options: ModelOptions, instance: models.Model, using: str) ->
         return None
     if before is not SAME:
         cascades.lock_parents(routed[0], options, [instance.pk], using)  # its parents now
-    after = routes.members(options, [instance.pk], using, routed[1]).get(instance.pk, frozenset())
+    after = membership.members(options, [instance.pk], using, routed[1]).get(
+        instance.pk, frozenset()
+    )
     if before is SAME:
         before = after
     return routes.upsert_routes(routed[0], routed[1], before, after)
@@ -276,7 +256,7 @@ def _pre_delete(
     lock_for_events(sender, [instance.pk], using)
     routed = routes.concerned(options, using)
     if routed is not None:
-        found = routes.members(options, [instance.pk], using, routed[1])
+        found = membership.members(options, [instance.pk], using, routed[1])
         instance.__dict__[ROUTED_BEFORE] = found.get(instance.pk, frozenset())
     # Read the key now: in a cascade, rows it goes through may be gone by post_delete.
     heads = {getattr(sender._meta.get_field(h), "attname", h) for h in options.key_heads}

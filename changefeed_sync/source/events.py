@@ -19,7 +19,7 @@ from ..context import _applying
 from ..models import Event
 from ..registry import ModelOptions
 from ..serialization import key_from_attvalues, payload_from_instance, payloads_from_db
-from . import cascades, routes
+from . import cascades, membership, routes
 from .read_locks import lock_for_events
 
 # Set while one of our queryset wrappers runs, so the queryset calls it makes
@@ -157,7 +157,7 @@ def write_upserts(
     routed = routes.concerned(options, using)
     if routed is not None:
         cascades.lock_parents(routed[0], options, pks, using)
-    after = routes.members(options, pks, using, routed[1]) if routed else {}
+    after = membership.members(options, pks, using, routed[1]) if routed else {}
     events = []
     for pk in pks:
         payload = payloads.get(pk)
@@ -189,4 +189,4 @@ def routed_before(
     if routed is None:
         return None
     cascades.lock_parents(routed[0], options, pks, using)
-    return routes.members(options, pks, using, routed[1])
+    return membership.members(options, pks, using, routed[1])

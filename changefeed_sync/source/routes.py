@@ -29,9 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from ..exceptions import RowFiltersInvalid
 from ..filters import is_filtered
@@ -65,9 +64,7 @@ class Routing:
         """The paths by which a write to model ``label`` changing the fields ``changed``
         (None: a new or deleted row) can move rows of other models."""
         names = None if changed is None else set(changed)
-        return [
-            d for d in self.paths if d.parent == label and (names is None or d.field in names)
-        ]
+        return [d for d in self.paths if d.parent == label and (names is None or d.field in names)]
 
     def fields_read(self, label: str) -> set[str]:
         """The fields of model ``label`` its filters read (a foreign key for a path
@@ -122,9 +119,11 @@ def routing(using: str) -> Routing | None:
     return found
 
 
-def forget() -> None:
-    """Read the Targets again at the next write (one was saved or deleted here)."""
+def forget(*args: object) -> None:
+    """Read the Targets again at the next write (one was saved or deleted here, or a
+    model registered or unregistered)."""
     _routing.clear()
+    _readings.clear()
 
 
 def concerned(options: ModelOptions, using: str) -> tuple[Routing, list[Reader]] | None:
@@ -134,12 +133,6 @@ def concerned(options: ModelOptions, using: str) -> tuple[Routing, list[Reader]]
         return None
     readers = found.concerned(options.label)
     return (found, readers) if readers else None
-
-
-def members(
-    options: ModelOptions, pks: Sequence[Any], using: str, readers: Iterable[Reader]
-) -> dict[Any, frozenset[int]]:
-    return membership.members(options, pks, using, readers)
 
 
 def upsert_routes(
@@ -193,9 +186,11 @@ def stamp(target: Target, using: str) -> None:
     if now == target.filters_route:
         return
     position = 0 if not now and not target.filters_route else sequencer.head(using)
-    changed = Target.objects.using(using).filter(
-        pk=target.pk, filters_route=target.filters_route
-    ).update(filters_route=now, filters_position=position)
+    changed = (
+        Target.objects.using(using)
+        .filter(pk=target.pk, filters_route=target.filters_route)
+        .update(filters_route=now, filters_position=position)
+    )
     if changed:
         target.filters_route, target.filters_position = now, position
     else:  # another request stamped it first: take its record
@@ -204,11 +199,21 @@ def stamp(target: Target, using: str) -> None:
 
 def reading(target: Target) -> Routed | str | None:
     """How ``target`` reads the feed: None unfiltered, a ``Routed`` when filtered, or
-    why it cannot (as a sentence): its saved filters are invalid."""
+    why it cannot (as a sentence): its saved filters are invalid. Kept per Target and
+    filters: push plans ask after every commit, and checking filters compiles queries."""
     if not is_filtered(target.row_filters):
         return None
+    key = (target.name, route_id(target))
+    if key in _readings:
+        return _readings[key]
     try:
-        selection = Selection.of(target)
+        found: Routed | str = Routed(key[1], frozenset(Selection.of(target).row_filters))
     except RowFiltersInvalid as exc:
-        return str(exc)
-    return Routed(route_id(target), frozenset(selection.row_filters))
+        found = str(exc)
+    if len(_readings) >= 1000:
+        _readings.clear()
+    _readings[key] = found
+    return found
+
+
+_readings: dict[tuple[str, str], Routed | str] = {}
